@@ -1,0 +1,30 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both are idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NPROC ?= 2
+
+.PHONY: demo test bench setup clean
+
+setup: $(STAMP)
+
+# torch is pinned here: an unpinned torch pulls a multi-GB CUDA build; pyproject allows >=2.4
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/shardwise run --nproc-per-node $(NPROC) examples/gpt/train.py --config examples/gpt/ds_zero2.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/compare.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

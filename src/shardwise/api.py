@@ -1,0 +1,112 @@
+"""``shardwise.initialize``: config -> plan -> context -> strategy -> engine, in one place."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from shardwise.comm.context import init_context
+import shardwise.config as _config
+from shardwise.engine import Engine
+from shardwise.errors import ConfigError, UsageError
+from shardwise.strategy import ParamGroups, create_strategy
+
+
+def _optimizer_factory(plan, optimizer: Any) -> Callable[[list[dict]], torch.optim.Optimizer] | None:
+    if optimizer is not None and plan.optimizer is not None:
+        raise ConfigError(
+            "both the config's `optimizer` section and an `optimizer=` argument were given; "
+            "remove one of them"
+        )
+    if plan.optimizer is not None:
+        from shardwise.optim import build_optimizer
+
+        return lambda groups: build_optimizer(plan.optimizer, groups)
+    if isinstance(optimizer, torch.optim.Optimizer):
+
+        def rebind(groups: list[dict]) -> torch.optim.Optimizer:
+            # [Note: client optimizer] the user's optimizer object is kept (so schedulers built
+            # on it still work); its groups now hold this rank's flat chunks instead.
+            if len(groups) != len(optimizer.param_groups):
+                raise UsageError(
+                    f"the optimizer has {len(optimizer.param_groups)} param groups but "
+                    f"model_parameters describe {len(groups)}; pass model_parameters=None to use "
+                    "the optimizer's own groups"
+                )
+            if any(optimizer.state.values()):
+                raise UsageError("pass an optimizer that has not stepped yet (its state is not empty)")
+            for mine, theirs in zip(groups, optimizer.param_groups):
+                theirs["params"] = mine["params"]
+            return optimizer
+
+        return rebind
+    if callable(optimizer):
+        return optimizer
+    if optimizer is None:
+        return None
+    raise UsageError(f"optimizer= must be a torch optimizer or a callable(params); got {type(optimizer).__name__}")
+
+
+def _build_scheduler(plan, lr_scheduler: Any, optimizer: torch.optim.Optimizer | None):
+    if lr_scheduler is not None and plan.scheduler is not None:
+        raise ConfigError(
+            "both the config's `scheduler` section and an `lr_scheduler=` argument were given; remove one of them"
+        )
+    if plan.scheduler is not None:
+        from shardwise.optim import build_scheduler
+
+        return build_scheduler(plan.scheduler, optimizer)
+    if lr_scheduler is None or hasattr(lr_scheduler, "step") and not isinstance(lr_scheduler, type):
+        return lr_scheduler
+    if callable(lr_scheduler):
+        return lr_scheduler(optimizer)
+    raise UsageError(f"lr_scheduler= must be a scheduler or a callable(optimizer); got {type(lr_scheduler).__name__}")
+
+
+def initialize(
+    args: Any = None,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Any = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    collate_fn: Callable | None = None,
+    config: str | os.PathLike | dict | None = None,
+    config_params: dict | None = None,
+    dist_init_required: bool | None = None,
+    **unsupported: Any,
+):
+    """Set up distributed training. Returns ``(engine, optimizer, training_dataloader, lr_scheduler)``;
+    items that are not configured are ``None``."""
+    if unsupported:
+        raise UsageError(f"initialize() got arguments shardwise does not support: {sorted(unsupported)}")
+    if model is None:
+        raise UsageError("initialize() needs model=")
+    if config is None:
+        config = config_params if config_params is not None else getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ConfigError("no config given: pass config= (a path to a DeepSpeed-style JSON file or a dict)")
+    ctx = init_context()
+    plan = _config.load_config(config, world_size=ctx.world_size)
+    groups = ParamGroups.from_user(
+        model_parameters if not isinstance(optimizer, torch.optim.Optimizer) else optimizer.param_groups,
+        model,
+    )
+    make_optimizer = _optimizer_factory(plan, optimizer)
+    if make_optimizer is None:
+        raise ConfigError(
+            "no optimizer: add an `optimizer` section to the config or pass optimizer= to initialize()"
+        )
+    strategy = create_strategy(model, groups, plan, ctx, make_optimizer)
+    scheduler = _build_scheduler(plan, lr_scheduler, strategy.optimizer)
+    engine = Engine(model, strategy, plan, ctx, scheduler)
+    loader = None
+    if training_data is not None:
+        sampler = DistributedSampler(training_data, num_replicas=ctx.world_size, rank=ctx.rank)
+        loader = DataLoader(
+            training_data, batch_size=plan.batch.micro_batch_size, sampler=sampler, collate_fn=collate_fn
+        )
+    return engine, strategy.optimizer, loader, scheduler

@@ -1,0 +1,13 @@
+"""All communication goes through this package (see architecture principle 6)."""
+from shardwise.comm.context import CommContext, init_context
+from shardwise.comm.collectives import Handle, all_gather_shard, all_reduce, all_reduce_scalar, reduce_to_shard
+
+__all__ = [
+    "CommContext",
+    "init_context",
+    "Handle",
+    "all_gather_shard",
+    "all_reduce",
+    "all_reduce_scalar",
+    "reduce_to_shard",
+]

@@ -1,0 +1,213 @@
+"""The one cross-field step: a validated config plus the world size become a frozen Plan.
+
+Only rules that look at more than one key, or at the world size, live here: the batch
+triangle, fp16 vs bf16, stage-dependent defaults, and the optimizer/scheduler checks owned
+by ``shardwise.optim``. Everything a single key can say is checked in ``schema.py``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from typing import Any, Callable, Optional, Union
+
+from shardwise.config.plan import (BatchPlan, LossScalePlan, OptimizerPlan, Plan, PrecisionPlan,
+                                   SchedulerPlan, ZeroPlan)
+from shardwise.config.schema import (NOT_IMPLEMENTED, emit_warnings, parse_document,
+                                     sorted_problems)
+from shardwise.errors import ConfigError, ConfigProblem, UsageError
+
+Source = Union[str, "os.PathLike[str]", dict]
+_TB, _MB, _GAS = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
+_BATCH_KEYS = frozenset({_TB, _MB, _GAS})
+
+
+def load_config(source: Source, world_size: int) -> Plan:
+    """Read, validate and resolve a DeepSpeed JSON config (a path or a dict) for ``world_size``.
+
+    Raises one :class:`~shardwise.errors.ConfigError` listing every problem in the document,
+    each with its JSON path; old DeepSpeed spellings are read as their replacements with a
+    :class:`~shardwise.config.schema.ConfigDeprecationWarning`. Nothing here communicates:
+    every rank can call it, before any collective.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise UsageError(f"world_size must be a positive integer, got {world_size!r}")
+    parsed = parse_document(source)
+    emit_warnings(parsed.warnings, stacklevel=2)
+    problems = list(parsed.problems)
+    plan = None
+    if parsed.config is not None:
+        plan, more = _resolve(parsed.config, world_size, parsed.broken)
+        problems += more
+    if plan is None and not problems:  # internal invariant; never expected
+        problems.append(ConfigProblem("", "the config could not be resolved"))
+    if problems or plan is None:
+        raise ConfigError(sorted_problems(problems))
+    return plan
+
+
+def resolve_config(config: Any, world_size: int) -> Plan:
+    """Resolve an already validated config (from :func:`parse_config`) for ``world_size``."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise UsageError(f"world_size must be a positive integer, got {world_size!r}")
+    plan, problems = _resolve(config, world_size, frozenset())
+    if problems or plan is None:
+        raise ConfigError(sorted_problems(problems))
+    return plan
+
+
+def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optional[Plan], list]:
+    """Run each resolver whose inputs are healthy; ``broken`` top-level keys are skipped
+    (their problems are already reported, and a guess from defaults would only add noise)."""
+    problems: list[ConfigProblem] = []
+    results: dict[str, Any] = {}
+    steps: list[tuple[frozenset[str], str, Callable[[], Any]]] = [
+        (_BATCH_KEYS, "batch", lambda: _batch(cfg, world_size, problems)),
+        (frozenset({"fp16", "bf16"}), "precision", lambda: _precision(cfg, problems)),
+        (frozenset({"zero_optimization"}), "zero", lambda: _zero(cfg.zero_optimization, problems)),
+        (frozenset({"optimizer"}), "optimizer",
+         lambda: _spec(cfg.optimizer, "optimizer", problems)),
+        (frozenset({"scheduler"}), "scheduler",
+         lambda: _spec(cfg.scheduler, "scheduler", problems)),
+    ]
+    for needs, name, step in steps:
+        if not needs & broken:
+            results[name] = step()
+    if problems or len(results) < len(steps):
+        return None, problems
+    plan = Plan(world_size=world_size, batch=results["batch"], zero=results["zero"],
+                precision=results["precision"], optimizer=results["optimizer"],
+                scheduler=results["scheduler"], gradient_clipping=float(cfg.gradient_clipping),
+                steps_per_print=cfg.steps_per_print,
+                wall_clock_breakdown=cfg.wall_clock_breakdown)
+    return plan, problems
+
+
+# [Note: batch triangle]
+# train_batch_size = train_micro_batch_size_per_gpu * gradient_accumulation_steps * world size.
+# As in DeepSpeed: any two of the three give the third; train alone means gas = 1; micro
+# alone means gas = 1; gas alone (or nothing) sets no batch size and is an error. Unlike
+# DeepSpeed, a division that leaves a remainder is reported with the user's numbers instead
+# of being floored into a smaller batch.
+
+
+def _batch(cfg: Any, ws: int, problems: list[ConfigProblem]) -> Optional[BatchPlan]:
+    tb, mb, gas = (getattr(cfg, k) for k in (_TB, _MB, _GAS))
+    w = f"world size ({ws})"
+
+    def whole(total: int, per: int, per_text: str, result: str) -> Optional[int]:
+        if total % per == 0:
+            return total // per
+        lower, upper = (total // per) * per, (total // per + 1) * per
+        sizes = " or ".join(str(n) for n in (lower, upper) if n > 0)
+        product = "" if per_text == w else f" = {per}"
+        problems.append(ConfigProblem(_TB, f"{_TB} ({tb}) must be divisible by {per_text}{product} "
+                                           f"to give a whole {result} ({tb} / {per} = "
+                                           f"{tb / per:.4g})", f"e.g. set {_TB} to {sizes}"))
+        return None
+
+    if tb is not None and mb is not None and gas is not None:
+        if tb != mb * gas * ws:
+            problems.append(ConfigProblem(_TB, f"{_TB} ({tb}) must equal {_MB} ({mb}) × {_GAS} "
+                                               f"({gas}) × {w} = {mb * gas * ws}",
+                                          "or give only two of the three and let shardwise "
+                                          "compute the third"))
+            return None
+    elif tb is not None and mb is not None:
+        gas = whole(tb, mb * ws, f"{_MB} ({mb}) × {w}", _GAS)
+    elif tb is not None and gas is not None:
+        mb = whole(tb, gas * ws, f"{_GAS} ({gas}) × {w}", _MB)
+    elif mb is not None:
+        gas = 1 if gas is None else gas
+        tb = mb * gas * ws
+    elif tb is not None:  # DeepSpeed: train alone means no accumulation
+        gas = 1
+        mb = whole(tb, ws, w, f"{_MB} (with {_GAS} = 1)")
+    else:
+        path = _GAS if gas is not None else _TB
+        problems.append(ConfigProblem(path, f"no batch size is given: set {_TB} or {_MB}"
+                                      + (f" ({_GAS} alone does not fix the batch size)"
+                                         if gas is not None else "")))
+        return None
+    if mb is None or gas is None:
+        return None
+    return BatchPlan(train_batch_size=tb, micro_batch_size=mb, gradient_accumulation_steps=gas)
+
+
+def _precision(cfg: Any, problems: list[ConfigProblem]) -> Optional[PrecisionPlan]:
+    fp16, bf16 = cfg.fp16, cfg.bf16
+    if fp16.enabled and bf16.enabled:
+        problems.append(ConfigProblem("fp16.enabled", "fp16 and bf16 are both enabled; enable at "
+                                      "most one", "set fp16.enabled or bf16.enabled to false"))
+        return None
+    if bf16.enabled:
+        return PrecisionPlan(compute="bf16")
+    if not fp16.enabled:
+        return PrecisionPlan(compute="fp32")
+    return PrecisionPlan(compute="fp16", loss_scale=LossScalePlan(
+        static_scale=float(fp16.loss_scale), initial_scale_power=fp16.initial_scale_power,
+        loss_scale_window=fp16.loss_scale_window, hysteresis=fp16.hysteresis,
+        consecutive_hysteresis=fp16.consecutive_hysteresis,
+        min_loss_scale=float(fp16.min_loss_scale)))
+
+
+def _zero(zero: Any, problems: list[ConfigProblem]) -> Optional[ZeroPlan]:
+    if zero.stage == 3:
+        problems.append(ConfigProblem("zero_optimization.stage", f"3 (ZeRO stage 3) asks for a "
+                                      f"DeepSpeed option {NOT_IMPLEMENTED}", "use stage 0, 1 or 2"))
+        return None
+    # shardwise overlaps gradient reduction with backward by default at every stage (DeepSpeed
+    # turns it on by default only at stage 3); "overlap_comm": false reduces after backward.
+    overlap = zero.overlap_comm if zero.overlap_comm is not None else True
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if getattr(zero, key) < 1:
+            problems.append(ConfigProblem(f"zero_optimization.{key}", "must be at least 1 element, got 0",
+                                          "remove it to use the default 5e8"))
+    return ZeroPlan(stage=zero.stage, reduce_bucket_size=zero.reduce_bucket_size,
+                    allgather_bucket_size=zero.allgather_bucket_size, overlap_comm=overlap,
+                    contiguous_gradients=zero.contiguous_gradients,
+                    reduce_scatter=zero.reduce_scatter)
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    return value
+
+
+def _spec(section: Any, name: str, problems: list[ConfigProblem]) -> Any:
+    """OptimizerPlan/SchedulerPlan, after ``shardwise.optim`` checked the type and params."""
+    if section is None:
+        return None
+    params = dict(section.params or {})
+    for message in _spec_messages(name, section.type, params):
+        problems.append(ConfigProblem(_spec_path(name, message, params), message))
+    cls = OptimizerPlan if name == "optimizer" else SchedulerPlan
+    return cls(type=section.type, params=tuple(sorted((k, _frozen(v)) for k, v in params.items())))
+
+
+def _spec_messages(name: str, type_: str, params: dict) -> list[str]:
+    try:  # imported late: optional, and shardwise.optim imports this package's plan module
+        optim = importlib.import_module("shardwise.optim")
+    except ImportError:
+        return []
+    check = getattr(optim, f"check_{name}_spec", None)
+    if check is None:
+        return []
+    try:
+        return [str(m) for m in check(type_, params)]
+    except Exception as exc:  # noqa: BLE001 - a checker bug must still surface as a ConfigError
+        return [f"could not check {name} {type_!r}: {type(exc).__name__}: {exc}"]
+
+
+def _spec_path(name: str, message: str, params: dict) -> str:
+    """Best JSON path for a message from ``shardwise.optim`` (its messages carry none)."""
+    for key in sorted(params, key=len, reverse=True):
+        if re.search(rf"(?<![\w.]){re.escape(str(key))}(?!\w)", message):
+            return f"{name}.params.{key}"
+    return f"{name}.type"
+
+
+__all__ = ["load_config", "resolve_config"]

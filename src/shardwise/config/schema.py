@@ -1,0 +1,535 @@
+"""The pydantic schema of DeepSpeed's JSON config, and the checks that need only the document.
+
+[Note: one pass, every problem]
+``parse_document`` never stops at the first problem. It runs, in order: load (file or dict,
+duplicate keys), ``"auto"`` detection, old-spelling normalisation, pydantic validation of
+the whole document (``extra="forbid"`` at every level: unknown keys are errors), and the
+not-implemented walk. Each step records :class:`ConfigProblem` s and the *top-level* keys it
+found broken; the document is then validated again without those keys so that
+``resolve.py`` can still run the cross-field checks of every healthy section. The caller
+raises one :class:`ConfigError` with everything.
+
+[Note: known, accepted, refused]
+Every DeepSpeed key is known (here or in ``schema_keys.py``). A key shardwise implements is
+typed and used. A key it does not implement is accepted only while it asks for nothing (its
+DeepSpeed default, or its section's switch is off); otherwise it is refused with "shardwise
+does not implement yet". Defaults are written once, here and in ``schema_keys.py``.
+"""
+import copy
+import difflib
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional
+
+from annotated_types import Ge, Gt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from pydantic_core import PydanticCustomError
+
+from shardwise.config import schema_keys as K
+from shardwise.config.schema_keys import (ConfigDeprecationWarning, ConfigWarning, Warn,
+                                          normalise)
+from shardwise.errors import ConfigError, ConfigProblem, UsageError
+
+NOT_IMPLEMENTED = "shardwise does not implement yet"
+AUTO_UNRESOLVED = 'shardwise does not fill in "auto" values'
+UNKNOWN_KEY = "unknown key"
+
+
+# --- strict JSON scalar types ----------------------------------------------------------
+
+
+def _got(v: Any) -> str:
+    if v is None or isinstance(v, bool):
+        return json.dumps(v)
+    if isinstance(v, str):
+        text = json.dumps(v if len(v) < 40 else v[:36] + "...")
+        return f"the string {text}"
+    if isinstance(v, (int, float)):
+        return f"the number {v!r}"
+    return {dict: "an object", list: "a list"}.get(type(v), f"a {type(v).__name__}")
+
+
+def _fail(expected: str, v: Any) -> PydanticCustomError:
+    return PydanticCustomError("sw_type", "expected {expected}, got {got}",
+                               {"expected": expected, "got": _got(v)})
+
+
+def _check_int(v: Any) -> int:
+    # DeepSpeed configs write sizes as 5e8: an integral JSON float is an integer.
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)
+    raise _fail("an integer", v)
+
+
+def _check_float(v: Any) -> float:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    raise _fail("a finite number", v)
+
+
+def _check_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    raise _fail("true or false", v)
+
+
+def _check_str(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    raise _fail("a string", v)
+
+
+_CHECKS = {"int": (_check_int, int), "float": (_check_float, float),
+           "bool": (_check_bool, bool), "str": (_check_str, str)}
+
+
+def _typed(kind: str, *constraints: Any, nullable: bool = False) -> Any:
+    """``Annotated`` type for a JSON scalar ``kind`` ("int", ...), optionally ``null``-able."""
+    check, base = _CHECKS[kind]
+    inner = Annotated[(base, *constraints)] if constraints else base
+    if not nullable:
+        return Annotated[inner, BeforeValidator(check)]
+    return Annotated[Optional[inner], BeforeValidator(lambda v: None if v is None else check(v))]
+
+
+def _annotation(spec: Any) -> Any:
+    """Annotation for a catalogue type spec (see ``schema_keys``)."""
+    if isinstance(spec, tuple):  # literal choices
+        kind = "str" if isinstance(spec[0], str) else "int"
+        return Annotated[Literal[spec], BeforeValidator(_CHECKS[kind][0])]
+    nullable, name = spec.endswith("?"), spec.rstrip("?")
+    if name in _CHECKS:
+        return _typed(name, nullable=nullable)
+    base = {"list": list[Any], "dict": dict[str, Any], "any": Any}[name]
+    return Optional[base] if nullable else base
+
+
+Int, NonNegInt, PosInt = _typed("int"), _typed("int", Ge(0)), _typed("int", Gt(0))
+Bool, NonNegFloat, PosFloat = _typed("bool"), _typed("float", Ge(0)), _typed("float", Gt(0))
+Str = _typed("str")
+
+
+def _default_only(default: Any, accept: tuple | None = None) -> Any:
+    """A known key shardwise does not implement: accepted at ``default`` (or ``accept``)."""
+    extra = {"sw": "default"} | ({"sw_accept": list(accept)} if accept else {})
+    return Field(default, json_schema_extra=extra)
+
+
+def _inert(default: Any) -> Any:
+    """A known key whose every valid value is fine: it changes nothing shardwise does."""
+    return Field(default, json_schema_extra={"sw": "inert"})
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
+    sw_gate: ClassVar[Optional[str]] = None  # key that switches the section on (see K.Section)
+
+
+class _OpenModel(_Model):
+    model_config = ConfigDict(extra="allow")
+
+
+def _section_model(name: str, section: K.Section) -> type[_Model]:
+    fields = {key: _catalogue_field(f"{name}_{key}", entry)
+              for key, entry in section.fields.items()}
+    model = create_model("".join(p.title() for p in name.split("_")),
+                         __base__=_OpenModel if section.open else _Model, **fields)
+    model.sw_gate = section.gate
+    return model
+
+
+def _catalogue_field(name: str, entry: tuple) -> tuple[Any, Any]:
+    spec, default, *accept = entry
+    if isinstance(spec, K.Section):
+        kind = "presence" if spec.presence else "section"
+        return Optional[_section_model(name, spec)], Field(None, json_schema_extra={"sw": kind})
+    if accept and accept[0] == K.INERT:
+        return _annotation(spec), _inert(default)
+    return _annotation(spec), _default_only(default, accept[0] if accept else None)
+
+
+class OptimizerSection(_Model):
+    type: Str
+    params: Optional[dict[str, Any]] = None
+    legacy_fusion: Bool = _default_only(False)
+
+
+class SchedulerSection(_Model):
+    type: Str
+    params: Optional[dict[str, Any]] = None
+
+
+class FP16Section(_Model):
+    sw_gate = "enabled"
+    enabled: Bool = False
+    loss_scale: NonNegFloat = 0.0  # 0 selects dynamic loss scaling
+    initial_scale_power: NonNegInt = 16
+    loss_scale_window: PosInt = 1000
+    hysteresis: PosInt = 2
+    consecutive_hysteresis: Bool = False
+    min_loss_scale: PosFloat = 1.0
+    auto_cast: Bool = _default_only(False)
+    fp16_master_weights_and_grads: Bool = _default_only(False)
+    fused_mode: Bool = _inert(True)  # old key: picked DeepSpeed's fused/unfused fp16 optimizer
+
+
+class BF16Section(_Model):
+    sw_gate = "enabled"
+    enabled: Bool = False
+    immediate_grad_update: Bool = _inert(False)  # DeepSpeed's own default changed over time
+    check_grad_overflow: Bool = _default_only(False)
+    bf16_master_weights_and_grads: Bool = _default_only(False)
+    bf16_optimizer_states: Bool = _default_only(False)
+
+
+class _ZeroBase(_Model):
+    stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_check_int)] = 0
+    reduce_bucket_size: NonNegInt = 500_000_000  # elements
+    allgather_bucket_size: NonNegInt = 500_000_000  # elements
+    overlap_comm: _typed("bool", nullable=True) = None  # None: DeepSpeed's stage default
+    contiguous_gradients: Bool = True
+    reduce_scatter: Bool = True
+
+
+ZeroSection = create_model("ZeroSection", __base__=_ZeroBase, **{
+    k: _catalogue_field(f"zero_{k}", e) for k, e in K.ZERO.items()})
+
+
+class _TopLevel(_Model):
+    train_batch_size: _typed("int", Gt(0), nullable=True) = None
+    train_micro_batch_size_per_gpu: _typed("int", Gt(0), nullable=True) = None
+    gradient_accumulation_steps: _typed("int", Gt(0), nullable=True) = None
+    optimizer: Optional[OptimizerSection] = None
+    scheduler: Optional[SchedulerSection] = None
+    fp16: FP16Section = Field(default_factory=FP16Section)
+    bf16: BF16Section = Field(default_factory=BF16Section)
+    zero_optimization: ZeroSection = Field(default_factory=ZeroSection)  # type: ignore[valid-type]
+    gradient_clipping: NonNegFloat = 0.0  # 0 disables clipping
+    steps_per_print: PosInt = 10
+    wall_clock_breakdown: Bool = False
+
+
+DeepSpeedConfig = create_model("DeepSpeedConfig", __base__=_TopLevel, **{
+    k: _catalogue_field(k, e) for k, e in K.TOP_LEVEL.items()})
+DeepSpeedConfig.__doc__ = "A validated DeepSpeed config document (every section, defaults filled)."
+
+
+def _field_kind(field: Any) -> Optional[str]:
+    extra = field.json_schema_extra
+    return extra.get("sw") if isinstance(extra, dict) else None
+
+
+def _submodel(field: Any) -> Optional[type[_Model]]:
+    """The model class of a nested-object field (through ``Optional``), else None."""
+    stack = [field.annotation]
+    while stack:
+        ann = stack.pop()
+        if isinstance(ann, type) and issubclass(ann, _Model):
+            return ann
+        stack.extend(getattr(ann, "__args__", ()))
+    return None
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+class _JSONObject(dict):
+    """A parsed JSON object that remembers keys it saw more than once."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict:
+    obj = _JSONObject(pairs)
+    if len(obj) != len(pairs):
+        seen: list[str] = [k for k, _ in pairs]
+        obj.duplicates = tuple(sorted({k for k in seen if seen.count(k) > 1}))
+    return obj
+
+
+def _load(source: Any) -> tuple[Optional[dict], list[ConfigProblem]]:
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source)), []
+    if not isinstance(source, (str, os.PathLike)):
+        raise UsageError("config must be a path to a JSON file or a dict, got "
+                         f"{type(source).__name__}")
+    path = Path(source)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_pairs)
+    except FileNotFoundError:
+        return None, [ConfigProblem("", f"config file not found: {path}")]
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [ConfigProblem("", f"cannot read config file {path}: {exc}")]
+    except json.JSONDecodeError as exc:
+        return None, [ConfigProblem("", f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                                        f"column {exc.colno}", "write strict JSON: no comments, "
+                                        "no trailing commas, keys in double quotes")]
+    if not isinstance(doc, dict):
+        return None, [ConfigProblem("", "the config must be a JSON object {...}, got "
+                                        f"{_got(doc)}")]
+    return doc, []
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
+
+
+def _duplicates(value: Any, path: str, out: list[ConfigProblem]) -> None:
+    if isinstance(value, dict):
+        for key in getattr(value, "duplicates", ()):
+            out.append(ConfigProblem(_join(path, key), "key appears more than once; JSON keeps "
+                                     "only the last value", "remove the duplicates"))
+        for key, item in value.items():
+            _duplicates(item, _join(path, key), out)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _duplicates(item, _join(path, i), out)
+
+
+# --- "auto" ---------------------------------------------------------------------------------
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
+def _remove_auto(value: Any, model: Optional[type[_Model]], path: str,
+                 out: list[ConfigProblem]) -> None:
+    """Report and delete every unresolved ``"auto"`` (where DeepSpeed's default is not "auto")."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if _is_auto(item):
+                out.append(_auto_problem(_join(path, i), None))
+            else:
+                _remove_auto(item, None, _join(path, i), out)
+        return
+    if not isinstance(value, dict):
+        return
+    for key in list(value):
+        field = model.model_fields.get(key) if model is not None else None
+        if _is_auto(value[key]) and not (field is not None and field.default == "auto"):
+            out.append(_auto_problem(_join(path, key), field))
+            del value[key]
+        else:
+            _remove_auto(value[key], _submodel(field) if field else None, _join(path, key), out)
+
+
+def _auto_problem(path: str, field: Any) -> ConfigProblem:
+    default = field.default if field is not None else None
+    todo = ("set true or false" if isinstance(default, bool) else
+            "set a value" if isinstance(default, str) else "set a number")
+    return ConfigProblem(path, f'"auto" is left unresolved: {AUTO_UNRESOLVED} (the Hugging Face '
+                               f"Trainer does); {todo}")
+
+
+# --- pydantic errors -> problems --------------------------------------------------------------
+
+
+def _loc_path(loc: tuple) -> str:
+    path = ""
+    for key in loc:
+        path = _join(path, key)
+    return path
+
+
+def _model_at(loc: tuple) -> Optional[type[_Model]]:
+    model: Optional[type[_Model]] = DeepSpeedConfig
+    for key in loc:
+        field = model.model_fields.get(key) if model is not None else None
+        model = _submodel(field) if field is not None else None
+    return model
+
+
+def _where_else(key: str) -> list[str]:
+    """Paths of the sections (other than the one at hand) that know ``key``."""
+    found, stack = [], [("", DeepSpeedConfig)]
+    while stack:
+        path, model = stack.pop()
+        for name, field in model.model_fields.items():
+            sub = _submodel(field)
+            if name == key:
+                found.append(path or "the top level")
+            if sub is not None:
+                stack.append((_join(path, name), sub))
+    return sorted(found)
+
+
+def _unknown_key_hint(loc: tuple) -> str:
+    key, model = str(loc[-1]), _model_at(loc[:-1])
+    known = list(model.model_fields) if model is not None else []
+    if not loc[:-1]:
+        known += [k for s, k in K.RENAMED if not s] + list(K.TOP_LEVEL_MOVED)
+    elif loc[0] == "zero_optimization" and len(loc) == 2:
+        known += list(K.ZERO_SYNONYMS) + ["cpu_offload", "cpu_offload_param"]
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if loc[0] in ("optimizer", "scheduler") and len(loc) == 2:
+        return f"{loc[0]} settings go inside '{loc[0]}.params'"
+    elsewhere = [p for p in _where_else(key) if p != _loc_path(loc[:-1])]
+    if len(elsewhere) == 1:
+        return f"'{key}' belongs in '{elsewhere[0]}'" if elsewhere[0] != "the top level" else \
+            f"'{key}' belongs at the top level"
+    return f"known keys here: {', '.join(sorted(known))}" if 0 < len(known) <= 12 else ""
+
+
+def _schema_problems(err: ValidationError) -> list[ConfigProblem]:
+    out = []
+    for e in err.errors(include_url=False):
+        loc, kind, given = tuple(e["loc"]), e["type"], e.get("input")
+        path, hint = _loc_path(loc), ""
+        if kind == "extra_forbidden":
+            message, hint = f"{UNKNOWN_KEY} '{loc[-1]}'", _unknown_key_hint(loc)
+        elif kind == "missing":
+            message = "required key is missing"
+        elif kind in ("model_type", "dict_type", "model_attributes_type"):
+            message = f"expected an object {{...}}, got {_got(given)}"
+        elif kind == "list_type":
+            message = f"expected a list, got {_got(given)}"
+        elif kind.startswith("sw_"):
+            message = e["msg"]
+        else:
+            message = f"{e['msg'].replace('Input should be', 'must be')}, got {_got(given)}"
+        out.append(ConfigProblem(path, message, hint))
+    return out
+
+
+# --- not implemented ------------------------------------------------------------------------------
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, str) and isinstance(b, str):
+        return a.lower() == b.lower()
+    return a == b
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1e3:
+        v = int(v)
+    return json.dumps(v) if not isinstance(v, (dict, list)) or len(json.dumps(v)) < 30 else _got(v)
+
+
+def _refuse(path: str, value: Any, default: Any) -> ConfigProblem:
+    fix = "remove it" if default is None else f"remove it or set it to {_show(default)}"
+    what = "this section" if isinstance(value, dict) else _show(value)
+    return ConfigProblem(path, f"{what} asks for a DeepSpeed option {NOT_IMPLEMENTED}; {fix}")
+
+
+def _unimplemented(model: type[_Model], raw: dict, path: str, skip: set[str],
+                   out: list[ConfigProblem]) -> None:
+    fields = model.model_fields
+    if model.sw_gate is not None:
+        gate = fields[model.sw_gate]
+        value = raw.get(model.sw_gate, gate.default)
+        if _join(path, model.sw_gate) in skip or _same(value, gate.default):
+            return  # switched off (or unreadable): the other keys have no effect
+        if _field_kind(gate) == "default":
+            out.append(_refuse(_join(path, model.sw_gate), value, gate.default))
+            return
+    for key, value in raw.items():
+        field, sub_path = fields.get(key), _join(path, key)
+        if field is None or sub_path in skip or key == model.sw_gate:
+            continue
+        kind, sub = _field_kind(field), _submodel(field)
+        accept = (field.json_schema_extra or {}).get("sw_accept", [field.default])
+        if kind == "presence" and value is not None:
+            out.append(_refuse(sub_path, value, None))
+        elif kind == "default" and not any(_same(value, a) for a in accept):
+            out.append(_refuse(sub_path, value, field.default))
+        elif sub is not None and isinstance(value, dict) and kind != "presence":
+            _unimplemented(sub, value, sub_path, skip, out)
+
+
+# --- the whole document ---------------------------------------------------------------------
+
+
+class ParsedDocument(NamedTuple):
+    """What the document alone says: the config (broken top-level keys left at their
+    defaults; None if nothing could be read), every problem, the broken top-level keys, and
+    the warnings to emit."""
+
+    config: Optional[Any]  # a DeepSpeedConfig
+    problems: list[ConfigProblem]
+    broken: frozenset[str]
+    warnings: Warn
+
+
+def _top(path: str) -> str:
+    return path.split(".")[0].split("[")[0]
+
+
+def parse_document(source: Any) -> ParsedDocument:
+    """Run every document-level check (see [Note: one pass, every problem])."""
+    doc, problems = _load(source)
+    if doc is None:
+        return ParsedDocument(None, problems, frozenset(), [])
+    _duplicates(doc, "", problems)
+    found_auto: list[ConfigProblem] = []
+    _remove_auto(doc, DeepSpeedConfig, "", found_auto)
+    notes, warns = normalise(doc, problems)
+    try:
+        DeepSpeedConfig.model_validate(doc)
+        schema: list[ConfigProblem] = []
+    except ValidationError as err:
+        schema = _schema_problems(err)
+    _unimplemented(DeepSpeedConfig, doc, "", {p.path for p in schema}, problems)
+    broken = {_top(p.path) for p in found_auto + schema if p.path}
+    config = None
+    for _ in range(3):  # validate what is left, so resolve can check the healthy sections
+        try:
+            healthy = {k: v for k, v in doc.items() if k not in broken}
+            config = DeepSpeedConfig.model_validate(healthy)
+            break
+        except ValidationError as err:
+            broken |= {str(e["loc"][0]) for e in err.errors() if e["loc"]}
+    everything = [_with_note(p, notes) for p in problems + found_auto + schema]
+    return ParsedDocument(config, everything, frozenset(broken), warns)
+
+
+def _with_note(problem: ConfigProblem, notes: dict[str, str]) -> ConfigProblem:
+    for path, note in notes.items():
+        if problem.path == path or problem.path.startswith(path + "."):
+            hint = f"{problem.hint}; {note}" if problem.hint else note
+            return ConfigProblem(problem.path, problem.message, hint)
+    return problem
+
+
+def sorted_problems(problems: list[ConfigProblem]) -> list[ConfigProblem]:
+    """Problems in a stable order: document-wide ones first, then by JSON path."""
+    return sorted(problems, key=lambda p: (p.path != "", p.path))
+
+
+def emit_warnings(warns: Warn, stacklevel: int) -> None:
+    for message, category in warns:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
+
+
+def parse_config(source: Any) -> Any:
+    """Validate a DeepSpeed config (path or dict) on its own and return the pydantic model.
+
+    Raises one :class:`ConfigError` listing every problem. Rules that need the world size
+    (the batch triangle) are left to :func:`shardwise.config.load_config`.
+    """
+    parsed = parse_document(source)
+    emit_warnings(parsed.warnings, stacklevel=2)
+    if parsed.problems:
+        raise ConfigError(sorted_problems(parsed.problems))
+    return parsed.config
+
+
+__all__ = ["DeepSpeedConfig", "ZeroSection", "FP16Section", "BF16Section", "OptimizerSection",
+           "SchedulerSection", "ParsedDocument", "parse_document", "parse_config",
+           "sorted_problems", "emit_warnings",
+           "ConfigWarning", "ConfigDeprecationWarning", "NOT_IMPLEMENTED", "AUTO_UNRESOLVED",
+           "UNKNOWN_KEY"]

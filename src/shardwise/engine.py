@@ -1,0 +1,175 @@
+"""The training engine: counts micro-steps and delegates to the strategy picked at init.
+
+DeepSpeed's names and meaning: ``engine(batch)`` runs the forward, ``backward(loss)`` scales the
+loss by ``loss_scale / gradient_accumulation_steps`` and runs autograd (reductions overlap it),
+``step()`` acts only at the accumulation boundary: optimizer step, LR-scheduler step, zeroed
+gradients.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from shardwise.comm.context import CommContext
+from shardwise.config.plan import Plan
+from shardwise.errors import UsageError
+from shardwise.precision.policy import cast_inputs
+from shardwise.strategy import DataParallelStrategy
+
+log = logging.getLogger("shardwise")
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_to_device(x, device) for x in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+class Engine:
+    def __init__(
+        self,
+        module: nn.Module,
+        strategy: DataParallelStrategy,
+        plan: Plan,
+        ctx: CommContext,
+        lr_scheduler: Any = None,
+    ):
+        self.module = module
+        self.strategy = strategy
+        self.optimizer = strategy.optimizer
+        self.lr_scheduler = lr_scheduler
+        self.plan = plan
+        self.ctx = ctx
+        self.device = ctx.device
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.global_samples = 0
+        self.skipped_steps = 0
+        self._step_applied = False
+        self._grad_norm: float | None = None
+        self._timings: dict[str, float] = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+        self._time = plan.wall_clock_breakdown
+
+    # -- batch triangle -------------------------------------------------------------------
+    def train_batch_size(self) -> int:
+        return self.plan.batch.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.plan.batch.micro_batch_size
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.plan.batch.gradient_accumulation_steps
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    # -- the training step ----------------------------------------------------------------
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        dtype = self.strategy.dtype
+        inputs = cast_inputs(_to_device(inputs, self.device), dtype)
+        kwargs = cast_inputs(_to_device(kwargs, self.device), dtype)
+        out = self.module(*inputs, **kwargs)
+        if self._time:
+            self._timings["forward"] += time.perf_counter() - t0
+        return out
+
+    __call__ = forward
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise UsageError(
+                "engine.backward(loss) needs a scalar loss tensor; got "
+                f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}."
+            )
+        t0 = time.perf_counter()
+        sync = self.is_gradient_accumulation_boundary()
+        scale = self.strategy.loss_scale / self.gradient_accumulation_steps()
+        self.strategy.before_backward(sync)
+        (loss.float() * scale).backward(retain_graph=retain_graph)
+        self.strategy.after_backward(sync)
+        if self._time:
+            self._timings["backward"] += time.perf_counter() - t0
+        return loss
+
+    def step(self) -> None:
+        if self.is_gradient_accumulation_boundary():
+            t0 = time.perf_counter()
+            result = self.strategy.step(self.global_steps)
+            self._step_applied = result.applied
+            self._grad_norm = result.grad_norm
+            if result.applied:
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+            else:
+                self.skipped_steps += 1
+            self.global_steps += 1
+            self.global_samples += self.train_batch_size()
+            if self._time:
+                self._timings["step"] += time.perf_counter() - t0
+            self._report()
+        self.micro_steps += 1
+
+    def zero_grad(self) -> None:
+        self.strategy.zero_grad()
+
+    def _report(self) -> None:
+        every = self.plan.steps_per_print
+        if self.ctx.rank != 0 or every <= 0 or self.global_steps % every != 0:
+            return
+        msg = f"step={self.global_steps} skipped={self.skipped_steps} lr={self.get_lr()} grad_norm={self._grad_norm:.4g}"
+        if self.strategy.scaler.scale != 1.0:
+            msg += f" loss_scale={self.loss_scale:g}"
+        if self._time:
+            n = every
+            msg += " | ms/step " + " ".join(f"{k}={1000 * v / n:.1f}" for k, v in self._timings.items())
+            self._timings = dict.fromkeys(self._timings, 0.0)
+        log.info(msg)
+
+    # -- state ------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Engine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "Engine":
+        self.module.eval()
+        return self
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    def was_step_applied(self) -> bool:
+        return self._step_applied
+
+    @property
+    def loss_scale(self) -> float:
+        return self.strategy.loss_scale
+
+    @property
+    def zero_optimization_stage(self) -> int:
+        return self.strategy.stage
+
+    def memory_report(self) -> dict[str, int]:
+        return self.strategy.memory_report(self.module)
+
+    def parameters(self, recurse: bool = True):
+        return self.module.parameters(recurse)
+
+    def named_parameters(self, *args, **kwargs):
+        return self.module.named_parameters(*args, **kwargs)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)

@@ -1,0 +1,208 @@
+"""Data-parallel strategies, picked once from a registry keyed by ZeRO stage.
+
+| stage | optimizer sees         | gradients kept per rank  | reduction                   | after step |
+|-------|------------------------|--------------------------|-----------------------------|------------|
+| 0     | whole buckets          | full (fp32)              | all-reduce at the boundary  | -          |
+| 1     | this rank's chunk      | full (fp32)              | reduce-to-shard at boundary | all-gather |
+| 2     | this rank's chunk      | own chunk (fp32) + pool  | reduce-to-shard per micro   | all-gather |
+
+The engine calls ``before_backward`` / ``after_backward`` / ``step`` / ``zero_grad`` and never
+looks at the stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from shardwise.comm.buckets import assign_buckets
+from shardwise.comm.context import CommContext
+from shardwise.config.plan import Plan
+from shardwise.precision.loss_scaler import make_loss_scaler
+from shardwise.precision.policy import compute_dtype
+from shardwise.zero.flat_bucket import FlatBucket
+from shardwise.zero.grad_sync import FullGradSync, ShardGradSync, _all_reduce_async, _reduce_to_shard_async
+from shardwise.zero.sharded_optimizer import ShardedStep, StepResult
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class ParamGroups:
+    """The user's parameter groups: hyper-parameters and the (deduplicated) parameters of each."""
+
+    params: tuple[tuple[nn.Parameter, ...], ...]
+    options: tuple[dict[str, Any], ...]
+
+    @staticmethod
+    def from_user(model_parameters: Any, module: nn.Module) -> "ParamGroups":
+        if model_parameters is None:
+            model_parameters = module.parameters()
+        items = list(model_parameters)
+        if not items:
+            return ParamGroups(((),), ({},))
+        groups = items if isinstance(items[0], dict) else [{"params": items}]
+        seen: set[int] = set()
+        params, options = [], []
+        for g in groups:
+            plist = g["params"]
+            plist = [plist] if isinstance(plist, torch.Tensor) else list(plist)
+            unique = []
+            for p in plist:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    unique.append(p)
+            params.append(tuple(unique))
+            options.append({k: v for k, v in g.items() if k != "params"})
+        return ParamGroups(tuple(params), tuple(options))
+
+
+class DataParallelStrategy:
+    """Shared machinery; subclasses fix how gradients and parameters are partitioned."""
+
+    stage: int = -1
+    params_sharded: bool = False  # optimizer sees this rank's chunk; parameters all-gathered
+    grads_sharded: bool = False  # only this rank's gradient chunk persists
+
+    def __init__(
+        self,
+        module: nn.Module,
+        groups: ParamGroups,
+        plan: Plan,
+        ctx: CommContext,
+        make_optimizer: OptimizerFactory,
+    ):
+        if not plan.zero.reduce_scatter:  # DeepSpeed's "reduce_scatter": false -> plain all-reduce
+            ctx = replace(ctx, reduce_scatter_via_all_reduce=True)
+        self.ctx = ctx
+        self.dtype = compute_dtype(plan.precision)
+        self.scaler = make_loss_scaler(plan.precision)
+        module.to(device=ctx.device, dtype=self.dtype) if self.dtype != torch.float32 else module.to(ctx.device)
+
+        trainable: list[nn.Parameter] = []
+        keys: list[tuple] = []
+        for gi, plist in enumerate(groups.params):
+            for p in plist:
+                if p.requires_grad:
+                    trainable.append(p)
+                    keys.append((gi, p.dtype, p.device))
+        layouts = assign_buckets(
+            [p.numel() for p in trainable], keys, plan.zero.reduce_bucket_size, ctx.world_size
+        )
+        sharded = self.params_sharded
+        self.buckets = [
+            FlatBucket(i, lay, [trainable[s.param_index] for s in lay.slots], ctx, sharded=sharded)
+            for i, lay in enumerate(layouts)
+        ]
+        self.grad_sync = self._make_grad_sync(plan)
+        opt_groups = [
+            {**opts, "params": [b.opt_param for b in self.buckets if b.layout.group_key[0] == gi]}
+            for gi, opts in enumerate(groups.options)
+        ]
+        self.optimizer = make_optimizer(opt_groups)
+        self._step = ShardedStep(
+            self.buckets,
+            self.optimizer,
+            ctx,
+            self.scaler,
+            grads_sharded=sharded,
+            params_sharded=sharded,
+            clip=plan.gradient_clipping,
+        )
+
+    def _make_grad_sync(self, plan: Plan):
+        raise NotImplementedError
+
+    # -- the engine's interface -------------------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    def before_backward(self, sync: bool) -> None:
+        self.grad_sync.before_backward(sync)
+
+    def after_backward(self, sync: bool) -> None:
+        self.grad_sync.after_backward(sync)
+
+    def step(self, step_index: int) -> StepResult:
+        self.grad_sync.wait()
+        result = self._step.step(step_index)
+        self.grad_sync.zero_grads()
+        return result
+
+    def zero_grad(self) -> None:
+        self.grad_sync.zero_grads()
+
+    def memory_report(self, module: nn.Module) -> dict[str, int]:
+        seen: set[int] = set()
+
+        def nbytes(tensors) -> int:
+            total = 0
+            for t in tensors:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                s = t.untyped_storage()
+                if s.data_ptr() not in seen and s.nbytes() > 0:
+                    seen.add(s.data_ptr())
+                    total += s.nbytes()
+            return total
+
+        params = nbytes(module.parameters())
+        grads = nbytes(self.grad_sync.tensors())
+        master = nbytes(b.opt_param for b in self.buckets)  # 0 when aliased to params (fp32)
+        state = nbytes(v for st in self.optimizer.state.values() for v in st.values())
+        return {
+            "params": params,
+            "grads": grads,
+            "master_params": master,
+            "optimizer_state": state,
+            "total": params + grads + master + state,
+        }
+
+
+class ReplicatedStrategy(DataParallelStrategy):
+    """ZeRO stage 0: plain data parallelism with bucketed, overlapped all-reduce."""
+
+    stage = 0
+
+    def _make_grad_sync(self, plan: Plan):
+        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=_all_reduce_async)
+
+
+class OptimizerShardedStrategy(DataParallelStrategy):
+    """ZeRO stage 1: optimizer state and fp32 master weights partitioned."""
+
+    stage = 1
+    params_sharded = True
+
+    def _make_grad_sync(self, plan: Plan):
+        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=_reduce_to_shard_async)
+
+
+class GradientShardedStrategy(DataParallelStrategy):
+    """ZeRO stage 2: gradients partitioned too."""
+
+    stage = 2
+    params_sharded = True
+    grads_sharded = True
+
+    def _make_grad_sync(self, plan: Plan):
+        return ShardGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm)
+
+
+STRATEGIES: dict[int, type[DataParallelStrategy]] = {
+    0: ReplicatedStrategy,
+    1: OptimizerShardedStrategy,
+    2: GradientShardedStrategy,
+}
+
+
+def create_strategy(
+    module: nn.Module, groups: ParamGroups, plan: Plan, ctx: CommContext, make_optimizer: OptimizerFactory
+) -> DataParallelStrategy:
+    return STRATEGIES[plan.zero.stage](module, groups, plan, ctx, make_optimizer)
+
+
+__all__: Sequence[str] = ["ParamGroups", "DataParallelStrategy", "STRATEGIES", "create_strategy"]

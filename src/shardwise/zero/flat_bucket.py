@@ -1,0 +1,69 @@
+"""One bucket of parameters living in one flat buffer, and this rank's optimizer view of it.
+
+[Note: flat bucket storage]
+Every trainable parameter's ``.data`` is re-pointed to a view into its bucket's flat
+``param_flat`` buffer (compute dtype). The optimizer never sees model parameters: it sees
+one ``opt_param`` per bucket, covering this rank's chunk (stages 1-2) or the whole bucket
+(stage 0). With fp32 compute ``opt_param`` *aliases* ``param_flat`` (the parameters are the
+master weights; no second fp32 copy). With bf16/fp16 compute it is a separate fp32 master
+tensor, copied back into ``param_flat`` after each step.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from shardwise.comm.buckets import BucketLayout
+from shardwise.comm.context import CommContext
+
+
+class FlatBucket:
+    """Storage and views for one bucket. Holds no policy: strategies decide what to keep."""
+
+    def __init__(
+        self,
+        index: int,
+        layout: BucketLayout,
+        params: Sequence[nn.Parameter],
+        ctx: CommContext,
+        *,
+        sharded: bool,
+        master_dtype: torch.dtype = torch.float32,
+    ):
+        self.index = index
+        self.layout = layout
+        self.params = list(params)  # in slot order
+        dtype = self.params[0].dtype
+        device = self.params[0].device
+        self.param_flat = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
+        with torch.no_grad():
+            for slot, p in zip(layout.slots, self.params):
+                view = self.param_flat[slot.offset : slot.offset + slot.numel]
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view_as(p)
+        self.lo, self.hi = layout.chunk_range(ctx.rank, ctx.world_size) if sharded else (0, layout.padded_numel)
+        self.mixed = dtype != master_dtype
+        own = self.param_flat[self.lo : self.hi]
+        master = own.detach().to(master_dtype).clone() if self.mixed else own
+        self.opt_param = nn.Parameter(master, requires_grad=True)
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+    def param_view(self, slot_index: int, flat: torch.Tensor) -> torch.Tensor:
+        """The view of ``flat`` (a full-bucket buffer) where parameter ``slot_index`` lives."""
+        slot = self.layout.slots[slot_index]
+        return flat[slot.offset : slot.offset + slot.numel].view_as(self.params[slot_index])
+
+    def own(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk of a full-bucket buffer."""
+        return flat[self.lo : self.hi]
+
+    @torch.no_grad()
+    def copy_master_to_params(self) -> None:
+        """After an optimizer step with a separate fp32 master: write back in compute dtype."""
+        if self.mixed:
+            self.param_flat[self.lo : self.hi].copy_(self.opt_param.detach())

@@ -1,0 +1,230 @@
+"""Backward hooks -> bucketed gradient reductions that start while backward is still running.
+
+Two ways of holding gradients, picked once by the strategy:
+
+- :class:`FullGradSync` (stages 0 and 1): each bucket has a persistent fp32 gradient buffer
+  the size of the bucket. With fp32 parameters ``p.grad`` *is* a view into it, so autograd
+  accumulates in place across micro-steps (nothing to copy); with bf16/fp16 parameters the
+  hook adds ``p.grad`` into it in fp32 and frees ``p.grad``. Reductions run only on the
+  accumulation-boundary micro-step: stage 0 all-reduces the bucket, stage 1 reduces it to its
+  owner's chunk.
+- :class:`ShardGradSync` (stage 2): a rank keeps only the fp32 gradient of its own chunk. The
+  hook adds ``p.grad`` into a pooled staging buffer and frees it; a full bucket is reduced to
+  its owner's chunk on *every* micro-step and accumulated into the persistent shard.
+
+[Note: reduction order]
+Collectives must be issued in the same order on every rank. A bucket's reduction is launched
+when all its parameters have produced gradients *and* every earlier bucket has been launched,
+so the order is always bucket 0, 1, 2, ... whatever order hooks fire in. Buckets whose
+parameters got no gradient (unused in this forward) are launched at the end of backward with
+zeros for those parameters, on every rank alike.
+"""
+from __future__ import annotations
+
+from collections import deque
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+
+from shardwise.comm.collectives import Handle, all_reduce, reduce_to_shard
+from shardwise.comm.context import CommContext
+from shardwise.errors import UsageError
+from shardwise.zero.flat_bucket import FlatBucket
+
+ReduceFn = Callable[[torch.Tensor, CommContext], Handle]
+
+
+def _all_reduce_async(t: torch.Tensor, ctx: CommContext) -> Handle:
+    return all_reduce(t, ctx, async_op=True)
+
+
+def _reduce_to_shard_async(t: torch.Tensor, ctx: CommContext) -> Handle:
+    return reduce_to_shard(t, ctx, async_op=True)
+
+
+class _GradSyncBase:
+    """Readiness counting and in-order launching shared by both gradient layouts."""
+
+    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool):
+        self.buckets = list(buckets)
+        self.ctx = ctx
+        self.overlap = overlap
+        self._expected = [len(b.params) for b in self.buckets]
+        self._pending = list(self._expected)
+        self._launched = 0  # buckets 0.._launched-1 have been launched this backward
+        self._sync = True
+        self._hooks = []
+        for bucket in self.buckets:
+            for i, p in enumerate(bucket.params):
+                self._hooks.append(p.register_post_accumulate_grad_hook(partial(self._on_grad, bucket, i)))
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _on_grad(self, bucket: FlatBucket, slot_index: int, param: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _mark_ready(self, bucket: FlatBucket) -> None:
+        b = bucket.index
+        if b < self._launched or self._pending[b] == 0:
+            raise UsageError(
+                f"a parameter in gradient bucket {b} produced a gradient after its bucket was "
+                "already reduced in this backward pass. This happens when one parameter "
+                "receives gradients from two separate backward passes (e.g. reentrant "
+                "activation checkpointing around a shared parameter). Use "
+                "torch.utils.checkpoint(..., use_reentrant=False)."
+            )
+        self._pending[b] -= 1
+        if self.overlap:
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._launched < len(self.buckets) and self._pending[self._launched] == 0:
+            self._launch(self.buckets[self._launched])
+            self._launched += 1
+
+    def _launch_all(self) -> None:
+        while self._launched < len(self.buckets):
+            self._launch(self.buckets[self._launched])
+            self._launched += 1
+
+    def _reset(self) -> None:
+        self._pending = list(self._expected)
+        self._launched = 0
+
+    def _launch(self, bucket: FlatBucket) -> None:
+        raise NotImplementedError
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+class FullGradSync(_GradSyncBase):
+    """Stages 0 and 1: a full fp32 gradient buffer per bucket, reduced at the boundary."""
+
+    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool, reduce_fn: ReduceFn):
+        self.grad_flats = [torch.zeros(b.layout.padded_numel, dtype=torch.float32, device=b.param_flat.device) for b in buckets]
+        self._reduce_fn = reduce_fn
+        self._handles: list[Handle] = []
+        self._views = [not b.mixed for b in buckets]  # fp32 params: p.grad is a view
+        super().__init__(buckets, ctx, overlap=overlap)
+        for bucket, flat in zip(self.buckets, self.grad_flats):
+            bucket.opt_param.grad = bucket.own(flat)
+        self.attach_grad_views()
+
+    def attach_grad_views(self) -> None:
+        """(Re)point fp32 parameters' ``.grad`` at their bucket buffer (idempotent)."""
+        for bucket, flat, is_view in zip(self.buckets, self.grad_flats, self._views):
+            if is_view:
+                for i, p in enumerate(bucket.params):
+                    p.grad = bucket.param_view(i, flat)
+
+    def _on_grad(self, bucket: FlatBucket, slot_index: int, param: torch.Tensor) -> None:
+        if not self._views[bucket.index]:
+            bucket.param_view(slot_index, self.grad_flats[bucket.index]).add_(param.grad)
+            param.grad = None
+        if self._sync:
+            self._mark_ready(bucket)
+
+    def _launch(self, bucket: FlatBucket) -> None:
+        self._handles.append(self._reduce_fn(self.grad_flats[bucket.index], self.ctx))
+
+    def before_backward(self, sync: bool) -> None:
+        self._sync = sync
+        if any(self._views):
+            # cheap check: a user may have set grads to None (optimizer.zero_grad())
+            p0 = self.buckets[self._views.index(True)].params[0]
+            if p0.grad is None:
+                self.attach_grad_views()
+
+    def after_backward(self, sync: bool) -> None:
+        if sync:
+            self._launch_all()
+
+    def wait(self) -> None:
+        """Make every bucket's reduced gradient available (call at the boundary step)."""
+        self._launch_all()
+        for h in self._handles:
+            h.wait()
+        self._handles.clear()
+        self._reset()
+
+    def zero_grads(self) -> None:
+        for flat in self.grad_flats:
+            flat.zero_()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.grad_flats)
+
+
+class ShardGradSync(_GradSyncBase):
+    """Stage 2: only this rank's fp32 gradient chunk persists; buckets reduce every micro-step."""
+
+    POOL_SIZE = 2
+
+    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool):
+        self.grad_shards = [torch.zeros(b.numel, dtype=torch.float32, device=b.param_flat.device) for b in buckets]
+        self._staging_numel = max(b.layout.padded_numel for b in buckets)
+        device = buckets[0].param_flat.device
+        self._pool: list[torch.Tensor] = [
+            torch.empty(self._staging_numel, dtype=torch.float32, device=device) for _ in range(self.POOL_SIZE)
+        ]
+        self._staging: dict[int, torch.Tensor] = {}  # bucket index -> staging buffer in use
+        self._in_flight: deque[tuple[FlatBucket, torch.Tensor, Handle]] = deque()
+        super().__init__(buckets, ctx, overlap=overlap)
+        for bucket, shard in zip(self.buckets, self.grad_shards):
+            bucket.opt_param.grad = shard
+
+    def _staging_for(self, bucket: FlatBucket) -> torch.Tensor:
+        """This bucket's staging view; taken from the pool (zeroed) on first use per backward."""
+        buf = self._staging.get(bucket.index)
+        if buf is None:
+            if not self._pool and self._in_flight:
+                self._drain_one()
+            if not self._pool:  # every buffer held by a bucket still filling: grow the pool
+                self._pool.append(
+                    torch.empty(self._staging_numel, dtype=torch.float32, device=bucket.param_flat.device)
+                )
+            buf = self._pool.pop()
+            buf[: bucket.layout.padded_numel].zero_()
+            self._staging[bucket.index] = buf
+        return buf[: bucket.layout.padded_numel]
+
+    def _on_grad(self, bucket: FlatBucket, slot_index: int, param: torch.Tensor) -> None:
+        staging = self._staging_for(bucket)
+        bucket.param_view(slot_index, staging).add_(param.grad)
+        param.grad = None
+        self._mark_ready(bucket)
+
+    def _launch(self, bucket: FlatBucket) -> None:
+        view = self._staging_for(bucket)
+        full = self._staging.pop(bucket.index)
+        self._in_flight.append((bucket, full, reduce_to_shard(view, self.ctx, async_op=True)))
+
+    def _drain_one(self) -> None:
+        bucket, full, handle = self._in_flight.popleft()
+        handle.wait()
+        self.grad_shards[bucket.index].add_(bucket.own(full[: bucket.layout.padded_numel]))
+        self._pool.append(full)
+
+    def before_backward(self, sync: bool) -> None:
+        self._sync = sync
+
+    def after_backward(self, sync: bool) -> None:
+        self._launch_all()
+        while self._in_flight:
+            self._drain_one()
+        self._reset()
+
+    def wait(self) -> None:
+        """Gradients are already accumulated into shards at the end of each backward."""
+        while self._in_flight:
+            self._drain_one()
+
+    def zero_grads(self) -> None:
+        for shard in self.grad_shards:
+            shard.zero_()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.grad_shards) + list(self._pool)

@@ -1,0 +1,140 @@
+"""Rank functions shared by the distributed parity tests (importable in spawned ranks).
+
+Every run trains the tiny GPT of examples/gpt/model.py on a fixed sequence of random global
+batches. A shardwise rank takes its contiguous slice of each global batch (and splits that
+into micro-batches); the reference is plain single-process PyTorch on the whole global batch.
+Both run with one intra-op thread (run_distributed sets it), so at world size 1 they match
+bitwise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import shardwise
+from model import GPT, GPTConfig
+
+PRESET = "tiny"
+
+
+def batches(global_batch: int, steps: int, seed: int = 1234) -> list[torch.Tensor]:
+    cfg = GPTConfig.preset(PRESET)
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, cfg.vocab_size, (global_batch, cfg.seq_len + 1), generator=g) for _ in range(steps)]
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.preset(PRESET)).to(dtype)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+def reference_run(global_batch: int, steps: int, lr: float = 1e-3, weight_decay: float = 0.01,
+                  clip: float = 0.0, compute: str = "fp32") -> dict:
+    """Plain PyTorch, one process. For bf16/fp16: low-precision model, fp32 master copy."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[compute]
+    model = make_model(dtype=dtype)
+    params = list(model.parameters())
+    master = [p.detach().float().clone().requires_grad_(True) for p in params] if dtype != torch.float32 else params
+    opt = torch.optim.AdamW(master, lr=lr, weight_decay=weight_decay, fused=True)
+    losses, norms = [], []
+    for x in batches(global_batch, steps):
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        if dtype != torch.float32:
+            for m, p in zip(master, params):
+                m.grad = p.grad.float()
+                p.grad = None
+        norm = torch.nn.utils.clip_grad_norm_(master, clip if clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad()
+        if dtype != torch.float32:
+            with torch.no_grad():
+                for m, p in zip(master, params):
+                    p.copy_(m)
+        losses.append(loss.item())
+        norms.append(norm.item())
+    return {"losses": losses, "norms": norms, "params": _snapshot(model)}
+
+
+def shardwise_run(config: dict, steps: int) -> dict:
+    """Train with shardwise on this rank; losses are averaged over ranks for comparison."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    compute = "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get("enabled") else "fp32"
+    model = make_model()
+    engine, optimizer, _, _ = shardwise.initialize(model=model, model_parameters=model.parameters(), config=config)
+    gas = engine.gradient_accumulation_steps()
+    micro = engine.train_micro_batch_size_per_gpu()
+    per_rank = micro * gas
+    losses, norms, applied = [], [], []
+    for x in batches(engine.train_batch_size(), steps):
+        mine = x[rank * per_rank:(rank + 1) * per_rank]
+        total = 0.0
+        for k in range(gas):
+            xb = mine[k * micro:(k + 1) * micro]
+            loss = engine(xb[:, :-1], xb[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            total += loss.item() / gas
+        t = torch.tensor([total], dtype=torch.float64)
+        dist.all_reduce(t)
+        losses.append(t.item() / world)
+        norms.append(engine.get_global_grad_norm())
+        applied.append(engine.was_step_applied())
+    return {
+        "losses": losses,
+        "norms": norms,
+        "applied": applied,
+        "params": _snapshot(model),
+        "memory": engine.memory_report(),
+        "compute": compute,
+        "skipped": engine.skipped_steps,
+        "loss_scale": engine.loss_scale,
+        "global_steps": engine.global_steps,
+    }
+
+
+def fp16_overflow_run(config: dict, steps: int, bad_step: int, bad_rank: int) -> dict:
+    """fp16 training where one rank's gradients overflow at one step (injected inf)."""
+    rank = dist.get_rank()
+    model = make_model()
+    engine, *_ = shardwise.initialize(model=model, config=config)
+    micro = engine.train_micro_batch_size_per_gpu()
+    scales, applied, snapshots = [], [], []
+    for i, x in enumerate(batches(engine.train_batch_size(), steps)):
+        xb = x[rank * micro:(rank + 1) * micro]
+        loss = engine(xb[:, :-1], xb[:, 1:])
+        if i == bad_step and rank == bad_rank:
+            loss = loss * float("inf")
+        before = _snapshot(model)
+        engine.backward(loss)
+        engine.step()
+        scales.append(engine.loss_scale)
+        applied.append(engine.was_step_applied())
+        snapshots.append(all(torch.equal(before[k], v) for k, v in _snapshot(model).items()))
+    return {"scales": scales, "applied": applied, "unchanged": snapshots, "skipped": engine.skipped_steps}
+
+
+def overlap_probe(config: dict) -> dict:
+    """How many bucket reductions had been launched when backward reached the embedding."""
+    rank = dist.get_rank()
+    model = make_model()
+    engine, *_ = shardwise.initialize(model=model, config=config)
+    seen = {}
+
+    def probe(grad):
+        seen["launched"] = engine.strategy.grad_sync._launched
+        return grad
+
+    x = batches(engine.train_batch_size(), 1)[0]
+    micro = engine.train_micro_batch_size_per_gpu()
+    xb = x[rank * micro:(rank + 1) * micro]
+    handle = model.blocks[0].register_full_backward_pre_hook(lambda m, g: probe(g))
+    loss = engine(xb[:, :-1], xb[:, 1:])
+    engine.backward(loss)
+    engine.step()
+    handle.remove()
+    return {"launched_before_end": seen["launched"], "buckets": len(engine.strategy.buckets)}

@@ -1,0 +1,44 @@
+import pytest
+
+from shardwise.config.plan import LossScalePlan, PrecisionPlan
+from shardwise.errors import LossScaleError, NonFiniteError
+from shardwise.precision import DynamicLossScaler, NoLossScaler, StaticLossScaler, make_loss_scaler
+
+
+def test_factory():
+    assert isinstance(make_loss_scaler(PrecisionPlan("fp32")), NoLossScaler)
+    assert isinstance(make_loss_scaler(PrecisionPlan("bf16")), NoLossScaler)
+    assert isinstance(make_loss_scaler(PrecisionPlan("fp16", LossScalePlan())), DynamicLossScaler)
+    assert isinstance(make_loss_scaler(PrecisionPlan("fp16", LossScalePlan(static_scale=128))), StaticLossScaler)
+
+
+def test_hysteresis_then_halving_then_growth():
+    s = DynamicLossScaler(LossScalePlan(initial_scale_power=4, hysteresis=2, loss_scale_window=3))
+    assert s.scale == 16
+    assert s.update(False, 0) is False and s.scale == 16  # hysteresis absorbs the first
+    assert s.update(False, 1) is False and s.scale == 8  # then it halves
+    assert s.update(False, 2) is False and s.scale == 4  # hysteresis not refilled yet
+    for i in range(2):
+        assert s.update(True, 3 + i) and s.scale == 4
+    assert s.update(True, 5) and s.scale == 8  # window of 3 good steps: doubles
+
+
+def test_error_at_min_scale():
+    s = DynamicLossScaler(LossScalePlan(initial_scale_power=1, hysteresis=1, min_loss_scale=1))
+    assert s.update(False, 0) is False and s.scale == 1
+    with pytest.raises(LossScaleError, match="min_loss_scale"):
+        s.update(False, 1)
+
+
+def test_nonfinite_without_fp16_is_named_error():
+    with pytest.raises(NonFiniteError, match="step 7"):
+        NoLossScaler().update(False, 7)
+
+
+def test_state_round_trip():
+    a = DynamicLossScaler(LossScalePlan(initial_scale_power=5))
+    a.update(False, 0)
+    a.update(False, 1)
+    b = DynamicLossScaler(LossScalePlan(initial_scale_power=5))
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
