@@ -1,0 +1,151 @@
+"""The public API in one plain process (no torchrun, no process group)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import shardwise
+from model import GPT, GPTConfig
+
+CFG = GPTConfig.preset("tiny")
+
+
+def data(n: int = 8, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG.vocab_size, (n, CFG.seq_len + 1), generator=g)
+
+
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(CFG)
+
+
+def base(**extra) -> dict:
+    return {"train_batch_size": 4, "steps_per_print": 1000, **extra}
+
+
+def test_plain_process_returns_the_four_tuple():
+    m = model()
+    engine, optimizer, loader, scheduler = shardwise.initialize(
+        model=m, config=base(optimizer={"type": "AdamW", "params": {"lr": 1e-3}}))
+    assert isinstance(engine, shardwise.Engine) and engine.module is m
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    assert loader is None and scheduler is None
+    assert engine.train_batch_size() == 4 and engine.train_micro_batch_size_per_gpu() == 4
+    assert engine.gradient_accumulation_steps() == 1
+    x = data(4)
+    loss = engine(x[:, :-1], x[:, 1:])
+    engine.backward(loss)
+    assert engine.is_gradient_accumulation_boundary()
+    engine.step()
+    assert engine.global_steps == 1 and engine.global_samples == 4 and engine.was_step_applied()
+    assert engine.get_global_grad_norm() > 0 and engine.get_lr() == [1e-3]
+    report = engine.memory_report()
+    assert list(report) == ["params", "grads", "master_params", "optimizer_state", "total"]
+    assert all(isinstance(v, int) for v in report.values())
+    n = sum(p.numel() for p in m.parameters())
+    assert report["params"] >= 4 * n and report["optimizer_state"] >= 8 * n
+    assert engine.eval() is engine and not m.training
+    assert engine.train() is engine and m.training
+
+
+def test_param_groups_and_client_optimizer_and_scheduler_match_plain_pytorch():
+    """HF-style groups (no decay on biases/norms) with a user optimizer and scheduler."""
+    def groups(m):
+        decay = [p for n, p in m.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in m.named_parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+
+    ref = model()
+    ref_opt = torch.optim.AdamW(groups(ref), lr=1e-2, fused=True)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=1, gamma=0.5)
+    m = model()
+    opt = torch.optim.AdamW(groups(m), lr=1e-2, fused=True)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    engine, optimizer, _, scheduler = shardwise.initialize(model=m, optimizer=opt, lr_scheduler=sched, config=base())
+    assert optimizer is opt and scheduler is sched
+    for i in range(3):
+        x = data(4, seed=i)
+        loss_ref = ref(x[:, :-1], x[:, 1:])
+        loss_ref.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_sched.step()
+        loss = engine(x[:, :-1], x[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        assert loss.item() == loss_ref.item()
+    assert engine.get_lr() == ref_sched.get_last_lr()
+    for (name, a), b in zip(ref.named_parameters(), m.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_callables_for_optimizer_and_scheduler():
+    m = model()
+    engine, optimizer, _, scheduler = shardwise.initialize(
+        model=m, config=base(),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1)))
+    assert isinstance(optimizer, torch.optim.SGD)
+    x = data(4)
+    engine.backward(engine(x[:, :-1], x[:, 1:]))
+    engine.step()
+    assert engine.get_lr() == [0.05]
+
+
+def test_config_scheduler_is_built_and_stepped():
+    m = model()
+    cfg = base(optimizer={"type": "Adam", "params": {"lr": 1e-3}},
+               scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3,
+                                                         "warmup_num_steps": 4, "warmup_type": "linear"}})
+    engine, _, _, scheduler = shardwise.initialize(model=m, config=cfg)
+    lrs = []
+    for i in range(5):
+        x = data(4, seed=i)
+        engine.backward(engine(x[:, :-1], x[:, 1:]))
+        engine.step()
+        lrs.append(engine.get_lr()[0])
+    assert lrs == sorted(lrs) and lrs[-1] == pytest.approx(1e-3)
+
+
+def test_training_data_gets_a_distributed_sampler_and_micro_batches():
+    ds = TensorDataset(torch.arange(20))
+    _, _, loader, _ = shardwise.initialize(
+        model=model(), training_data=ds,
+        config=base(train_batch_size=8, gradient_accumulation_steps=2, optimizer={"type": "SGD", "params": {"lr": 0.1}}))
+    assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
+    assert loader.batch_size == 4
+    seen = torch.cat([b[0] for b in loader])
+    assert sorted(seen.tolist()) == list(range(20))
+
+
+def test_misuse_is_named():
+    with pytest.raises(shardwise.ConfigError, match="no optimizer"):
+        shardwise.initialize(model=model(), config=base())
+    with pytest.raises(shardwise.ConfigError, match="both"):
+        shardwise.initialize(model=model(), config=base(optimizer={"type": "SGD", "params": {"lr": 1}}),
+                             optimizer=lambda p: torch.optim.SGD(p, lr=1))
+    engine, *_ = shardwise.initialize(model=model(), config=base(optimizer={"type": "SGD", "params": {"lr": 1}}))
+    x = data(4)
+    with pytest.raises(shardwise.ShardwiseError, match="scalar"):
+        engine.backward(engine(x[:, :-1]))  # logits, not a loss
+    with pytest.raises(shardwise.ConfigError) as err:
+        shardwise.initialize(model=model(), config={"train_batch_size": 4, "zero_optimisation": {"stage": 2},
+                                                    "fp16": {"enabled": True}, "bf16": {"enabled": True}})
+    text = str(err.value)
+    assert "zero_optimization" in text and "fp16" in text
+
+
+def test_gradient_accumulation_boundary_counts_micro_steps():
+    engine, *_ = shardwise.initialize(model=model(), config=base(
+        train_batch_size=8, gradient_accumulation_steps=4, optimizer={"type": "SGD", "params": {"lr": 0.1}}))
+    x = data(8)
+    boundaries = []
+    for k in range(8):
+        xb = x[2 * (k % 4): 2 * (k % 4) + 2]
+        boundaries.append(engine.is_gradient_accumulation_boundary())
+        engine.backward(engine(xb[:, :-1], xb[:, 1:]))
+        engine.step()
+    assert boundaries == [False, False, False, True] * 2
+    assert engine.global_steps == 2 and engine.micro_steps == 8
