@@ -1,0 +1,308 @@
+"""``shardwise run``: build the torchrun command line and run it.
+
+[Note: launcher passthrough]
+Everything before the training script is a torchrun option and is passed through verbatim;
+everything after it belongs to the script, even when it looks like a torchrun option
+(``shardwise run --nproc-per-node 2 train.py --nproc-per-node 5`` gives the script
+``--nproc-per-node 5``). To find where the script starts we only need to know which torchrun
+options take a value; that is read from torchrun's own argument parser, so the launcher follows
+whatever torch version is installed. The only option added is ``--standalone``, when nothing
+says the run spans several nodes or names a rendezvous. Processes are managed by torchrun alone:
+shardwise starts it and returns its exit code.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+from shardwise.errors import ShardwiseError
+
+TORCHRUN = ("-m", "torch.distributed.run")
+
+# shardwise's own options of `shardwise run` (not passed to torchrun)
+DRY_RUN = "--dry-run"
+HELP = ("-h", "--help")
+
+# Options that make `--standalone` wrong or pointless: the user chose the rendezvous.
+_RENDEZVOUS_DESTS = ("rdzv_backend", "rdzv_endpoint", "rdzv_id", "master_addr", "master_port")
+
+# Used only if torchrun's parser cannot be inspected: torchrun's flags that take no value.
+_FALLBACK_FLAGS = {
+    "--standalone": "standalone",
+    "-m": "module",
+    "--module": "module",
+    "--no-python": "no_python",
+    "--no_python": "no_python",
+    "--run-path": "run_path",
+    "--run_path": "run_path",
+    "--virtual-local-rank": "virtual_local_rank",
+    "--virtual_local_rank": "virtual_local_rank",
+}
+
+USAGE = """\
+usage: shardwise run [--dry-run] [torchrun options] script.py [script args]
+
+Runs `python -m torch.distributed.run [torchrun options] script.py [script args]`.
+Common torchrun options: --nproc-per-node N, --nnodes N, --node-rank R,
+--master-addr HOST, --master-port PORT, --rdzv-backend, --rdzv-endpoint, --rdzv-id,
+--max-restarts, --monitor-interval, --redirects, --tee, --log-dir
+(all of them: python -m torch.distributed.run --help).
+
+  --dry-run   print the command instead of running it
+
+Without --nnodes > 1 or a rendezvous/master option, --standalone is added (single node, free
+port). On a machine without CUDA, OMP_NUM_THREADS=1 is set unless already set.
+Arguments after the script belong to the script.
+"""
+
+
+class LaunchError(ShardwiseError):
+    """``shardwise run`` was given a command line it cannot turn into a torchrun command."""
+
+
+@dataclass(frozen=True)
+class RunArgs:
+    """``shardwise run`` arguments, split at the training script."""
+
+    torchrun_args: tuple[str, ...]  # verbatim, without shardwise's own options
+    script: str
+    script_args: tuple[str, ...]
+    dry_run: bool = False
+    help: bool = False  # -h/--help before the script: show USAGE
+    options: tuple[tuple[str, str | bool], ...] = ()  # (torchrun dest, value) as given; last wins
+
+    def option(self, dest: str) -> str | bool | None:
+        return dict(self.options).get(dest)
+
+
+@lru_cache(maxsize=1)
+def _torchrun_options() -> tuple[dict[str, tuple[str, bool]], bool]:
+    """(option string -> (dest, takes_value), complete), from the installed torchrun's parser.
+
+    ``complete`` is False when the parser could not be inspected and only the known
+    value-less flags are listed; any other option is then assumed to take a value.
+    """
+    try:
+        from torch.distributed.run import get_args_parser
+
+        table = {
+            s: (a.dest, a.nargs != 0)
+            for a in get_args_parser()._actions
+            for s in a.option_strings
+            if s not in HELP
+        }
+        if table:
+            return table, True
+    except Exception:  # an unexpected torch layout: fall back to the known flags
+        pass
+    return {s: (d, False) for s, d in _FALLBACK_FLAGS.items()}, False
+
+
+def _lookup(name: str) -> tuple[str, bool]:
+    """Resolve an option name as argparse does (exact, else a unique prefix of a long option)."""
+    table, complete = _torchrun_options()
+    if name in table:
+        return table[name]
+    if name.startswith("--"):
+        matches = {table[s] for s in table if s.startswith("--") and s.startswith(name)}
+        if len(matches) == 1:
+            return matches.pop()
+        if len(matches) > 1:
+            raise LaunchError(f"ambiguous torchrun option {name!r}: spell it out in full")
+        if not complete:
+            return name.lstrip("-").replace("-", "_"), True
+    raise LaunchError(
+        f"unknown torchrun option {name!r} before the training script; "
+        "see `python -m torch.distributed.run --help` for the options torchrun accepts "
+        "(arguments for your script go after the script path)"
+    )
+
+
+def split_run_args(argv: Sequence[str]) -> RunArgs:
+    """Split ``shardwise run`` arguments at the script (see [Note: launcher passthrough])."""
+    argv = list(argv)
+    passthrough: list[str] = []
+    options: list[tuple[str, str | bool]] = []
+    dry_run = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":  # explicit end of options: the script follows
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        if arg == DRY_RUN:
+            dry_run = True
+            i += 1
+            continue
+        if arg in HELP:
+            return RunArgs(tuple(passthrough), "", (), dry_run, help=True)
+        if arg.startswith("--"):
+            name, has_eq, attached = arg.partition("=")
+        elif len(arg) > 2:  # short option with an attached value, e.g. -r3
+            name, has_eq, attached = arg[:2], True, arg[2:]
+        else:
+            name, has_eq, attached = arg, False, ""
+        dest, takes_value = _lookup(name)
+        passthrough.append(arg)
+        i += 1
+        if not takes_value:
+            if has_eq:
+                raise LaunchError(f"torchrun option {name!r} takes no value (got {arg!r})")
+            options.append((dest, True))
+            continue
+        if has_eq:
+            options.append((dest, attached))
+            continue
+        if i >= len(argv):
+            raise LaunchError(f"torchrun option {name!r} needs a value")
+        passthrough.append(argv[i])
+        options.append((dest, argv[i]))
+        i += 1
+    if i >= len(argv):
+        raise LaunchError(
+            "no training script given; usage: shardwise run [torchrun options] script.py [args]"
+        )
+    return RunArgs(
+        torchrun_args=tuple(passthrough),
+        script=argv[i],
+        script_args=tuple(argv[i + 1 :]),
+        dry_run=dry_run,
+        options=tuple(options),
+    )
+
+
+def _max_nodes(nnodes: str) -> int | None:
+    """``"2"`` -> 2, ``"1:4"`` -> 4; None when it is not a node count we can read."""
+    try:
+        return int(str(nnodes).split(":")[-1])
+    except ValueError:
+        return None
+
+
+def _is_set(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "") not in ("", "0")
+
+
+def needs_standalone(run: RunArgs, env: Mapping[str, str]) -> bool:
+    """True when nothing says the run spans nodes or names a rendezvous (CLI or PET_* env)."""
+    if run.option("standalone") or _is_set(env, "PET_STANDALONE"):
+        return False  # already standalone
+    nnodes = run.option("nnodes") or env.get("PET_NNODES") or "1"
+    max_nodes = _max_nodes(str(nnodes))
+    if max_nodes is None or max_nodes > 1:
+        return False
+    for dest in _RENDEZVOUS_DESTS:
+        if run.option(dest) is not None or env.get(f"PET_{dest.upper()}"):
+            return False
+    return True
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_torchrun_command(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    cuda_available: bool | None = None,
+    python: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The torchrun command for ``shardwise run ARGV`` and the environment to run it in.
+
+    Pure apart from looking up CUDA when ``cuda_available`` is None. ``env`` is not changed;
+    the returned dict is the child's whole environment.
+    """
+    return torchrun_command(
+        split_run_args(argv), env, cuda_available=cuda_available, python=python
+    )
+
+
+def torchrun_command(
+    run: RunArgs,
+    env: Mapping[str, str],
+    *,
+    cuda_available: bool | None = None,
+    python: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """:func:`build_torchrun_command` for arguments already split by :func:`split_run_args`."""
+    if run.help:
+        raise LaunchError("-h/--help asks for usage, not a command: see `shardwise run --help`")
+    cmd = [python or sys.executable, *TORCHRUN, *run.torchrun_args]
+    if needs_standalone(run, env):
+        cmd.append("--standalone")
+    cmd += [run.script, *run.script_args]
+
+    child_env = dict(env)
+    if "OMP_NUM_THREADS" not in child_env:
+        if cuda_available is None:
+            cuda_available = _cuda_available()
+        if not cuda_available:
+            # [Note: one thread per rank on CPU] each rank is a process; more intra-op threads
+            # than cores per rank oversubscribes the machine (torchrun would also set 1, with a
+            # warning banner, when nproc-per-node > 1).
+            child_env["OMP_NUM_THREADS"] = "1"
+    return cmd, child_env
+
+
+def format_command(cmd: Sequence[str], env: Mapping[str, str], base: Mapping[str, str]) -> str:
+    """A shell-ready line: environment changes relative to ``base``, then the command."""
+    import shlex
+
+    changed = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if base.get(k) != v]
+    return " ".join([*changed, *(shlex.quote(c) for c in cmd)])
+
+
+def run_torchrun(cmd: Sequence[str], env: Mapping[str, str]) -> int:
+    """Run torchrun and return its exit code (128 + N when it dies of signal N).
+
+    SIGTERM/SIGHUP sent to this process are forwarded to torchrun, which stops its workers.
+    Ctrl-C reaches torchrun directly (same process group), so on KeyboardInterrupt we keep
+    waiting for it to shut its workers down instead of killing it.
+    """
+    proc = subprocess.Popen(list(cmd), env=dict(env))
+    previous: dict[int, object] = {}
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                previous[sig] = signal.signal(sig, forward)
+            except ValueError:  # not the main thread: no forwarding
+                break
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
+def launch(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """``shardwise run ARGV``: print (``--dry-run``) or run the torchrun command."""
+    env = dict(os.environ if env is None else env)
+    run = split_run_args(argv)
+    if run.help:
+        print(USAGE, end="")
+        return 0
+    cmd, child_env = torchrun_command(run, env)
+    if run.dry_run:
+        print(format_command(cmd, child_env, env), flush=True)
+        return 0
+    return run_torchrun(cmd, child_env)
