@@ -1,6 +1,7 @@
 """``shardwise.initialize``: config -> plan -> context -> strategy -> engine, in one place."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable
 
@@ -66,6 +67,18 @@ def _build_scheduler(plan, lr_scheduler: Any, optimizer: torch.optim.Optimizer |
     raise UsageError(f"lr_scheduler= must be a scheduler or a callable(optimizer); got {type(lr_scheduler).__name__}")
 
 
+def _default_logging(rank: int) -> None:
+    """Like DeepSpeed, show shardwise's INFO lines unless the application configured logging."""
+    log = logging.getLogger("shardwise")
+    if log.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[shardwise rank {rank}] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def initialize(
     args: Any = None,
     model: nn.Module | None = None,
@@ -90,6 +103,7 @@ def initialize(
     if config is None:
         raise ConfigError("no config given: pass config= (a path to a DeepSpeed-style JSON file or a dict)")
     ctx = init_context()
+    _default_logging(ctx.rank)
     plan = _config.load_config(config, world_size=ctx.world_size)
     groups = ParamGroups.from_user(
         model_parameters if not isinstance(optimizer, torch.optim.Optimizer) else optimizer.param_groups,
