@@ -17,22 +17,10 @@ import torch.nn as nn
 from shardwise.comm.context import CommContext
 from shardwise.config.plan import Plan
 from shardwise.errors import UsageError
-from shardwise.precision.policy import cast_inputs
+from shardwise.precision.policy import prepare_inputs
 from shardwise.strategy import DataParallelStrategy
 
 log = logging.getLogger("shardwise")
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_to_device(x, device) for x in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(x, device) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 class Engine:
@@ -76,9 +64,8 @@ class Engine:
     # -- the training step ----------------------------------------------------------------
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         t0 = time.perf_counter()
-        dtype = self.strategy.dtype
-        inputs = cast_inputs(_to_device(inputs, self.device), dtype)
-        kwargs = cast_inputs(_to_device(kwargs, self.device), dtype)
+        inputs = prepare_inputs(inputs, self.device, self.strategy.dtype)
+        kwargs = prepare_inputs(kwargs, self.device, self.strategy.dtype)
         out = self.module(*inputs, **kwargs)
         if self._time:
             self._timings["forward"] += time.perf_counter() - t0

@@ -23,7 +23,7 @@ from shardwise.config.plan import Plan
 from shardwise.precision.loss_scaler import make_loss_scaler
 from shardwise.precision.policy import compute_dtype
 from shardwise.zero.flat_bucket import FlatBucket
-from shardwise.zero.grad_sync import FullGradSync, ShardGradSync, _all_reduce_async, _reduce_to_shard_async
+from shardwise.zero.grad_sync import FullGradSync, ShardGradSync, all_reduce_async, reduce_to_shard_async
 from shardwise.zero.sharded_optimizer import ShardedStep, StepResult
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -64,7 +64,6 @@ class DataParallelStrategy:
 
     stage: int = -1
     params_sharded: bool = False  # optimizer sees this rank's chunk; parameters all-gathered
-    grads_sharded: bool = False  # only this rank's gradient chunk persists
 
     def __init__(
         self,
@@ -168,7 +167,7 @@ class ReplicatedStrategy(DataParallelStrategy):
     stage = 0
 
     def _make_grad_sync(self, plan: Plan):
-        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=_all_reduce_async)
+        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=all_reduce_async)
 
 
 class OptimizerShardedStrategy(DataParallelStrategy):
@@ -178,7 +177,7 @@ class OptimizerShardedStrategy(DataParallelStrategy):
     params_sharded = True
 
     def _make_grad_sync(self, plan: Plan):
-        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=_reduce_to_shard_async)
+        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=reduce_to_shard_async)
 
 
 class GradientShardedStrategy(DataParallelStrategy):
@@ -186,7 +185,6 @@ class GradientShardedStrategy(DataParallelStrategy):
 
     stage = 2
     params_sharded = True
-    grads_sharded = True
 
     def _make_grad_sync(self, plan: Plan):
         return ShardGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm)

@@ -1,5 +1,5 @@
 from shardwise.precision.loss_scaler import DynamicLossScaler, LossScaler, NoLossScaler, StaticLossScaler, make_loss_scaler
-from shardwise.precision.policy import compute_dtype, cast_inputs
+from shardwise.precision.policy import compute_dtype, map_tensors, prepare_inputs
 
 __all__ = [
     "DynamicLossScaler",
@@ -8,5 +8,6 @@ __all__ = [
     "StaticLossScaler",
     "make_loss_scaler",
     "compute_dtype",
-    "cast_inputs",
+    "map_tensors",
+    "prepare_inputs",
 ]

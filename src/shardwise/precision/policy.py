@@ -1,7 +1,7 @@
 """Compute dtype of the model and casting of floating-point inputs."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -14,16 +14,25 @@ def compute_dtype(plan: PrecisionPlan) -> torch.dtype:
     return _DTYPES[plan.compute]
 
 
-def cast_inputs(obj: Any, dtype: torch.dtype) -> Any:
-    """Cast floating-point tensors (nested in tuples/lists/dicts) to ``dtype``; others untouched."""
-    if dtype == torch.float32:
-        return obj
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to every tensor nested in tuples, namedtuples, lists and dicts."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
+        return fn(obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(cast_inputs(x, dtype) for x in obj))
+        return type(obj)(*(map_tensors(x, fn) for x in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(cast_inputs(x, dtype) for x in obj)
+        return type(obj)(map_tensors(x, fn) for x in obj)
     if isinstance(obj, dict):
-        return {k: cast_inputs(v, dtype) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def prepare_inputs(obj: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move tensors to ``device``; cast floating-point ones to the compute ``dtype``."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point() and dtype != torch.float32:
+            return t.to(device=device, dtype=dtype, non_blocking=True)
+        return t.to(device, non_blocking=True)
+
+    return map_tensors(obj, move)

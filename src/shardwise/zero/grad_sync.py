@@ -35,11 +35,11 @@ from shardwise.zero.flat_bucket import FlatBucket
 ReduceFn = Callable[[torch.Tensor, CommContext], Handle]
 
 
-def _all_reduce_async(t: torch.Tensor, ctx: CommContext) -> Handle:
+def all_reduce_async(t: torch.Tensor, ctx: CommContext) -> Handle:
     return all_reduce(t, ctx, async_op=True)
 
 
-def _reduce_to_shard_async(t: torch.Tensor, ctx: CommContext) -> Handle:
+def reduce_to_shard_async(t: torch.Tensor, ctx: CommContext) -> Handle:
     return reduce_to_shard(t, ctx, async_op=True)
 
 
