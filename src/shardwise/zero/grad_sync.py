@@ -159,17 +159,20 @@ class FullGradSync(_GradSyncBase):
 
 
 class ShardGradSync(_GradSyncBase):
-    """Stage 2: only this rank's fp32 gradient chunk persists; buckets reduce every micro-step."""
+    """Stage 2: only this rank's fp32 gradient chunk persists; buckets reduce every micro-step.
+
+    [Note: transient staging]
+    Full-bucket staging buffers exist only during backward: at most ``POOL_SIZE`` are reused
+    while reductions are in flight (more only if hooks fire far out of bucket order), and all
+    are released when backward ends. Between steps a rank holds just its gradient chunk.
+    """
 
     POOL_SIZE = 2
 
     def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool):
         self.grad_shards = [torch.zeros(b.numel, dtype=torch.float32, device=b.param_flat.device) for b in buckets]
-        self._staging_numel = max(b.layout.padded_numel for b in buckets)
-        device = buckets[0].param_flat.device
-        self._pool: list[torch.Tensor] = [
-            torch.empty(self._staging_numel, dtype=torch.float32, device=device) for _ in range(self.POOL_SIZE)
-        ]
+        self._pool: list[torch.Tensor] = []
+        self._allocated = 0  # staging buffers alive in this backward
         self._staging: dict[int, torch.Tensor] = {}  # bucket index -> staging buffer in use
         self._in_flight: deque[tuple[FlatBucket, torch.Tensor, Handle]] = deque()
         super().__init__(buckets, ctx, overlap=overlap)
@@ -180,14 +183,16 @@ class ShardGradSync(_GradSyncBase):
         """This bucket's staging view; taken from the pool (zeroed) on first use per backward."""
         buf = self._staging.get(bucket.index)
         if buf is None:
-            if not self._pool and self._in_flight:
+            need = bucket.layout.padded_numel
+            if not self._pool and self._in_flight and self._allocated >= self.POOL_SIZE:
                 self._drain_one()
-            if not self._pool:  # every buffer held by a bucket still filling: grow the pool
-                self._pool.append(
-                    torch.empty(self._staging_numel, dtype=torch.float32, device=bucket.param_flat.device)
-                )
-            buf = self._pool.pop()
-            buf[: bucket.layout.padded_numel].zero_()
+            fits = [i for i, b in enumerate(self._pool) if b.numel() >= need]
+            if fits:
+                buf = self._pool.pop(fits[0])
+            else:
+                self._allocated += 1
+                buf = torch.empty(need, dtype=torch.float32, device=bucket.param_flat.device)
+            buf[:need].zero_()
             self._staging[bucket.index] = buf
         return buf[: bucket.layout.padded_numel]
 
@@ -215,6 +220,8 @@ class ShardGradSync(_GradSyncBase):
         self._launch_all()
         while self._in_flight:
             self._drain_one()
+        self._pool.clear()
+        self._allocated = 0
         self._reset()
 
     def wait(self) -> None:
@@ -227,4 +234,4 @@ class ShardGradSync(_GradSyncBase):
             shard.zero_()
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self.grad_shards) + list(self._pool)
+        return list(self.grad_shards)
