@@ -7,9 +7,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from shardwise.comm.context import init_context
+from shardwise.data import ResumableDataLoader, ResumableDistributedSampler
 import shardwise.config as _config
 from shardwise.engine import Engine
 from shardwise.errors import ConfigError, UsageError
@@ -119,8 +119,9 @@ def initialize(
     engine = Engine(model, strategy, plan, ctx, scheduler)
     loader = None
     if training_data is not None:
-        sampler = DistributedSampler(training_data, num_replicas=ctx.world_size, rank=ctx.rank)
-        loader = DataLoader(
+        sampler = ResumableDistributedSampler(training_data, num_replicas=ctx.world_size, rank=ctx.rank)
+        loader = ResumableDataLoader(
             training_data, batch_size=plan.batch.micro_batch_size, sampler=sampler, collate_fn=collate_fn
         )
+        engine.training_dataloader = loader  # its position is saved with checkpoints
     return engine, strategy.optimizer, loader, scheduler

@@ -75,9 +75,16 @@ def _env(argv: list[str]) -> int:
     return 0
 
 
+def _checkpoint(argv: list[str]) -> int:
+    from shardwise.checkpoint.cli import main as checkpoint_main
+
+    return checkpoint_main(argv)
+
+
 COMMANDS: dict[str, Command] = {
     "run": Command("run a training script on every rank (through torchrun)", _run),
     "env": Command("show python, torch, CUDA, the backend that would be used and CPUs", _env),
+    "checkpoint": Command("checkpoint info (verify) / export (Hugging Face safetensors)", _checkpoint),
 }
 
 
@@ -86,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="shardwise",
         description="ZeRO-sharded PyTorch training with a DeepSpeed-compatible config.",
         epilog="commands:\n"
-        + "\n".join(f"  {name:<6} {cmd.summary}" for name, cmd in COMMANDS.items())
+        + "\n".join(f"  {name:<10} {cmd.summary}" for name, cmd in COMMANDS.items())
         + "\n\n`shardwise COMMAND --help` shows a command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -47,6 +47,7 @@ class Engine:
         self._grad_norm: float | None = None
         self._timings: dict[str, float] = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self._time = plan.wall_clock_breakdown
+        self.training_dataloader = None  # set by initialize(training_data=...); checkpointed
 
     # -- batch triangle -------------------------------------------------------------------
     def train_batch_size(self) -> int:
@@ -160,3 +161,22 @@ class Engine:
 
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)
+
+    # -- checkpoints (shardwise.checkpoint) ---------------------------------------------------
+    def save_checkpoint(self, save_dir, tag: str | None = None, client_state: Any = None,
+                        save_latest: bool = True) -> str:
+        """Save everything needed to resume under ``<save_dir>/<tag>`` (default
+        ``global_step{N}``); call on every rank. Atomic; loads at any world size / ZeRO stage.
+        Returns the committed directory."""
+        from shardwise.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, save_dir, tag, client_state, save_latest)
+
+    def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
+                        load_lr_scheduler_states: bool = True, load_module_only: bool = False):
+        """Load ``<load_dir>/<tag>`` (``tag=None``: the one ``latest`` names); call on every rank.
+        Returns ``(path, client_state)``."""
+        from shardwise.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
+                               load_module_only)

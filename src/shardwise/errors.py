@@ -54,3 +54,15 @@ class LossScaleError(ShardwiseError):
 
 class NonFiniteError(ShardwiseError):
     """A loss or gradient norm is NaN/inf (outside fp16 loss scaling, which skips instead)."""
+
+
+class CollectiveTimeoutError(ShardwiseError):
+    """Some ranks did not reach a collective within its timeout (``missing_ranks`` names them)."""
+
+    def __init__(self, message: str, missing_ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.missing_ranks = tuple(missing_ranks)
+
+
+class CheckpointError(ShardwiseError):
+    """A checkpoint could not be saved or loaded; the message names the file, rank and fix."""

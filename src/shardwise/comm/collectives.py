@@ -77,3 +77,56 @@ def all_gather_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = T
     chunk = flat.view(ctx.world_size, -1)[ctx.rank]
     work = _all_gather_single(flat, chunk, group=ctx.group, async_op=async_op)
     return Handle(work) if async_op else DONE
+
+
+# -- control-plane helpers (small Python objects; checkpoint agreement) ------------------
+
+
+def all_gather_object(obj, ctx: CommContext) -> list:
+    """Every rank's ``obj`` (picklable, small), in rank order."""
+    if not ctx.is_distributed:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=ctx.group)
+    return out
+
+
+def broadcast_object(obj, ctx: CommContext, src: int = 0):
+    """``obj`` from rank ``src`` on every rank."""
+    if not ctx.is_distributed:
+        return obj
+    box = [obj if ctx.rank == src else None]
+    dist.broadcast_object_list(box, src=src, group=ctx.group)
+    return box[0]
+
+
+def barrier(ctx: CommContext, timeout_s: float | None = None) -> None:
+    """Wait for every rank. With ``timeout_s`` (gloo), a rank that does not arrive in time is a
+    :class:`~shardwise.errors.CollectiveTimeoutError` naming the missing ranks, not a hang.
+
+    [Note: monitored barrier] ``monitored_barrier`` exists on gloo only; on NCCL the plain
+    barrier is used and the process group's own timeout bounds the wait.
+    """
+    if not ctx.is_distributed:
+        return
+    if timeout_s is None or ctx.backend != "gloo":
+        dist.barrier(group=ctx.group)
+        return
+    import re
+    from datetime import timedelta
+
+    from shardwise.errors import CollectiveTimeoutError
+
+    try:
+        dist.monitored_barrier(group=ctx.group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as exc:
+        text = str(exc)
+        m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+        missing = tuple(int(r) for r in re.findall(r"\d+", m.group(1))) if m else ()
+        if not missing and ctx.rank != 0:
+            missing = (0,)  # rank 0 runs the barrier; a non-zero rank only sees rank 0 gone
+        raise CollectiveTimeoutError(
+            f"rank {ctx.rank}: ranks {list(missing) or '?'} did not reach the barrier within "
+            f"{timeout_s:g} s ({text.strip().splitlines()[0] if text.strip() else 'timeout'})",
+            missing,
+        ) from exc

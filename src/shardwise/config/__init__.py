@@ -4,7 +4,7 @@
 raises one :class:`~shardwise.errors.ConfigError` listing every problem (JSON path, what was
 expected, "did you mean" for unknown keys), and returns a frozen :class:`Plan`.
 """
-from shardwise.config.plan import (BatchPlan, LossScalePlan, OptimizerPlan, Plan, PrecisionPlan,
+from shardwise.config.plan import (BatchPlan, CheckpointPlan, LossScalePlan, OptimizerPlan, Plan, PrecisionPlan,
                                    SchedulerPlan, ZeroPlan)
 from shardwise.config.resolve import load_config, resolve_config
 from shardwise.config.schema import (AUTO_UNRESOLVED, NOT_IMPLEMENTED, UNKNOWN_KEY,
@@ -28,4 +28,5 @@ __all__ = [
     "LossScalePlan",
     "OptimizerPlan",
     "SchedulerPlan",
+    "CheckpointPlan",
 ]

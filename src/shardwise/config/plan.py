@@ -77,6 +77,14 @@ class ZeroPlan:
 
 
 @dataclass(frozen=True)
+class CheckpointPlan:
+    """``checkpoint {keep_last}``: retain the newest ``keep_last`` committed checkpoints
+    (None keeps all); the newest committed one is never deleted."""
+
+    keep_last: int | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the engine needs, resolved for one world size."""
 
@@ -89,3 +97,4 @@ class Plan:
     gradient_clipping: float = 0.0  # 0 disables clipping
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
+    checkpoint: CheckpointPlan = field(default_factory=CheckpointPlan)

@@ -11,8 +11,8 @@ import os
 import re
 from typing import Any, Callable, Optional, Union
 
-from shardwise.config.plan import (BatchPlan, LossScalePlan, OptimizerPlan, Plan, PrecisionPlan,
-                                   SchedulerPlan, ZeroPlan)
+from shardwise.config.plan import (BatchPlan, CheckpointPlan, LossScalePlan, OptimizerPlan, Plan,
+                                   PrecisionPlan, SchedulerPlan, ZeroPlan)
 from shardwise.config.schema import (NOT_IMPLEMENTED, emit_warnings, parse_document,
                                      sorted_problems)
 from shardwise.errors import ConfigError, ConfigProblem, UsageError
@@ -79,7 +79,9 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optiona
                 precision=results["precision"], optimizer=results["optimizer"],
                 scheduler=results["scheduler"], gradient_clipping=float(cfg.gradient_clipping),
                 steps_per_print=cfg.steps_per_print,
-                wall_clock_breakdown=cfg.wall_clock_breakdown)
+                wall_clock_breakdown=cfg.wall_clock_breakdown,
+                checkpoint=CheckpointPlan(keep_last=cfg.checkpoint.keep_last
+                                          if cfg.checkpoint is not None else None))
     return plan, problems
 
 

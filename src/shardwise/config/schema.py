@@ -204,6 +204,14 @@ ZeroSection = create_model("ZeroSection", __base__=_ZeroBase, **{
     k: _catalogue_field(f"zero_{k}", e) for k, e in K.ZERO.items()})
 
 
+class _CheckpointBase(_Model):
+    keep_last: _typed("int", Gt(0), nullable=True) = None  # shardwise: retain the newest N
+
+
+CheckpointSection = create_model("CheckpointSection", __base__=_CheckpointBase, **{
+    k: _catalogue_field(f"checkpoint_{k}", e) for k, e in K.CHECKPOINT.items()})
+
+
 class _TopLevel(_Model):
     train_batch_size: _typed("int", Gt(0), nullable=True) = None
     train_micro_batch_size_per_gpu: _typed("int", Gt(0), nullable=True) = None
@@ -213,6 +221,7 @@ class _TopLevel(_Model):
     fp16: FP16Section = Field(default_factory=FP16Section)
     bf16: BF16Section = Field(default_factory=BF16Section)
     zero_optimization: ZeroSection = Field(default_factory=ZeroSection)  # type: ignore[valid-type]
+    checkpoint: Optional[CheckpointSection] = None  # type: ignore[valid-type]
     gradient_clipping: NonNegFloat = 0.0  # 0 disables clipping
     steps_per_print: PosInt = 10
     wall_clock_breakdown: Bool = False

@@ -279,18 +279,24 @@ TOP_LEVEL: dict[str, tuple] = {
         num_gpus_per_node=("int", 1)), None),
     "weight_quantization": (Section({"quantized_initialization": _OPAQUE,
                                      "post_init_quant": _OPAQUE}, presence=True), None),
-    # checkpointing
-    "checkpoint": (Section({
-        "tag_validation": (("Warn", "Ignore", "Fail", "WARN", "IGNORE", "FAIL", "warn", "ignore",
-                            "fail"), "Warn"),
-        "load_universal": ("bool", False), "use_node_local_storage": ("bool", False),
-        "parallel_write": (Section({"pipeline_stage": ("bool", False)}), None),
-        "checkpoint_serialization": ("bool", True), "writer": _OPAQUE}), None),
+    # checkpointing: "checkpoint" is schema.CheckpointSection (keep_last) + CHECKPOINT below
     "nebula": (_enabled(
         persistent_storage_path=("str?", None), persistent_time_interval=("int", 100),
         num_of_version_in_retention=("int", 2), enable_nebula_load=("bool", True),
         load_path=("str?", None)), None),
     "datastates_ckpt": (Section({}, presence=True, open=True), None),
+}
+
+# --- inside "checkpoint" (implemented keys live in schema.CheckpointSection) ----------
+
+CHECKPOINT: dict[str, tuple] = {
+    "tag_validation": (("Warn", "Ignore", "Fail", "WARN", "IGNORE", "FAIL", "warn", "ignore",
+                        "fail"), "Warn"),
+    "load_universal": ("bool", False, INERT),  # every shardwise checkpoint reshards on load
+    "use_node_local_storage": ("bool", False),
+    "parallel_write": (Section({"pipeline_stage": ("bool", False)}), None),
+    "checkpoint_serialization": ("bool", True, INERT),
+    "writer": _OPAQUE,
 }
 
 # Old top-level spellings that moved into a section; see normalise() below.

@@ -1,0 +1,184 @@
+"""Whole-model views of a checkpoint: ``consolidate`` (a state dict), ``export_hf`` (Hugging Face
+safetensors layout) and ``info`` (what is there, verified).
+
+[Note: streaming consolidation]
+Tensors are assembled one at a time from their pieces (whichever rank files hold them), so
+the memory needed is about the largest tensor, not the model. ``export_hf`` knows every
+shape from the manifest, writes each output file's header first and then each tensor as it
+is assembled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterator, NamedTuple
+
+import torch
+
+from shardwise.checkpoint import manifest as M
+from shardwise.checkpoint.files import atomic_write_text, dtype_from_name, file_crc32, write_safetensors
+from shardwise.checkpoint.reader import PieceReader
+from shardwise.errors import CheckpointError
+
+
+def _open(ckpt_dir, tag: str | None) -> tuple[str, dict]:
+    ckpt_dir = os.fspath(ckpt_dir)
+    if tag is None and os.path.isfile(os.path.join(ckpt_dir, M.MANIFEST)):
+        path = ckpt_dir  # a tag directory itself
+    else:
+        _, path = M.resolve(ckpt_dir, tag)
+    m = M.read_manifest(path)
+    M.check_files(path, m)
+    return path, m
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _out_dtype(entry: dict, dtype: torch.dtype | None) -> torch.dtype:
+    saved = dtype_from_name(entry["saved_dtype"])
+    return dtype if dtype is not None and saved.is_floating_point else saved
+
+
+def iter_consolidated(ckpt_dir, tag: str | None = None, dtype: torch.dtype | None = torch.float32,
+                      *, include_aliases: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every entry of the saved ``model.state_dict()``, one tensor
+    at a time (tied names right after the tensor they share). ``dtype`` casts floating-point
+    tensors (None keeps the saved dtype: fp32 master weights for bf16/fp16 training)."""
+    path, m = _open(ckpt_dir, tag)
+    yield from _iter(path, m, dtype, include_aliases)
+
+
+def _iter(path: str, m: dict, dtype, include_aliases: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    by_canonical: dict[str, list[str]] = {}
+    for alias, canonical in m["aliases"].items():
+        by_canonical.setdefault(canonical, []).append(alias)
+    with PieceReader(path, m) as reader:
+        for name, entry in m["tensors"].items():
+            numel = 1
+            for d in entry["shape"]:
+                numel *= d
+            t = _cast(reader.read(name, "param", 0, numel), dtype).reshape(entry["shape"])
+            yield name, t
+            if include_aliases:
+                for alias in by_canonical.get(name, ()):
+                    yield alias, t
+
+
+def consolidate(ckpt_dir, tag: str | None = None, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    """The full model state dict (names as in ``model.state_dict()``; tied names share a tensor),
+    assembled from a checkpoint saved at any world size and ZeRO stage. ``ckpt_dir`` is the
+    save directory (``tag=None`` follows ``latest``) or one checkpoint's directory."""
+    path, m = _open(ckpt_dir, tag)
+    out = dict(_iter(path, m, dtype, True))
+    order = m.get("state_dict_keys", list(out))
+    return {k: out[k] for k in order if k in out}
+
+
+class _Lazy(NamedTuple):
+    """A tensor the writer asks for only when it reaches it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    load: object
+
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def parse_size(text) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``"10KiB"`` / an int -> bytes (GB = 10**9, GiB = 2**30)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise CheckpointError(f"cannot read size {text!r}: write e.g. 5GB, 500MB or a number of bytes")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base ** power)
+
+
+def export_hf(ckpt_dir, out_dir, tag: str | None = None, dtype: torch.dtype | None = torch.float32,
+              max_shard_size="5GB") -> list[str]:
+    """Write the model in Hugging Face layout: ``model.safetensors``, or
+    ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``. Tied
+    names are written once (as Hugging Face does). Returns the files written."""
+    path, m = _open(ckpt_dir, tag)
+    limit = parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, entry in m["tensors"].items():
+        n = _Lazy(_out_dtype(entry, dtype), tuple(entry["shape"]), None)
+        size = n.numel() * n.element_size()
+        if shards[-1] and used + size > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    os.makedirs(out_dir, exist_ok=True)
+    count = len(shards)
+    names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    weight_map, total = {}, 0
+    with PieceReader(path, m) as reader:
+        for file, shard in zip(names, shards):
+            lazy = {}
+            for name in shard:
+                entry = m["tensors"][name]
+                numel = _Lazy(torch.float32, tuple(entry["shape"]), None).numel()
+
+                def load(name=name, numel=numel, entry=entry):
+                    return _cast(reader.read(name, "param", 0, numel), dtype).reshape(entry["shape"])
+
+                lazy[name] = _Lazy(_out_dtype(entry, dtype), tuple(entry["shape"]), load)
+                weight_map[name] = file
+            info = write_safetensors(os.path.join(out_dir, file), lazy, 0, {"format": "pt"})
+            total += info["size"] - info["header_bytes"]
+    if count > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write_text(os.path.join(out_dir, "model.safetensors.index.json"), json.dumps(index, indent=2))
+        names.append("model.safetensors.index.json")
+    return [os.path.join(out_dir, n) for n in names]
+
+
+def info(save_dir, verify: bool = True) -> dict:
+    """What ``save_dir`` holds: ``{"latest", "tags": [{tag, ok, problem, step, world_size,
+    zero_stage, dtype, bytes, files}], "stale": [leftover temporary dirs]}``; with ``verify``
+    every shard file's size and crc32 are checked."""
+    save_dir = os.fspath(save_dir)
+    if not os.path.isdir(save_dir):
+        raise CheckpointError(f"{save_dir} does not exist")
+    try:
+        latest = M.read_latest(save_dir)
+    except CheckpointError as exc:
+        latest = None
+        latest_problem = str(exc)
+    else:
+        latest_problem = None
+    rows = []
+    for tag in M.committed_tags(save_dir):
+        path = os.path.join(save_dir, tag)
+        row = {"tag": tag, "ok": True, "problem": None}
+        try:
+            m = M.read_manifest(path)
+            row |= {"step": m["counters"]["global_steps"], "world_size": m["world_size"],
+                    "zero_stage": m["zero_stage"], "dtype": m["compute_dtype"],
+                    "bytes": sum(f["size"] for f in m["files"].values()), "files": len(m["files"])}
+            M.check_files(path, m)
+            if verify:
+                for file, spec in m["files"].items():
+                    if file_crc32(os.path.join(path, file)) != spec["crc32"]:
+                        raise CheckpointError(f"checksum mismatch in shard file {os.path.join(path, file)} "
+                                              f"(written by rank {spec['rank']}): the file is corrupt")
+        except CheckpointError as exc:
+            row |= {"ok": False, "problem": str(exc)}
+        rows.append(row)
+    stale = sorted(n for n in os.listdir(save_dir) if n.startswith((M.TMP_PREFIX, M.TRASH_PREFIX)))
+    return {"latest": latest, "latest_problem": latest_problem, "tags": rows, "stale": stale}

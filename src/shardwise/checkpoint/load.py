@@ -1,0 +1,208 @@
+"""``load_checkpoint``: read, verify and re-partition a checkpoint for this engine's layout.
+
+[Note: load in two phases]
+Phase 1 (every rank, nothing touched): resolve the tag (rank 0 reads ``latest``, every rank
+gets its answer), check the manifest (format version, own checksum), every shard file's size,
+that the saved tensors match the model (names, shapes) and, for the parts this rank needs,
+each piece's crc32; the new state is assembled in fresh buffers. The outcome of every rank is
+all-gathered: if any rank failed, *every* rank raises the same :class:`CheckpointError` and
+no rank has changed anything. Phase 2 copies the buffers into the live parameters, master
+weights and optimizer state and restores counters, loss scaler, LR scheduler, RNG and the
+data loader's position.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from shardwise.checkpoint import manifest as M
+from shardwise.checkpoint import rng
+from shardwise.checkpoint.layout import Region, other_tensors, regions, scalar_value, state_names
+from shardwise.checkpoint.reader import PieceReader
+from shardwise.checkpoint.agree import outcome, raise_failed
+from shardwise.comm.collectives import all_gather_object, broadcast_object
+from shardwise.errors import CheckpointError
+
+log = logging.getLogger("shardwise")
+
+
+@dataclass
+class _Staged:
+    manifest: dict
+    flats: dict[int, torch.Tensor] = field(default_factory=dict)
+    masters: dict[int, torch.Tensor] = field(default_factory=dict)
+    states: dict[int, dict[str, Any]] = field(default_factory=dict)
+    others: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _layout(m: dict) -> str:
+    return f"saved at world size {m['world_size']}, ZeRO stage {m['zero_stage']}, {m['compute_dtype']}"
+
+
+def _check_compatible(engine, m: dict, regs: list[Region], others: dict, with_optimizer: bool) -> None:
+    saved = m["tensors"]
+    here = {r.name: list(r.shape) for r in regs} | {n: list(t.shape) for n, t in others.items()}
+    missing = sorted(set(here) - set(saved))
+    unexpected = sorted(set(saved) - set(here))
+    shapes = [f"{n}: saved {saved[n]['shape']}, model {here[n]}" for n in sorted(set(here) & set(saved))
+              if saved[n]["shape"] != here[n]]
+    current = (f"loading at world size {engine.ctx.world_size}, ZeRO stage {engine.strategy.stage}")
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"not in the model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if shapes:
+            parts.append("shape differs: " + "; ".join(shapes[:8]))
+        raise CheckpointError(f"the checkpoint does not match the model ({_layout(m)}; {current}): "
+                              + " | ".join(parts))
+    trainable = {r.name for r in regs}
+    frozen_diff = sorted(n for n in here if saved[n]["trainable"] != (n in trainable) and n in saved)
+    if with_optimizer:
+        if m["optimizer"] != type(engine.optimizer).__name__:
+            raise CheckpointError(
+                f"the checkpoint's optimizer state is for {m['optimizer']}, the engine uses "
+                f"{type(engine.optimizer).__name__}; pass load_optimizer_states=False to load the "
+                "weights only")
+        if len(m["param_groups"]) != len(engine.optimizer.param_groups):
+            raise CheckpointError(f"the checkpoint has {len(m['param_groups'])} optimizer param groups, "
+                                  f"the engine has {len(engine.optimizer.param_groups)}; pass "
+                                  "load_optimizer_states=False to load the weights only")
+        moved = [r.name for r in regs if saved[r.name]["group"] not in (None, r.group)]
+        if frozen_diff or moved:
+            raise CheckpointError(f"parameters changed trainable/param-group membership since the save "
+                                  f"({(frozen_diff + moved)[:8]}); pass load_optimizer_states=False")
+
+
+def _stage(engine, path: str, with_optimizer: bool) -> _Staged:
+    m = M.read_manifest(path)
+    M.check_files(path, m)
+    strategy = engine.strategy
+    regs = regions(engine.module, strategy.buckets)
+    others = other_tensors(engine.module, {r.name for r in regs})
+    _check_compatible(engine, m, regs, others, with_optimizer)
+    staged = _Staged(m)
+    saved = m["tensors"]
+    by_bucket: dict[int, list[Region]] = {}
+    for r in regs:
+        by_bucket.setdefault(r.bucket.index, []).append(r)
+    with PieceReader(path, m) as reader:
+        for bucket in strategy.buckets:
+            flat = torch.zeros_like(bucket.param_flat)
+            master = torch.zeros_like(bucket.opt_param.detach()) if bucket.mixed else None
+            bregs = by_bucket.get(bucket.index, [])
+            keys = {tuple(saved[r.name]["optimizer_state"]) for r in bregs}
+            scalars = {str(sorted(saved[r.name]["optimizer_scalars"].items())) for r in bregs}
+            if with_optimizer and (len(keys) > 1 or len(scalars) > 1):
+                raise CheckpointError(f"parameters {[r.name for r in bregs][:4]} ... have different optimizer "
+                                      "state kinds or step counts in the checkpoint; they cannot share a "
+                                      "bucket: pass load_optimizer_states=False")
+            state_keys = list(keys.pop()) if keys else []
+            new_state = {k: None for k in state_keys}
+            for r in bregs:
+                full = reader.read(r.name, "param", 0, r.numel)
+                flat[r.offset:r.offset + r.numel] = full.to(flat.dtype)
+                a, b = r.clip(bucket.lo, bucket.hi)
+                if a == b:
+                    continue
+                if master is not None:
+                    r.opt_slice(master, a, b).copy_(full[a:b])
+                if not with_optimizer:
+                    continue
+                for k in state_keys:
+                    piece = reader.read(r.name, k, a, b)
+                    if new_state[k] is None:
+                        new_state[k] = torch.zeros(bucket.opt_param.numel(), dtype=piece.dtype)
+                    r.opt_slice(new_state[k], a, b).copy_(piece)
+            staged.flats[bucket.index] = flat
+            if master is not None:
+                staged.masters[bucket.index] = master
+            if with_optimizer:
+                device = bucket.opt_param.device
+                state = {k: scalar_value(v, device) for k, v in saved[bregs[0].name]["optimizer_scalars"].items()} \
+                    if bregs else {}
+                for k, t in new_state.items():
+                    state[k] = (t if t is not None else torch.zeros(bucket.opt_param.numel())).to(device)
+                staged.states[bucket.index] = state
+        for name, t in others.items():
+            staged.others[name] = reader.read(name, "param", 0, t.numel()).reshape(t.shape)
+    return staged
+
+
+def _restore_groups(optimizer, saved_groups: list[dict]) -> None:
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        for k, v in saved.items():
+            if k not in group or k == "params":
+                continue
+            cur = group[k]
+            if isinstance(cur, torch.Tensor):
+                cur.fill_(v)
+            elif isinstance(cur, tuple) and isinstance(v, list):
+                group[k] = tuple(v)
+            else:
+                group[k] = v
+
+
+@torch.no_grad()
+def _apply(engine, staged: _Staged, with_optimizer: bool, module_only: bool, with_scheduler: bool) -> None:
+    m = staged.manifest
+    strategy = engine.strategy
+    for bucket in strategy.buckets:
+        bucket.param_flat.copy_(staged.flats[bucket.index])
+        if bucket.index in staged.masters:
+            bucket.opt_param.detach().copy_(staged.masters[bucket.index])
+        if with_optimizer:
+            engine.optimizer.state.pop(bucket.opt_param, None)
+            if staged.states[bucket.index]:
+                engine.optimizer.state[bucket.opt_param] = staged.states[bucket.index]
+    canonical, _ = state_names(engine.module)
+    for name, t in staged.others.items():
+        canonical[name].detach().copy_(t)
+    strategy.zero_grad()
+    if with_optimizer:
+        _restore_groups(engine.optimizer, m["param_groups"])
+    if module_only:
+        return
+    c = m["counters"]
+    engine.global_steps, engine.global_samples = c["global_steps"], c["global_samples"]
+    engine.skipped_steps, engine.micro_steps = c["skipped_steps"], c["micro_steps"]
+    if m["loss_scaler"]:
+        strategy.scaler.load_state_dict(m["loss_scaler"])
+    if with_scheduler and engine.lr_scheduler is not None and m["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(m["lr_scheduler"])
+    rank = engine.ctx.rank
+    if rank < len(m["ranks"]):
+        rng.restore(m["ranks"][rank]["rng"])
+    loader = getattr(engine, "training_dataloader", None)
+    saved_loader = m["ranks"][min(rank, len(m["ranks"]) - 1)].get("data_loader")
+    if loader is not None and saved_loader and hasattr(loader, "load_state_dict"):
+        loader.load_state_dict(saved_loader)
+
+
+def load_checkpoint(engine, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
+                    load_lr_scheduler_states: bool = True, load_module_only: bool = False):
+    """Load ``<load_dir>/<tag>`` (``latest`` when tag is None) into the engine; call on every
+    rank. Returns ``(path, client_state)``. See [Note: load in two phases]."""
+    ctx = engine.ctx
+    load_dir = str(load_dir)
+    resolved = outcome(lambda: M.resolve(load_dir, tag)) if ctx.rank == 0 else None
+    resolved = broadcast_object(resolved, ctx)
+    if not resolved[0]:
+        raise CheckpointError(resolved[1])
+    tag, path = resolved[1]
+    with_optimizer = load_optimizer_states and not load_module_only
+    mine = outcome(lambda: _stage(engine, path, with_optimizer))
+    agreed = all_gather_object((mine[0], None if mine[0] else mine[1]), ctx)
+    if not all(ok for ok, _ in agreed):
+        raise_failed(agreed, f"loading checkpoint {path}", "no rank's state was changed")
+    staged: _Staged = mine[1]
+    _apply(engine, staged, with_optimizer, load_module_only, load_lr_scheduler_states)
+    m = staged.manifest
+    if m["world_size"] != ctx.world_size or m["zero_stage"] != engine.strategy.stage:
+        log.info("checkpoint %s (%s) re-partitioned for world size %d, ZeRO stage %d", path, _layout(m),
+                 ctx.world_size, engine.strategy.stage)
+    return path, m["client_state"]

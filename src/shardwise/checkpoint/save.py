@@ -1,0 +1,246 @@
+"""``save_checkpoint``: every rank writes its shard, all agree, rank 0 commits.
+
+[Note: checkpoint commit protocol]
+1. *Join*: a monitored barrier with a bounded wait. A rank that never calls
+   ``save_checkpoint`` is named in a :class:`CheckpointError` instead of a hang.
+2. *Agree on the tag* (all-gather): different tags, or an unusable one, fail on every rank.
+3. *Prepare* (rank 0, result broadcast): create ``save_dir``, remove stale ``.tmp-*`` /
+   ``.trash-*`` leftovers of interrupted saves, create ``<save_dir>/.tmp-<tag>``, check the
+   JSON state (client state, LR scheduler) can be written.
+4. *Write* (every rank): its ``rank{r}.safetensors`` into the temporary directory, fsync
+   file and directory. Errors (disk full, ...) are caught, not raised yet.
+5. *Agree* (all-gather of each rank's outcome): if any rank failed, rank 0 removes the
+   temporary directory and every rank raises the same error naming the failed ranks, paths
+   and bytes. Nothing was committed; retention did not run.
+6. *Commit* (rank 0, result broadcast): write ``manifest.json`` last and fsync it; fsync the
+   directory; rename it to ``<save_dir>/<tag>`` (an existing tag is moved aside first);
+   fsync ``save_dir``; replace ``latest`` atomically; apply ``checkpoint.keep_last``
+   (oldest first, never the new checkpoint). A crash anywhere before the rename leaves only
+   a ``.tmp-`` directory (ignored, cleaned at the next save); between the rename and the
+   ``latest`` update, ``latest`` still names the previous checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from shardwise.checkpoint import manifest as M
+from shardwise.checkpoint import rng
+from shardwise.checkpoint.agree import outcome, raise_failed
+from shardwise.checkpoint.files import atomic_write_text, dtype_name, fsync_dir, remove_tree, write_safetensors
+from shardwise.checkpoint.layout import other_tensors, regions, split_state, state_names
+from shardwise.comm.collectives import all_gather_object, barrier, broadcast_object
+from shardwise.errors import CheckpointError, CollectiveTimeoutError
+
+log = logging.getLogger("shardwise")
+
+JOIN_TIMEOUT_S = 300.0  # how long save_checkpoint waits for every rank to call it
+_UNCHANGED = "nothing was committed: `latest` and the previous checkpoints are unchanged"
+
+
+def _json_ready(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, allow_nan=True))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{what} cannot be saved as JSON ({exc}); checkpoints keep non-tensor "
+                              "state as JSON: use numbers, strings, lists and dicts") from None
+
+
+def _group_options(optimizer) -> list[dict]:
+    groups = []
+    for g in optimizer.param_groups:
+        opts = {}
+        for k, v in g.items():
+            if k == "params":
+                continue
+            if hasattr(v, "item") and getattr(v, "numel", lambda: 0)() == 1:
+                v = v.item()
+            try:
+                opts[k] = json.loads(json.dumps(v))
+            except (TypeError, ValueError):
+                continue  # not JSON (a callable, a device): re-created by the optimizer itself
+        groups.append(opts)
+    return groups
+
+
+def _write_rank_file(engine, tmp: str) -> dict:
+    """Step 4 on one rank: its pieces of every parameter and optimizer state, plus whole
+    frozen parameters / buffers on rank 0. Returns what the manifest needs from this rank."""
+    ctx, strategy = engine.ctx, engine.strategy
+    rank, world = ctx.rank, ctx.world_size
+    regs = regions(engine.module, strategy.buckets)
+    tensors, pieces, scalars, state_keys = {}, [], {}, {}
+    split = {b.index: split_state(engine.optimizer, b) for b in strategy.buckets}
+    for reg in regs:
+        elementwise, sc = split[reg.bucket.index]
+        if sc:
+            scalars[reg.name] = sc
+        state_keys[reg.name] = sorted(elementwise)
+        lo, hi = reg.bucket.layout.chunk_range(rank, world)
+        a, b = reg.clip(lo, hi)
+        if a == b:
+            continue
+        keys = {"param": M.param_key(reg.name)}
+        tensors[keys["param"]] = reg.opt_slice(reg.bucket.opt_param.detach(), a, b)
+        for k, t in elementwise.items():
+            keys[k] = M.state_key(k, reg.name)
+            tensors[keys[k]] = reg.opt_slice(t, a, b)
+        pieces.append({"name": reg.name, "start": a, "stop": b, "keys": keys})
+    extra = {}
+    if rank == 0:
+        for name, t in other_tensors(engine.module, {r.name for r in regs}).items():
+            tensors[M.param_key(name)] = t.detach().reshape(-1)
+            extra[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+            pieces.append({"name": name, "start": 0, "stop": t.numel(), "keys": {"param": M.param_key(name)}})
+    file = M.shard_file(rank)
+    info = write_safetensors(os.path.join(tmp, file), tensors, rank, {"format": M.FORMAT, "rank": str(rank)})
+    fsync_dir(tmp)
+    crcs = info.pop("tensors")
+    for piece in pieces:
+        piece["file"] = file
+        piece["rank"] = rank
+        piece["crc32"] = {k: crcs[key] for k, key in piece["keys"].items()}
+    loader = getattr(engine, "training_dataloader", None)
+    return {
+        "file": {file: {**info, "rank": rank}},
+        "pieces": pieces,
+        "scalars": scalars,
+        "state_keys": state_keys,
+        "extra": extra,
+        "rank_state": {"rng": rng.capture(),
+                       "data_loader": loader.state_dict() if hasattr(loader, "state_dict") else None},
+    }
+
+
+def _prepare(save_dir: str, tag: str, tmp: str, engine, client_state: Any) -> dict:
+    """Step 3 on rank 0."""
+    os.makedirs(save_dir, exist_ok=True)
+    for name in os.listdir(save_dir):
+        if name.startswith((M.TMP_PREFIX, M.TRASH_PREFIX)):
+            log.info("checkpoint: removing %s left by an interrupted save", os.path.join(save_dir, name))
+            remove_tree(os.path.join(save_dir, name))
+    os.makedirs(tmp)
+    sched = engine.lr_scheduler
+    return {
+        "client_state": _json_ready(client_state if client_state is not None else {}, "client_state"),
+        "lr_scheduler": _json_ready(sched.state_dict(), "the LR scheduler's state_dict") if sched is not None else None,
+    }
+
+
+def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict]) -> dict:
+    strategy = engine.strategy
+    regs = regions(engine.module, strategy.buckets)
+    _, aliases = state_names(engine.module)
+    tensors: dict[str, dict] = {}
+    for reg in regs:
+        p = reg.bucket.params[reg.slot_index]
+        tensors[reg.name] = {
+            "shape": list(reg.shape), "dtype": dtype_name(p.dtype),
+            "saved_dtype": dtype_name(reg.bucket.opt_param.dtype), "trainable": True,
+            "group": reg.group, "optimizer_state": ranks[0]["state_keys"].get(reg.name, []),
+            "optimizer_scalars": ranks[0]["scalars"].get(reg.name, {}), "pieces": [],
+        }
+    for name, spec in ranks[0]["extra"].items():
+        tensors[name] = {"shape": spec["shape"], "dtype": spec["dtype"], "saved_dtype": spec["dtype"],
+                         "trainable": False, "group": None, "optimizer_state": [],
+                         "optimizer_scalars": {}, "pieces": []}
+    order, _ = state_names(engine.module)
+    tensors = {name: tensors[name] for name in order if name in tensors}  # model.state_dict() order
+    files: dict[str, dict] = {}
+    for r in ranks:
+        files.update(r["file"])
+        for piece in r["pieces"]:
+            tensors[piece.pop("name")]["pieces"].append(piece)
+    return {
+        "tag": tag,
+        "created_ns": time.time_ns(),
+        "world_size": engine.ctx.world_size,
+        "zero_stage": strategy.stage,
+        "compute_dtype": dtype_name(strategy.dtype),
+        "optimizer": type(engine.optimizer).__name__,
+        "param_groups": _group_options(engine.optimizer),
+        "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                     "skipped_steps": engine.skipped_steps, "micro_steps": engine.micro_steps},
+        "loss_scaler": strategy.scaler.state_dict(),
+        "lr_scheduler": prepared["lr_scheduler"],
+        "client_state": prepared["client_state"],
+        "ranks": [r["rank_state"] for r in ranks],
+        "aliases": aliases,
+        "state_dict_keys": list(engine.module.state_dict().keys()),
+        "files": files,
+        "tensors": tensors,
+    }
+
+
+def _commit(save_dir: str, tag: str, tmp: str, body: dict, save_latest: bool, keep_last: int | None) -> str:
+    """Step 6 on rank 0."""
+    with open(os.path.join(tmp, M.MANIFEST), "w", encoding="utf-8") as f:
+        f.write(M.encode(body))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    final = os.path.join(save_dir, tag)
+    if os.path.exists(final):  # re-saving a tag: the old one leaves the committed namespace first
+        remove_tree(final)
+    os.rename(tmp, final)
+    fsync_dir(save_dir)
+    if save_latest:
+        atomic_write_text(os.path.join(save_dir, M.LATEST), tag)
+    if keep_last is not None:
+        tags = M.committed_tags(save_dir)
+        latest = tag if save_latest else None
+        doomed = [t for t in tags[:-keep_last] if t not in (tag, latest)] if len(tags) > keep_last else []
+        for old in doomed:
+            log.info("checkpoint: keep_last=%d removes %s", keep_last, old)
+            remove_tree(os.path.join(save_dir, old))
+    return final
+
+
+def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: Any = None,
+                    save_latest: bool = True, *, timeout_s: float | None = None) -> str:
+    """Save the engine's full training state under ``<save_dir>/<tag>``; call on every rank.
+    Returns the committed directory. See [Note: checkpoint commit protocol]."""
+    ctx = engine.ctx
+    save_dir = os.path.abspath(os.fspath(save_dir))
+    tag = f"global_step{engine.global_steps}" if tag is None else tag
+    timeout = JOIN_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        barrier(ctx, timeout_s=timeout)
+    except CollectiveTimeoutError as exc:
+        raise CheckpointError(
+            f"save_checkpoint must be called on every rank: rank(s) {list(exc.missing_ranks)} did not "
+            f"call it within {timeout:g} s (rank {ctx.rank} is waiting to save {tag!r} to {save_dir}). "
+            "Call engine.save_checkpoint on all ranks, not only on rank 0.") from exc
+    tags = all_gather_object((tag, save_dir), ctx)
+    if len(set(tags)) != 1:
+        raise CheckpointError("save_checkpoint was called with different arguments on different ranks: "
+                              + ", ".join(f"rank {r}: tag={t!r} dir={d}" for r, (t, d) in enumerate(tags))
+                              + "; every rank must pass the same save_dir and tag")
+    problem = M.check_tag(tag)
+    if problem:
+        raise CheckpointError(problem)
+    tmp = os.path.join(save_dir, M.TMP_PREFIX + tag)
+    prepared = outcome(lambda: _prepare(save_dir, tag, tmp, engine, client_state)) if ctx.rank == 0 else None
+    prepared = broadcast_object(prepared, ctx)
+    raise_failed([prepared], f"preparing checkpoint {tag!r} in {save_dir}", _UNCHANGED)
+    t0 = time.perf_counter()
+    written = all_gather_object(outcome(lambda: _write_rank_file(engine, tmp)), ctx)
+    if not all(ok for ok, _ in written):
+        if ctx.rank == 0:
+            remove_tree(tmp)
+        raise_failed(written, f"writing checkpoint {tag!r} to {save_dir}", _UNCHANGED)
+    keep_last = engine.plan.checkpoint.keep_last
+    committed = None
+    if ctx.rank == 0:
+        committed = outcome(lambda: _commit(save_dir, tag, tmp, _manifest_body(
+            engine, tag, prepared[1], [r for _, r in written]), save_latest, keep_last))
+        if not committed[0]:
+            remove_tree(tmp)
+    committed = broadcast_object(committed, ctx)
+    if not committed[0]:
+        raise CheckpointError(f"committing checkpoint {tag!r} in {save_dir} failed on rank 0: {committed[1]}")
+    log.debug("checkpoint %s saved in %.2f s", committed[1], time.perf_counter() - t0)
+    return committed[1]

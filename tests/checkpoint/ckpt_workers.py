@@ -1,0 +1,223 @@
+"""Rank functions for the checkpoint tests (importable in spawned ranks)."""
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import shardwise
+from model import GPT, GPTConfig
+from shardwise.checkpoint import files as ckfiles
+from shardwise.checkpoint.layout import regions, split_state
+from shardwise.errors import CheckpointError
+
+SEQ = 16
+
+
+def config(stage: int, world: int, *, micro: int = 2, gas: int = 1, scheduler: bool = False,
+           keep_last: int | None = None, bf16: bool = False, optimizer: str = "AdamW") -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "optimizer": {"type": optimizer, "params": {"lr": 1e-3, "weight_decay": 0.01}},
+        "zero_optimization": {"stage": stage, "reduce_bucket_size": 6000},
+        "steps_per_print": 1000,
+    }
+    if optimizer == "SGD":
+        cfg["optimizer"]["params"] = {"lr": 1e-2, "momentum": 0.9}
+    if scheduler:
+        cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3,
+                                                           "warmup_num_steps": 15}}
+    if keep_last:
+        cfg["checkpoint"] = {"keep_last": keep_last}
+    if bf16:
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def make_model(seed: int = 0, dropout: float = 0.0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.preset("tiny", dropout=dropout))
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 48, seed: int = 7):
+        g = torch.Generator().manual_seed(seed)
+        self.data = torch.randint(0, 64, (n, SEQ + 1), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def global_batches(n: int, size: int, seed: int = 99) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (size, SEQ + 1), generator=g) for _ in range(n)]
+
+
+def optimizer_state(engine) -> list[dict]:
+    return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in engine.optimizer.state[b.opt_param].items()}
+            for b in engine.strategy.buckets]
+
+
+def per_param_state(engine) -> dict:
+    """{name: {"param": full tensor, state key: [(start, tensor piece)]}} for this rank."""
+    out = {}
+    for reg in regions(engine.module, engine.strategy.buckets):
+        elementwise, _ = split_state(engine.optimizer, reg.bucket)
+        a, b = reg.clip(reg.bucket.lo, reg.bucket.hi)
+        entry = {"param": reg.bucket.params[reg.slot_index].detach().float().reshape(-1).clone()}
+        for k, t in {"master": reg.bucket.opt_param.detach(), **elementwise}.items():
+            entry[k] = [(a, reg.opt_slice(t, a, b).clone())] if a < b else []
+        out[reg.name] = entry
+    return out
+
+
+# -- (1) bit-for-bit resume through the engine's own data loader ----------------------------
+
+
+def _train(engine, loader, until: int, save_at: int | None = None, ckpt: str | None = None) -> list[float]:
+    losses = []
+    epoch = loader.sampler.epoch
+    while engine.global_steps < until:
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            loss = engine(batch[:, :-1], batch[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            if engine.micro_steps % engine.gradient_accumulation_steps() == 0:
+                if engine.global_steps == save_at:
+                    engine.save_checkpoint(ckpt, client_state={"epoch": epoch, "note": "mid-epoch"})
+                if engine.global_steps >= until:
+                    break
+        else:
+            epoch += 1
+    return losses
+
+
+def resume_run(ckpt: str, phase: str) -> dict:
+    world = dist.get_world_size()
+    model = make_model(dropout=0.1)
+    engine, _, loader, _ = shardwise.initialize(
+        model=model, config=config(2, world, gas=2, scheduler=True), training_data=Tokens())
+    client = None
+    if phase == "straight":
+        torch.manual_seed(1000 + dist.get_rank())  # dropout masks differ per rank
+        losses = _train(engine, loader, 20, save_at=10, ckpt=ckpt)
+        losses = losses[len(losses) // 2:]
+    else:
+        torch.manual_seed(5)  # overwritten by the checkpoint's RNG state
+        _, client = engine.load_checkpoint(ckpt)
+        losses = _train(engine, loader, 20)
+    return {"losses": losses, "params": {k: v.clone() for k, v in model.state_dict().items()},
+            "optim": optimizer_state(engine), "lr": engine.get_lr(), "client": client,
+            "counters": (engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps)}
+
+
+# -- (2) reshard ------------------------------------------------------------------------------
+
+
+def _step(engine, x: torch.Tensor) -> None:
+    rank, world = engine.ctx.rank, engine.ctx.world_size
+    per = x.shape[0] // world
+    xb = x[rank * per:(rank + 1) * per]
+    engine.backward(engine(xb[:, :-1], xb[:, 1:]))
+    engine.step()
+
+
+def reshard_save(ckpt: str, stage: int, steps: int, bf16: bool = False, optimizer: str = "AdamW") -> dict:
+    world = dist.get_world_size()
+    model = make_model()
+    engine, *_ = shardwise.initialize(model=model, config=config(stage, world, micro=6 // world, bf16=bf16,
+                                                                 optimizer=optimizer))
+    data = global_batches(steps + 1, 6)
+    for x in data[:steps]:
+        _step(engine, x)
+    engine.save_checkpoint(ckpt)
+    saved = per_param_state(engine)
+    _step(engine, data[steps])
+    return {"saved": saved, "next": {k: v.float().clone() for k, v in model.state_dict().items()}}
+
+
+def reshard_load(ckpt: str, stage: int, steps: int, bf16: bool = False, optimizer: str = "AdamW") -> dict:
+    world = dist.get_world_size()
+    model = make_model(seed=123)  # different weights: the load must overwrite them all
+    engine, *_ = shardwise.initialize(model=model, config=config(stage, world, micro=6 // world, bf16=bf16,
+                                                                 optimizer=optimizer))
+    engine.load_checkpoint(ckpt)
+    loaded = per_param_state(engine)
+    _step(engine, global_batches(steps + 1, 6)[steps])
+    return {"saved": loaded, "next": {k: v.float().clone() for k, v in model.state_dict().items()},
+            "global_steps": engine.global_steps}
+
+
+# -- (3) faults ---------------------------------------------------------------------------------
+
+
+def disk_full(ckpt: str) -> dict:
+    """A stale .tmp dir from an earlier crash, then a good save, then ENOSPC on rank 1."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model()
+    engine, *_ = shardwise.initialize(model=model, config=config(1, world, keep_last=1))
+    data = global_batches(2, 2 * world)
+    _step(engine, data[0])
+    if rank == 0:
+        stale = os.path.join(ckpt, ".tmp-global_step1")
+        os.makedirs(stale)
+        with open(os.path.join(stale, "rank00000.safetensors"), "wb") as f:
+            f.write(b"partial")
+    dist.barrier()
+    first = engine.save_checkpoint(ckpt)
+    _step(engine, data[1])
+    if rank == 1:
+        def full_disk(f, data, path, written, total, r):
+            raise ckfiles._write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path, written, total, r)
+
+        ckfiles.write_bytes = full_disk
+    try:
+        engine.save_checkpoint(ckpt)
+        second = "no error"
+    except CheckpointError as exc:
+        second = str(exc)
+    return {"first": first, "error": second, "listing": sorted(os.listdir(ckpt))}
+
+
+def save_on_rank0_only(ckpt: str) -> str:
+    from shardwise.checkpoint import save_checkpoint
+
+    model = make_model()
+    engine, *_ = shardwise.initialize(model=model, config=config(0, dist.get_world_size()))
+    if dist.get_rank() == 0:
+        try:
+            save_checkpoint(engine, ckpt, timeout_s=2.0)
+        except CheckpointError as exc:
+            return str(exc)
+        return "no error"
+    time.sleep(4.0)
+    return "skipped"
+
+
+def killed_during_write(ckpt: str) -> None:
+    """Rank 1 is SIGKILLed half-way through writing its second checkpoint."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = make_model()
+    engine, *_ = shardwise.initialize(model=model, config=config(2, world))
+    _step(engine, global_batches(1, 2 * world)[0])
+    engine.save_checkpoint(ckpt)
+    if rank == 1:
+        real = ckfiles.write_bytes
+
+        def die(f, data, path, written, total, r):
+            if written > 0:
+                f.flush()
+                os.kill(os.getpid(), 9)
+            real(f, data, path, written, total, r)
+
+        ckfiles.write_bytes = die
+    engine.save_checkpoint(ckpt, tag="second")
