@@ -8,7 +8,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from shardwise.comm.context import init_context
+from shardwise.comm.collectives import broadcast_object
+from shardwise.comm.context import expected_world_size, init_context, resolve_timeout
+from shardwise.consistency import check_same_everywhere
 from shardwise.data import ResumableDataLoader, ResumableDistributedSampler
 import shardwise.config as _config
 from shardwise.engine import Engine
@@ -102,9 +104,13 @@ def initialize(
         config = config_params if config_params is not None else getattr(args, "deepspeed_config", None)
     if config is None:
         raise ConfigError("no config given: pass config= (a path to a DeepSpeed-style JSON file or a dict)")
-    ctx = init_context()
-    _default_logging(ctx.rank)
-    plan = _config.load_config(config, world_size=ctx.world_size)
+    # the config is checked before any communication (a ConfigError never leaves other ranks
+    # waiting in a collective); its comms_timeout then bounds every wait from the join on
+    _default_logging(int(os.environ.get("RANK", "0") or 0))
+    plan = _config.load_config(config, world_size=expected_world_size())
+    timeout_s = resolve_timeout(plan.comms_timeout_s)
+    ctx = init_context(timeout_s=timeout_s)
+    check_same_everywhere(plan, model, ctx, timeout_s)
     groups = ParamGroups.from_user(
         model_parameters if not isinstance(optimizer, torch.optim.Optimizer) else optimizer.param_groups,
         model,
@@ -124,4 +130,24 @@ def initialize(
             training_data, batch_size=plan.batch.micro_batch_size, sampler=sampler, collate_fn=collate_fn
         )
         engine.training_dataloader = loader  # its position is saved with checkpoints
+    if plan.checkpoint.auto_resume:
+        _auto_resume(engine, plan.checkpoint.dir)
     return engine, strategy.optimizer, loader, scheduler
+
+
+def _auto_resume(engine: Engine, directory: str) -> None:
+    """``checkpoint.auto_resume``: load the latest commit in ``directory`` if it holds any (after
+    a restart by ``shardwise run --max-restarts``); a broken one is an error, never a silent
+    fresh start."""
+    from shardwise.checkpoint import committed_tags
+    from shardwise.checkpoint import manifest as M
+
+    def present() -> bool:
+        return os.path.exists(os.path.join(directory, M.LATEST)) or bool(
+            os.path.isdir(directory) and committed_tags(directory))
+
+    if not broadcast_object(present() if engine.ctx.rank == 0 else None, engine.ctx):
+        logging.getLogger("shardwise").info("auto_resume: no checkpoint in %s yet; starting fresh", directory)
+        return
+    path, _ = engine.load_checkpoint(directory)
+    logging.getLogger("shardwise").info("auto_resume: resumed from %s at step %d", path, engine.global_steps)

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from shardwise.comm.context import CommContext
 from shardwise.config.plan import Plan
-from shardwise.errors import UsageError
+from shardwise.comm.collectives import all_gather_object
+from shardwise.errors import NonFiniteError, UsageError
 from shardwise.precision.policy import prepare_inputs
 from shardwise.strategy import DataParallelStrategy
 
@@ -47,6 +48,7 @@ class Engine:
         self._grad_norm: float | None = None
         self._timings: dict[str, float] = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self._time = plan.wall_clock_breakdown
+        self._loss_finite: torch.Tensor | None = None  # this rank's losses since the last step
         self.training_dataloader = None  # set by initialize(training_data=...); checkpointed
 
     # -- batch triangle -------------------------------------------------------------------
@@ -84,7 +86,17 @@ class Engine:
         sync = self.is_gradient_accumulation_boundary()
         scale = self.strategy.loss_scale / self.gradient_accumulation_steps()
         self.strategy.before_backward(sync)
-        (loss.float() * scale).backward(retain_graph=retain_graph)
+        # [Note: non-finite loss] a NaN/inf loss on one rank must stop (or skip) the step on
+        # every rank even when its gradients are finite (e.g. `loss + nan`): the loss is then
+        # multiplied by NaN instead of the scale, so this rank's gradients become NaN, the
+        # reduction spreads them, and the step's agreed gradient norm is not finite. No host
+        # sync: the choice is a torch.where on the device.
+        loss32 = loss.float()
+        finite = torch.isfinite(loss32.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        factor = torch.where(finite, torch.tensor(scale, dtype=torch.float32, device=loss32.device),
+                             torch.tensor(float("nan"), dtype=torch.float32, device=loss32.device))
+        (loss32 * factor).backward(retain_graph=retain_graph)
         self.strategy.after_backward(sync)
         if self._time:
             self._timings["backward"] += time.perf_counter() - t0
@@ -93,7 +105,12 @@ class Engine:
     def step(self) -> None:
         if self.is_gradient_accumulation_boundary():
             t0 = time.perf_counter()
-            result = self.strategy.step(self.global_steps)
+            try:
+                result = self.strategy.step(self.global_steps)
+            except NonFiniteError as exc:  # raised on every rank together: safe to gather
+                raise NonFiniteError(f"{exc} {self._nonfinite_ranks()}") from None
+            finally:
+                losses_finite, self._loss_finite = self._loss_finite, None
             self._step_applied = result.applied
             self._grad_norm = result.grad_norm
             if result.applied:
@@ -101,12 +118,30 @@ class Engine:
                     self.lr_scheduler.step()
             else:
                 self.skipped_steps += 1
+                if losses_finite is not None and not bool(losses_finite):
+                    log.warning("rank %d: step %d skipped: this rank's loss was NaN/inf (skipped "
+                                "so far: %d)", self.ctx.rank, self.global_steps, self.skipped_steps)
             self.global_steps += 1
             self.global_samples += self.train_batch_size()
             if self._time:
                 self._timings["step"] += time.perf_counter() - t0
             self._report()
+            self.micro_steps += 1
+            self._autosave()
+            return
         self.micro_steps += 1
+
+    def _nonfinite_ranks(self) -> str:
+        flags = all_gather_object(self._loss_finite is None or bool(self._loss_finite), self.ctx)
+        bad = [r for r, ok in enumerate(flags) if not ok]
+        if bad:
+            return f"The loss was NaN/inf on rank(s) {bad}."
+        return "The loss was finite on every rank: the gradients overflowed."
+
+    def _autosave(self) -> None:
+        ck = self.plan.checkpoint
+        if ck.save_interval and ck.dir and self.global_steps % ck.save_interval == 0:
+            self.save_checkpoint(ck.dir)
 
     def zero_grad(self) -> None:
         self.strategy.zero_grad()

@@ -56,12 +56,33 @@ class NonFiniteError(ShardwiseError):
     """A loss or gradient norm is NaN/inf (outside fp16 loss scaling, which skips instead)."""
 
 
-class CollectiveTimeoutError(ShardwiseError):
+class CollectiveError(ShardwiseError):
+    """A collective failed on this rank because another rank died, stopped responding or
+    left; ``failed_ranks`` names the ranks found dead or stuck (empty if none could be told)."""
+
+    def __init__(self, message: str, failed_ranks: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.failed_ranks = tuple(failed_ranks)
+
+
+class CollectiveTimeoutError(CollectiveError):
     """Some ranks did not reach a collective within its timeout (``missing_ranks`` names them)."""
+
+    def __init__(self, message: str, missing_ranks: tuple[int, ...] = ()):
+        super().__init__(message, missing_ranks)
+        self.missing_ranks = tuple(missing_ranks)
+
+
+class JoinError(DistributedSetupError):
+    """Not every rank joined the process group in time ("k of N ranks joined; missing [...]")."""
 
     def __init__(self, message: str, missing_ranks: tuple[int, ...] = ()):
         super().__init__(message)
         self.missing_ranks = tuple(missing_ranks)
+
+
+class MismatchError(ShardwiseError):
+    """Ranks started with different configs or models (the start-up fingerprint check)."""
 
 
 class CheckpointError(ShardwiseError):

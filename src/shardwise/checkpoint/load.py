@@ -23,7 +23,8 @@ from shardwise.checkpoint import rng
 from shardwise.checkpoint.layout import Region, other_tensors, regions, scalar_value, state_names
 from shardwise.checkpoint.reader import PieceReader
 from shardwise.checkpoint.agree import outcome, raise_failed
-from shardwise.comm.collectives import all_gather_object, broadcast_object
+from shardwise.checkpoint.save import join_timeout
+from shardwise.comm.collectives import all_gather_object, broadcast_object, require_all_ranks
 from shardwise.errors import CheckpointError
 
 log = logging.getLogger("shardwise")
@@ -189,6 +190,7 @@ def load_checkpoint(engine, load_dir, tag: str | None = None, load_optimizer_sta
     rank. Returns ``(path, client_state)``. See [Note: load in two phases]."""
     ctx = engine.ctx
     load_dir = str(load_dir)
+    require_all_ranks(ctx, "load_checkpoint", join_timeout(ctx), CheckpointError)
     resolved = outcome(lambda: M.resolve(load_dir, tag)) if ctx.rank == 0 else None
     resolved = broadcast_object(resolved, ctx)
     if not resolved[0]:

@@ -37,7 +37,14 @@ from shardwise.errors import CheckpointError, CollectiveTimeoutError
 
 log = logging.getLogger("shardwise")
 
-JOIN_TIMEOUT_S = 300.0  # how long save_checkpoint waits for every rank to call it
+JOIN_TIMEOUT_S = 300.0  # how long save/load_checkpoint wait for every rank to call them
+
+
+def join_timeout(ctx) -> float:
+    """``JOIN_TIMEOUT_S``, or the process-group timeout (comms_timeout / SHARDWISE_TIMEOUT)
+    when that is shorter."""
+    configured = ctx.health.timeout_s if ctx.health is not None else None
+    return min(JOIN_TIMEOUT_S, configured) if configured else JOIN_TIMEOUT_S
 _UNCHANGED = "nothing was committed: `latest` and the previous checkpoints are unchanged"
 
 
@@ -206,7 +213,7 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: Any 
     ctx = engine.ctx
     save_dir = os.path.abspath(os.fspath(save_dir))
     tag = f"global_step{engine.global_steps}" if tag is None else tag
-    timeout = JOIN_TIMEOUT_S if timeout_s is None else timeout_s
+    timeout = join_timeout(ctx) if timeout_s is None else timeout_s
     try:
         barrier(ctx, timeout_s=timeout)
     except CollectiveTimeoutError as exc:

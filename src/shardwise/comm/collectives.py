@@ -5,28 +5,61 @@ already complete when the world size is 1 (no process group) or the call was syn
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
 from shardwise.comm.context import CommContext
+from shardwise.comm.health import collective_error
+from shardwise.errors import CollectiveError, CollectiveTimeoutError, UsageError
 
 # torch >= 2.13 renamed the tensor-in/tensor-out collectives and warns on the old names.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+# [Note: collective failures]
+# A collective that raises (a peer closed its connection, the timeout ran out) is re-raised as
+# a CollectiveError / CollectiveTimeoutError naming the op, this rank and the ranks found dead
+# or stuck (see [Note: rank health] in health.py). Every torch.distributed call of this module
+# goes through `_guard`, and async ones through Handle.wait.
+
+
+def _failure(ctx: CommContext, op: str, exc: BaseException) -> CollectiveError:
+    if ctx.health is not None:
+        return ctx.health.collective_error(op, exc)
+    return collective_error(ctx.rank, op, exc, None)
+
+
+@contextmanager
+def _guard(ctx: CommContext, op: str):
+    try:
+        yield
+    except CollectiveError:
+        raise
+    except RuntimeError as exc:  # DistBackendError, DistStoreError, gloo's errors
+        raise _failure(ctx, op, exc) from exc
+
+
 class Handle:
     """An in-flight collective. ``wait()`` is idempotent."""
 
-    __slots__ = ("_work",)
+    __slots__ = ("_work", "_ctx", "_op")
 
-    def __init__(self, work=None):
+    def __init__(self, work=None, ctx: CommContext | None = None, op: str = "collective"):
         self._work = work
+        self._ctx = ctx
+        self._op = op
 
     def wait(self) -> None:
         if self._work is not None:
-            self._work.wait()
-            self._work = None
+            work, self._work = self._work, None
+            if self._ctx is None:
+                work.wait()
+                return
+            with _guard(self._ctx, self._op):
+                work.wait()
 
     @property
     def done(self) -> bool:
@@ -41,8 +74,10 @@ def all_reduce(t: torch.Tensor, ctx: CommContext, *, op: str = "sum", async_op: 
     if not ctx.is_distributed:
         return DONE
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-    work = dist.all_reduce(t, op=reduce_op, group=ctx.group, async_op=async_op)
-    return Handle(work) if async_op else DONE
+    name = f"all_reduce({t.numel()} elements)"
+    with _guard(ctx, name):
+        work = dist.all_reduce(t, op=reduce_op, group=ctx.group, async_op=async_op)
+    return Handle(work, ctx, name) if async_op else DONE
 
 
 def all_reduce_scalar(value: float, ctx: CommContext, *, op: str = "sum") -> float:
@@ -66,8 +101,10 @@ def reduce_to_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = Tr
     if ctx.reduce_scatter_via_all_reduce:
         return all_reduce(flat, ctx, async_op=async_op)
     chunk = flat.view(ctx.world_size, -1)[ctx.rank]
-    work = _reduce_scatter_single(chunk, flat, group=ctx.group, async_op=async_op)
-    return Handle(work) if async_op else DONE
+    name = f"reduce_scatter({flat.numel()} elements)"
+    with _guard(ctx, name):
+        work = _reduce_scatter_single(chunk, flat, group=ctx.group, async_op=async_op)
+    return Handle(work, ctx, name) if async_op else DONE
 
 
 def all_gather_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = True) -> Handle:
@@ -75,8 +112,10 @@ def all_gather_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = T
     if not ctx.is_distributed:
         return DONE
     chunk = flat.view(ctx.world_size, -1)[ctx.rank]
-    work = _all_gather_single(flat, chunk, group=ctx.group, async_op=async_op)
-    return Handle(work) if async_op else DONE
+    name = f"all_gather({flat.numel()} elements)"
+    with _guard(ctx, name):
+        work = _all_gather_single(flat, chunk, group=ctx.group, async_op=async_op)
+    return Handle(work, ctx, name) if async_op else DONE
 
 
 # -- control-plane helpers (small Python objects; checkpoint agreement) ------------------
@@ -87,7 +126,8 @@ def all_gather_object(obj, ctx: CommContext) -> list:
     if not ctx.is_distributed:
         return [obj]
     out: list = [None] * ctx.world_size
-    dist.all_gather_object(out, obj, group=ctx.group)
+    with _guard(ctx, "all_gather_object"):
+        dist.all_gather_object(out, obj, group=ctx.group)
     return out
 
 
@@ -96,7 +136,8 @@ def broadcast_object(obj, ctx: CommContext, src: int = 0):
     if not ctx.is_distributed:
         return obj
     box = [obj if ctx.rank == src else None]
-    dist.broadcast_object_list(box, src=src, group=ctx.group)
+    with _guard(ctx, f"broadcast_object(src={src})"):
+        dist.broadcast_object_list(box, src=src, group=ctx.group)
     return box[0]
 
 
@@ -110,12 +151,11 @@ def barrier(ctx: CommContext, timeout_s: float | None = None) -> None:
     if not ctx.is_distributed:
         return
     if timeout_s is None or ctx.backend != "gloo":
-        dist.barrier(group=ctx.group)
+        with _guard(ctx, "barrier"):
+            dist.barrier(group=ctx.group)
         return
     import re
     from datetime import timedelta
-
-    from shardwise.errors import CollectiveTimeoutError
 
     try:
         dist.monitored_barrier(group=ctx.group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
@@ -130,3 +170,19 @@ def barrier(ctx: CommContext, timeout_s: float | None = None) -> None:
             f"{timeout_s:g} s ({text.strip().splitlines()[0] if text.strip() else 'timeout'})",
             missing,
         ) from exc
+
+
+def require_all_ranks(ctx: CommContext, call: str, timeout_s: float, error: type = UsageError) -> None:
+    """Bounded wait for an API every rank must call together (``save_checkpoint``, ...).
+
+    A rank that does not arrive within ``timeout_s`` is named in ``error`` ("``call`` must be
+    called on every rank: rank(s) [...] did not call it") instead of leaving the others hanging
+    in the collective that follows. See [Note: monitored barrier].
+    """
+    try:
+        barrier(ctx, timeout_s=timeout_s)
+    except CollectiveTimeoutError as exc:
+        missing = list(exc.missing_ranks) or "?"
+        raise error(f"{call} must be called on every rank: rank(s) {missing} did not call it within "
+                    f"{timeout_s:g} s (rank {ctx.rank} is waiting). Call it on all ranks, not only "
+                    "on rank 0.") from exc

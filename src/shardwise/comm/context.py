@@ -8,16 +8,18 @@ collective choices recorded here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from shardwise.errors import DistributedSetupError
+from shardwise.comm.health import RankHealth
+from shardwise.errors import DistributedSetupError, JoinError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+TIMEOUT_ENV = "SHARDWISE_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class CommContext:
     # (peers.md; benchmarks/collectives.py re-measures it), so on gloo a rank all-reduces the
     # bucket and keeps its chunk. NCCL's reduce-scatter moves half the data and wins there.
     reduce_scatter_via_all_reduce: bool = True
+    # join check, heartbeats, naming the rank behind a failed collective ([Note: rank health]);
+    # None when the caller built the process group itself
+    health: "RankHealth | None" = field(default=None, compare=False, repr=False)
 
     @property
     def is_distributed(self) -> bool:
@@ -45,7 +50,32 @@ def _pick_device(local_rank: int) -> tuple[torch.device, Literal["gloo", "nccl"]
     return torch.device("cpu"), "gloo"
 
 
-def _context_from_group(allow_reduce_scatter: bool) -> CommContext:
+def expected_world_size() -> int:
+    """The world size ``init_context`` will see, known before any communication."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def resolve_timeout(config_s: float | None, env: "os._Environ[str] | dict[str, str] | None" = None) -> float | None:
+    """The process-group timeout in seconds: ``SHARDWISE_TIMEOUT`` if set (it overrides the
+    config, so a job can be given a longer or shorter timeout without editing the config),
+    else the config's ``comms_timeout``, else None (torch's default)."""
+    env = os.environ if env is None else env
+    raw = env.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return config_s
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise DistributedSetupError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds; "
+                                    f"unset it or set e.g. {TIMEOUT_ENV}=600")
+    return value
+
+
+def _context_from_group(allow_reduce_scatter: bool, health: RankHealth | None = None) -> CommContext:
     backend = str(dist.get_backend()).lower()
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -56,7 +86,7 @@ def _context_from_group(allow_reduce_scatter: bool) -> CommContext:
     else:
         device, kind = torch.device("cpu"), "gloo"
     via_all_reduce = kind == "gloo" or not allow_reduce_scatter
-    return CommContext(rank, world, local_rank, device, kind, None, via_all_reduce)
+    return CommContext(rank, world, local_rank, device, kind, None, via_all_reduce, health)
 
 
 def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = True) -> CommContext:
@@ -82,12 +112,38 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
         return CommContext(0, 1, 0, device, "none", None, True)
     if backend == "nccl":
         torch.cuda.set_device(device)
-    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    timeout = timedelta(seconds=timeout_s) if timeout_s else dist.default_pg_timeout
+    where = f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}"
+    # [Note: rank health] the store comes from torch's own env:// rendezvous (under torchrun: a
+    # client of the agent's store), so that shardwise can check who joined before gloo/NCCL
+    # wires the ranks together, and can ask the store about peers after a failure.
     try:
-        dist.init_process_group(backend=backend, **kwargs)
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+    except Exception as exc:  # noqa: BLE001 - re-raised as a named error with the cause
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        import re
+
+        m = re.search(r"(\d+)/(\d+) clients joined", text)
+        if m:  # rank 0 hosts the store (no torchrun agent) and not everyone connected
+            raise JoinError(f"{where}: {m.group(1)} of {m.group(2)} ranks joined within "
+                            f"{timeout.total_seconds():g} s; missing ranks: unknown (they never "
+                            f"connected to the store at {os.environ.get('MASTER_ADDR')}:"
+                            f"{os.environ.get('MASTER_PORT')}). ({text})") from exc
+        raise DistributedSetupError(
+            f"could not reach the rendezvous store for {where} at {os.environ.get('MASTER_ADDR')}:"
+            f"{os.environ.get('MASTER_PORT')} within {timeout.total_seconds():g} s: {text}") from exc
+    health = RankHealth(store, rank, world, timeout.total_seconds())
+    health.join()
+    try:
+        # torchrun's agent keeps one store across restarts: a per-attempt prefix keeps a
+        # restarted group from reading the addresses its previous attempt published
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"default_pg/{attempt}", store),
+                                rank=rank, world_size=world, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - re-raised as a named error with the cause
         raise DistributedSetupError(
-            f"could not initialise torch.distributed ({backend}) for rank "
-            f"{os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')}: {exc}"
+            f"could not initialise torch.distributed ({backend}) for {where}: {exc}"
         ) from exc
-    return _context_from_group(allow_reduce_scatter)
+    health.start_heartbeat()
+    return _context_from_group(allow_reduce_scatter, health)

@@ -64,12 +64,15 @@ class PrecisionPlan:
 
     compute: Literal["fp32", "bf16", "fp16"] = "fp32"
     loss_scale: LossScalePlan | None = None  # set iff compute == "fp16"
+    # fp32/bf16: what a NaN/inf loss or gradient norm does ("error" raises, "skip" skips the
+    # step on every rank); fp16 always skips and backs the loss scale off
+    nonfinite: Literal["error", "skip"] = "error"
 
 
 @dataclass(frozen=True)
 class ZeroPlan:
     stage: Literal[0, 1, 2] = 0
-    reduce_bucket_size: int = 500_000_000  # elements
+    reduce_bucket_size: int = 2_000_000  # elements (see schema.py [Note: bucket default])
     allgather_bucket_size: int = 500_000_000  # elements
     overlap_comm: bool = True
     contiguous_gradients: bool = True
@@ -78,10 +81,15 @@ class ZeroPlan:
 
 @dataclass(frozen=True)
 class CheckpointPlan:
-    """``checkpoint {keep_last}``: retain the newest ``keep_last`` committed checkpoints
-    (None keeps all); the newest committed one is never deleted."""
+    """``checkpoint {keep_last, dir, auto_resume, save_interval}``: retain the newest
+    ``keep_last`` committed checkpoints (None keeps all; the newest is never deleted); with
+    ``auto_resume`` ``initialize()`` loads the latest commit in ``dir`` when there is one; with
+    ``save_interval`` the engine saves to ``dir`` every N optimizer steps."""
 
     keep_last: int | None = None
+    dir: str | None = None
+    auto_resume: bool = False
+    save_interval: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,3 +106,4 @@ class Plan:
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
     checkpoint: CheckpointPlan = field(default_factory=CheckpointPlan)
+    comms_timeout_s: float | None = None  # process-group timeout (None: torch's default)

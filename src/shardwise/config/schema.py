@@ -193,7 +193,10 @@ class BF16Section(_Model):
 
 class _ZeroBase(_Model):
     stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_check_int)] = 0
-    reduce_bucket_size: NonNegInt = 500_000_000  # elements
+    # [Note: bucket default] DeepSpeed's default is 5e8 elements; for shardwise the bucket is
+    # the unit of overlap, and one 5e8 bucket would hold a whole small model and reduce only
+    # after backward. 2e6 elements (8 MB fp32) measured best at 1M and 25M (benchmarks/README.md).
+    reduce_bucket_size: NonNegInt = 2_000_000  # elements
     allgather_bucket_size: NonNegInt = 500_000_000  # elements
     overlap_comm: _typed("bool", nullable=True) = None  # None: DeepSpeed's stage default
     contiguous_gradients: Bool = True
@@ -206,6 +209,10 @@ ZeroSection = create_model("ZeroSection", __base__=_ZeroBase, **{
 
 class _CheckpointBase(_Model):
     keep_last: _typed("int", Gt(0), nullable=True) = None  # shardwise: retain the newest N
+    # shardwise: where automatic saves go / resume comes from (see checkpoint.dir in README)
+    dir: _typed("str", nullable=True) = None
+    auto_resume: Bool = False  # shardwise: initialize() loads the latest commit in `dir`
+    save_interval: _typed("int", Gt(0), nullable=True) = None  # shardwise: save every N steps
 
 
 CheckpointSection = create_model("CheckpointSection", __base__=_CheckpointBase, **{
@@ -225,6 +232,10 @@ class _TopLevel(_Model):
     gradient_clipping: NonNegFloat = 0.0  # 0 disables clipping
     steps_per_print: PosInt = 10
     wall_clock_breakdown: Bool = False
+    # shardwise: process-group timeout in seconds (None: torch's default); SHARDWISE_TIMEOUT wins
+    comms_timeout: _typed("float", Gt(0), nullable=True) = None
+    # shardwise: a NaN/inf loss or gradient norm outside fp16: "error" (raise) or "skip" the step
+    nonfinite: Annotated[Literal["error", "skip"], BeforeValidator(_check_str)] = "error"
 
 
 DeepSpeedConfig = create_model("DeepSpeedConfig", __base__=_TopLevel, **{

@@ -7,15 +7,28 @@ everything after it belongs to the script, even when it looks like a torchrun op
 ``--nproc-per-node 5``). To find where the script starts we only need to know which torchrun
 options take a value; that is read from torchrun's own argument parser, so the launcher follows
 whatever torch version is installed. The only option added is ``--standalone``, when nothing
-says the run spans several nodes or names a rendezvous. Processes are managed by torchrun alone:
-shardwise starts it and returns its exit code.
+says the run spans several nodes or names a rendezvous. Processes are managed by torchrun:
+shardwise starts it and returns its exit code, with two additions (see [Note: launcher on
+failure]).
+
+[Note: launcher on failure]
+1. torchrun's stderr (which the workers share) is passed through unchanged while its tail is
+   kept; when torchrun fails, the launcher ends with one line naming the rank that failed first
+   and why (signal or exit code, and that rank's last exception line), read from torchrun's
+   "Root Cause" report and the ranks' ``[rankN]:`` traceback lines.
+2. torchrun stops a failed group with SIGTERM and waits 30 s before SIGKILL. A worker that is
+   *stopped* (SIGSTOP, state T) cannot act on SIGTERM, so the job would outlive its timeout by
+   those 30 s. Once a worker of the group has exited, the launcher sends SIGCONT to the workers
+   that are stopped, so that the pending SIGTERM (or the dead peer) ends them at once.
 """
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -262,14 +275,110 @@ def format_command(cmd: Sequence[str], env: Mapping[str, str], base: Mapping[str
     return " ".join([*changed, *(shlex.quote(c) for c in cmd)])
 
 
+_ROOT_CAUSE = re.compile(
+    r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"
+    r"(?: \(pid: (\d+)\))?(?:\s*\((\w+)\))?", re.S)
+_RANK_LINE = re.compile(r"^\[(?:shardwise )?rank ?(\d+)\]:? (.*)$", re.M)
+_EXCEPTION = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b.*)$")
+
+
+def failure_summary(stderr_tail: str) -> str | None:
+    """One line naming the rank that failed first and why, from torchrun's report, or None."""
+    m = None
+    for m in _ROOT_CAUSE.finditer(stderr_tail):
+        pass
+    if m is None:
+        return None
+    rank, code, pid, sig = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+    if code < 0:
+        name = sig or (signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}")
+        why = f"killed by {name} (exit code {code})"
+    else:
+        why = f"exit code {code}"
+    last = None
+    for rm in _RANK_LINE.finditer(stderr_tail):
+        if int(rm.group(1)) == rank:
+            em = _EXCEPTION.match(rm.group(2).strip())
+            if em:
+                last = em.group(1)
+    if last:
+        why += f": {last if len(last) <= 300 else last[:297] + '...'}"
+    where = f", pid {pid}" if pid else ""
+    return f"shardwise run: rank {rank} failed first{where}: {why}"
+
+
+def _children(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                out.update(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return out
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+        return text[text.rfind(")") + 2:].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _watch_stopped_workers(proc: subprocess.Popen, done: threading.Event, interval: float = 0.5) -> None:
+    """[Note: launcher on failure] item 2."""
+    seen: set[int] = set()
+    while not done.wait(interval):
+        alive = {c for c in _children(proc.pid) if _state(c) not in (None, "Z", "X")}
+        if seen - alive:  # a worker of this group has exited: the group is ending or restarting
+            for c in alive:
+                if _state(c) in ("T", "t"):
+                    try:
+                        os.kill(c, signal.SIGCONT)
+                    except OSError:
+                        pass
+        seen = alive
+
+
 def run_torchrun(cmd: Sequence[str], env: Mapping[str, str]) -> int:
     """Run torchrun and return its exit code (128 + N when it dies of signal N).
 
     SIGTERM/SIGHUP sent to this process are forwarded to torchrun, which stops its workers.
     Ctrl-C reaches torchrun directly (same process group), so on KeyboardInterrupt we keep
-    waiting for it to shut its workers down instead of killing it.
+    waiting for it to shut its workers down instead of killing it. On failure the last line
+    names the rank that failed first (see [Note: launcher on failure]).
     """
-    proc = subprocess.Popen(list(cmd), env=dict(env))
+    proc = subprocess.Popen(list(cmd), env=dict(env), stderr=subprocess.PIPE)
+    tail = bytearray()
+    done = threading.Event()
+
+    def tee() -> None:
+        fd, out = proc.stderr.fileno(), getattr(sys.stderr, "buffer", None)
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            tail.extend(chunk)
+            del tail[:-262144]
+            try:
+                if out is not None:
+                    out.write(chunk)
+                    out.flush()
+                else:
+                    sys.stderr.write(chunk.decode("utf-8", "replace"))
+                    sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+    reader = threading.Thread(target=tee, name="torchrun-stderr", daemon=True)
+    reader.start()
+    watcher = threading.Thread(target=_watch_stopped_workers, args=(proc, done), daemon=True)
+    watcher.start()
     previous: dict[int, object] = {}
 
     def forward(signum, _frame):
@@ -289,8 +398,14 @@ def run_torchrun(cmd: Sequence[str], env: Mapping[str, str]) -> int:
             except KeyboardInterrupt:
                 continue
     finally:
+        done.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    reader.join(timeout=5)  # orphaned workers could hold the pipe open: do not wait on them
+    if code != 0:
+        line = failure_summary(bytes(tail).decode("utf-8", "replace"))
+        if line:
+            print(line, file=sys.stderr, flush=True)
     return 128 - code if code < 0 else code
 
 

@@ -31,16 +31,26 @@ class LossScaler:
 
 
 class NoLossScaler(LossScaler):
-    """fp32 / bf16: nothing to scale; a non-finite gradient is an error on every rank."""
+    """fp32 / bf16: nothing to scale. A non-finite loss or gradient norm (agreed on by every
+    rank) is an error on every rank (``nonfinite: "error"``), or skips the step on every rank
+    (``nonfinite: "skip"``), leaving parameters, optimizer state and scheduler untouched."""
+
+    def __init__(self, nonfinite: str = "error"):
+        self.nonfinite = nonfinite
 
     def update(self, finite: bool, step: int) -> bool:
-        if not finite:
-            raise NonFiniteError(
-                f"gradient norm is NaN or inf at optimizer step {step} (agreed on by all ranks); "
-                "the optimizer step was not taken. Lower the learning rate, enable "
-                "gradient_clipping, or check the data of this step."
-            )
-        return True
+        if finite:
+            return True
+        if self.nonfinite == "skip":
+            log.warning("non-finite loss or gradient norm at optimizer step %d: step skipped on "
+                        "every rank (nonfinite: skip)", step)
+            return False
+        raise NonFiniteError(
+            f"the loss or gradient norm is NaN or inf at optimizer step {step} (agreed on by all "
+            "ranks); the optimizer step was not taken. Lower the learning rate, enable "
+            'gradient_clipping, check the data of this step, or set "nonfinite": "skip" to skip '
+            "such steps."
+        )
 
 
 class StaticLossScaler(LossScaler):
@@ -113,7 +123,7 @@ class DynamicLossScaler(LossScaler):
 
 def make_loss_scaler(plan: PrecisionPlan) -> LossScaler:
     if plan.compute != "fp16":
-        return NoLossScaler()
+        return NoLossScaler(plan.nonfinite)
     ls = plan.loss_scale or LossScalePlan()
     if ls.static_scale > 0:
         return StaticLossScaler(ls.static_scale)
