@@ -1,6 +1,7 @@
 """All communication goes through this package (see architecture principle 6)."""
 from shardwise.comm.context import CommContext, init_context
-from shardwise.comm.collectives import Handle, all_gather_shard, all_reduce, all_reduce_scalar, reduce_to_shard
+from shardwise.comm.collectives import (Handle, all_gather_shard, all_reduce, all_reduce_scalar, reduce_to_shard,
+                                        require_all_ranks)
 
 __all__ = [
     "CommContext",
@@ -10,4 +11,5 @@ __all__ = [
     "all_reduce",
     "all_reduce_scalar",
     "reduce_to_shard",
+    "require_all_ranks",
 ]

@@ -1,0 +1,170 @@
+"""Which ranks are alive: the join check at start-up, heartbeats, and naming the rank behind a
+failed collective.
+
+[Note: rank health]
+Before the process group is built, every rank announces itself in the rendezvous store
+(``joined/<r>`` = host, pid, process start time) and waits, bounded by the communication
+timeout, for all the others: a rank that never starts is named ("k of N ranks joined; missing
+ranks [...]") instead of a hang inside ``init_process_group``. Afterwards a daemon thread bumps
+``hb/<r>`` every ``HEARTBEAT_S`` on its own store connection.
+
+When a collective fails (a peer closed its connection, or the timeout ran out) ``suspects()``
+names the culprits: ranks on this host are looked up by pid in ``/proc`` (gone, a zombie or a
+different process: *exited*; state ``T``/``t``: *stopped*); if that finds nothing, ranks
+whose heartbeat does not move within a few intervals are *not responding*. Under torchrun the
+store lives in the launcher's agent, so it outlives any worker; when the store itself is
+unreachable the message says so (its host, rank 0 or the launcher, is then the likely victim).
+Everything here runs only at start-up, on a background thread, or after a failure.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from shardwise.errors import CollectiveError, CollectiveTimeoutError, JoinError
+
+log = logging.getLogger("shardwise")
+
+HEARTBEAT_S = 1.0
+SUSPECT_WAIT_S = 3.0  # how long a heartbeat may stand still before a rank is "not responding"
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time in clock ticks) of a local process, None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2:].split()  # the command name may contain spaces
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def _describe_local(info: dict) -> str | None:
+    """Why a rank on this host is not taking part, or None if it looks alive."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    stat = _proc_stat(int(info["pid"]))
+    where = f"pid {info['pid']} on {info['host']}"
+    if stat is None or stat[1] != info.get("start") or stat[0] in ("Z", "X"):
+        return f"exited ({where} is gone: killed or crashed)"
+    if stat[0] in ("T", "t"):
+        return f"is stopped ({where} is in state {stat[0]}: SIGSTOP or a debugger)"
+    return None
+
+
+class RankHealth:
+    """Join check, heartbeats and failure diagnosis over the rendezvous store."""
+
+    def __init__(self, store: "dist.Store", rank: int, world_size: int, timeout_s: float):
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self._prefix = f"shardwise/{attempt}"
+        self._raw = store
+        self._store = dist.PrefixStore(self._prefix, store)
+        self.host = socket.gethostname()
+        self.peers: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- start-up -----------------------------------------------------------------------
+    def join(self) -> None:
+        """Announce this rank and wait (bounded) for every other one; see [Note: rank health]."""
+        me = {"host": self.host, "pid": os.getpid(), "start": (_proc_stat(os.getpid()) or ("", ""))[1]}
+        self._store.set(f"joined/{self.rank}", json.dumps(me))
+        keys = [f"joined/{r}" for r in range(self.world_size)]
+        try:
+            self._store.wait(keys, timedelta(seconds=self.timeout_s))
+        except Exception as exc:  # noqa: BLE001 - a store timeout; re-raised as a named error
+            try:
+                joined = [r for r in range(self.world_size) if self._store.check([keys[r]])]
+            except Exception:  # noqa: BLE001 - the store went away too
+                joined = [self.rank]
+            missing = [r for r in range(self.world_size) if r not in joined]
+            msg = (f"rank {self.rank}: {len(joined)} of {self.world_size} ranks joined within "
+                   f"{self.timeout_s:g} s; missing ranks {missing}. Those processes never reached "
+                   "shardwise.initialize() (crashed or stuck at start-up, or not launched); check "
+                   "their output, or raise comms_timeout / SHARDWISE_TIMEOUT if start-up is slow.")
+            log.error("JoinError: %s", msg)
+            raise JoinError(msg, tuple(missing)) from exc
+        self.peers = {r: json.loads(self._store.get(k)) for r, k in enumerate(keys)}
+
+    def start_heartbeat(self) -> None:
+        try:
+            store = dist.PrefixStore(self._prefix, self._raw.clone())
+        except Exception:  # noqa: BLE001 - a store without clone(): no heartbeats, pids still work
+            return
+        key = f"hb/{self.rank}"
+
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                try:
+                    store.add(key, 1)
+                except Exception:  # noqa: BLE001 - the store is gone: the job is ending
+                    return
+
+        self._thread = threading.Thread(target=beat, name="shardwise-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- after a failure ------------------------------------------------------------------------
+    def suspects(self, wait_s: float = SUSPECT_WAIT_S) -> dict[int, str]:
+        """``{rank: why}`` for ranks that look dead or stuck (see [Note: rank health])."""
+        out: dict[int, str] = {}
+        for r, info in sorted(self.peers.items()):
+            if r != self.rank and info.get("host") == self.host:
+                why = _describe_local(info)
+                if why:
+                    out[r] = why
+        if out:
+            return out
+        try:
+            store = dist.PrefixStore(self._prefix, self._raw.clone())
+            store.set_timeout(timedelta(seconds=2))
+            others = [r for r in range(self.world_size) if r != self.rank]
+            first = {r: store.add(f"hb/{r}", 0) for r in others}
+            quiet = set(others)
+            deadline = time.monotonic() + wait_s
+            while quiet and time.monotonic() < deadline:
+                time.sleep(0.25)
+                quiet = {r for r in quiet if store.add(f"hb/{r}", 0) == first[r]}
+            return {r: f"is not responding (no heartbeat for {wait_s:g} s)" for r in sorted(quiet)}
+        except Exception as exc:  # noqa: BLE001 - the store is unreachable
+            return {-1: f"(the rendezvous store is unreachable: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
+                        "its host, the launcher or rank 0, may be gone)"}
+
+    def collective_error(self, op: str, exc: BaseException) -> CollectiveError:
+        return collective_error(self.rank, op, exc, self)
+
+
+def collective_error(rank: int, op: str, exc: BaseException, health: RankHealth | None) -> CollectiveError:
+    """The named error for a collective ``op`` that raised ``exc`` on ``rank``; logged at once
+    (the launcher may stop this process before the traceback is printed)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+    suspects = health.suspects() if health is not None else {}
+    ranks = tuple(r for r in suspects if r >= 0)
+    if ranks:
+        who = "; ".join(f"rank {r} {why}" for r, why in suspects.items())
+    elif suspects:
+        who = suspects[-1]
+    else:
+        who = "could not tell which rank failed; another rank may have died, stopped, or skipped this call"
+    what = f"timed out after {health.timeout_s:g} s" if timed_out and health is not None else \
+        ("timed out" if timed_out else "failed")
+    msg = (f"rank {rank}: {op} {what}: {who}. Every rank stops; the launcher's summary names the "
+           f"first failure. (torch: {text})")
+    if timed_out:
+        msg += " If the step is just slow, raise comms_timeout or SHARDWISE_TIMEOUT."
+    cls = CollectiveTimeoutError if timed_out else CollectiveError
+    log.error("%s: %s", cls.__name__, msg)
+    return cls(msg, ranks)

@@ -1,0 +1,67 @@
+"""The start-up fingerprint check: every rank must run the same resolved config and model.
+
+[Note: start-up fingerprint]
+Each rank describes its resolved :class:`~shardwise.config.plan.Plan` as ``{dotted key: value}``
+(``zero.stage``, ``batch.micro_batch_size``, ...), adds the process-group timeout it resolved and
+a digest of its model's parameter names, shapes, dtypes and ``requires_grad`` flags, and all
+ranks all-gather these small dicts once, before any training collective. A difference raises
+the same :class:`~shardwise.errors.MismatchError` on every rank, listing each differing key with
+its value per rank, instead of a silent wrong result or a hang in mismatched collectives later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+import torch.nn as nn
+
+from shardwise.comm.collectives import all_gather_object
+from shardwise.comm.context import CommContext
+from shardwise.config.plan import Plan
+from shardwise.errors import MismatchError
+
+_SHOW = 60  # characters of a value shown per rank
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = repr(value)
+
+
+def fingerprint(plan: Plan, model: nn.Module, timeout_s: float | None) -> dict[str, str]:
+    """``{key: value}`` describing this rank's plan and model (small; sent to every rank)."""
+    out: dict[str, str] = {}
+    _flatten(dataclasses.asdict(plan), "", out)
+    out["comms_timeout (resolved, SHARDWISE_TIMEOUT included)"] = repr(timeout_s)
+    params = [(n, tuple(p.shape), str(p.dtype), p.requires_grad) for n, p in model.named_parameters()]
+    digest = hashlib.sha256(repr(params).encode()).hexdigest()[:12]
+    out["model.parameters"] = f"{len(params)} tensors, {sum(p.numel() for p in model.parameters())} elements, " \
+                              f"names/shapes digest {digest}"
+    return out
+
+
+def check_same_everywhere(plan: Plan, model: nn.Module, ctx: CommContext, timeout_s: float | None) -> None:
+    """Raise :class:`MismatchError` on every rank if any rank's fingerprint differs."""
+    if not ctx.is_distributed:
+        return
+    prints = all_gather_object(fingerprint(plan, model, timeout_s), ctx)
+    keys = sorted(set().union(*prints))
+    lines = []
+    for key in keys:
+        values = [p.get(key, "<absent>") for p in prints]
+        if len(set(values)) > 1:
+            by_value: dict[str, list[int]] = {}
+            for r, v in enumerate(values):
+                by_value.setdefault(v, []).append(r)
+            shown = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {rs if len(rs) > 1 else rs[0]}: "
+                              f"{v if len(v) <= _SHOW else v[:_SHOW] + '...'}" for v, rs in by_value.items())
+            lines.append(f"  {key}: {shown}")
+    if lines:
+        raise MismatchError(
+            f"the ranks started with different configs or models (start-up check on rank {ctx.rank}; "
+            f"{len(lines)} key(s) differ across the {ctx.world_size} ranks):\n" + "\n".join(lines)
+            + "\nEvery rank must load the same config (file and SHARDWISE_TIMEOUT) and build the same model.")
