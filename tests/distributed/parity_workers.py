@@ -138,3 +138,53 @@ def overlap_probe(config: dict) -> dict:
     engine.step()
     handle.remove()
     return {"launched_before_end": seen["launched"], "buckets": len(engine.strategy.buckets)}
+
+
+class PartlyUsed(torch.nn.Module):
+    """A GPT plus a head that only some steps use, and one parameter no step uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.gpt = make_model()
+        cfg = GPTConfig.preset(PRESET)
+        self.aux = torch.nn.Linear(cfg.vocab_size, 1)
+        self.never = torch.nn.Linear(3, 3)
+
+    def forward(self, x, y, use_aux: bool):
+        loss = self.gpt(x, y)
+        if use_aux:
+            loss = loss + self.aux(self.gpt(x)).pow(2).mean()
+        return loss
+
+
+def partly_used_run(config: dict | None, steps: int) -> dict:
+    """Reference when config is None (plain PyTorch, one process); else shardwise on this rank."""
+    torch.manual_seed(0)
+    model = PartlyUsed()
+    data = batches(6, steps)
+    if config is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+        losses = []
+        for i, x in enumerate(data):
+            loss = model(x[:, :-1], x[:, 1:], i % 2 == 0)
+            loss.backward()
+            for p in model.parameters():  # shardwise (like DeepSpeed) steps them with zeros
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return {"losses": losses, "params": _snapshot(model)}
+    world, rank = dist.get_world_size(), dist.get_rank()
+    engine, *_ = shardwise.initialize(model=model, config=config)
+    per = 6 // world
+    losses = []
+    for i, x in enumerate(data):
+        xb = x[rank * per:(rank + 1) * per]
+        loss = engine(xb[:, :-1], xb[:, 1:], i % 2 == 0)
+        engine.backward(loss)
+        engine.step()
+        t = torch.tensor([loss.item()], dtype=torch.float64)
+        dist.all_reduce(t)
+        losses.append(t.item() / world)
+    return {"losses": losses, "params": _snapshot(model)}

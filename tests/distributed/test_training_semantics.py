@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parity_workers import fp16_overflow_run, overlap_probe, reference_run, shardwise_run
+from parity_workers import fp16_overflow_run, overlap_probe, partly_used_run, reference_run, shardwise_run
 from shardwise.testing import run_distributed
 from test_parity import STEPS, config
 
@@ -87,3 +87,18 @@ def test_memory_report_partitions_state(world):
         # only the own gradient chunk persists (staging buffers live only during backward)
         assert m["grads"] == pytest.approx(full["grads"] / world, rel=0.05)
         assert m["total"] == sum(v for k, v in m.items() if k != "total")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_parameters_without_gradients(stage):
+    """A head used every other step and a parameter never used: reductions still match on every
+    rank, and the result equals plain PyTorch where a missing gradient counts as zeros (what
+    flat-buffer optimizers, DeepSpeed's included, do: Adam's moments decay and its step count
+    advances for such parameters; see README "Parity")."""
+    ref = partly_used_run(None, 4)
+    cfg = {**config(stage, bucket=1500), "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0}}}
+    cfg["train_batch_size"] = 6
+    out = run_distributed(partly_used_run, 2, cfg, 4)[0]
+    torch.testing.assert_close(out["losses"], ref["losses"], rtol=1e-6, atol=0)
+    for k in ref["params"]:
+        torch.testing.assert_close(out["params"][k], ref["params"][k], rtol=0, atol=1e-5)

@@ -149,3 +149,36 @@ def test_gradient_accumulation_boundary_counts_micro_steps():
         engine.step()
     assert boundaries == [False, False, False, True] * 2
     assert engine.global_steps == 2 and engine.micro_steps == 8
+
+
+class _SharedAcrossCheckpoint(torch.nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.lin, x, use_reentrant=self.reentrant)
+        return self.lin(torch.tanh(h)).pow(2).mean()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_shared_parameter_across_checkpoint(stage):
+    """Non-reentrant checkpointing around a shared parameter matches plain PyTorch; the reentrant
+    form (two autograd passes feed one parameter) is a named error, not a silently wrong step."""
+    x = torch.randn(4, 4, requires_grad=True)
+    ref = _SharedAcrossCheckpoint(False)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ref(x).backward()
+    ref_opt.step()
+    cfg = base(optimizer={"type": "SGD", "params": {"lr": 0.1}}, zero_optimization={"stage": stage})
+    m = _SharedAcrossCheckpoint(False)
+    engine, *_ = shardwise.initialize(model=m, config=cfg)
+    engine.backward(engine(x))
+    engine.step()
+    for a, b in zip(ref.parameters(), m.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    engine, *_ = shardwise.initialize(model=_SharedAcrossCheckpoint(True), config=cfg)
+    with pytest.raises(shardwise.ShardwiseError, match="use_reentrant=False"):
+        engine.backward(engine(x))

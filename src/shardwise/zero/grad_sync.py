@@ -52,6 +52,7 @@ class _GradSyncBase:
         self.overlap = overlap
         self._expected = [len(b.params) for b in self.buckets]
         self._pending = list(self._expected)
+        self._fired = [bytearray(n) for n in self._expected]  # per slot: gradient seen this backward
         self._launched = 0  # buckets 0.._launched-1 have been launched this backward
         self._sync = True
         self._hooks = []
@@ -63,16 +64,20 @@ class _GradSyncBase:
     def _on_grad(self, bucket: FlatBucket, slot_index: int, param: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _mark_ready(self, bucket: FlatBucket) -> None:
+    def _mark_ready(self, bucket: FlatBucket, slot_index: int) -> None:
         b = bucket.index
-        if b < self._launched or self._pending[b] == 0:
+        if b < self._launched:
+            shape = tuple(bucket.params[slot_index].shape)
             raise UsageError(
-                f"a parameter in gradient bucket {b} produced a gradient after its bucket was "
-                "already reduced in this backward pass. This happens when one parameter "
-                "receives gradients from two separate backward passes (e.g. reentrant "
-                "activation checkpointing around a shared parameter). Use "
+                f"a parameter of shape {shape} (gradient bucket {b}) produced a gradient after its "
+                "bucket was already sent for reduction in this backward pass. This happens when "
+                "one parameter receives gradients from two separate autograd passes (e.g. "
+                "reentrant activation checkpointing around a shared parameter). Use "
                 "torch.utils.checkpoint(..., use_reentrant=False)."
             )
+        if self._fired[b][slot_index]:
+            return  # a second gradient before the launch: it was accumulated, nothing to count
+        self._fired[b][slot_index] = 1
         self._pending[b] -= 1
         if self.overlap:
             self._launch_ready()
@@ -89,6 +94,7 @@ class _GradSyncBase:
 
     def _reset(self) -> None:
         self._pending = list(self._expected)
+        self._fired = [bytearray(n) for n in self._expected]
         self._launched = 0
 
     def _launch(self, bucket: FlatBucket) -> None:
@@ -121,11 +127,13 @@ class FullGradSync(_GradSyncBase):
                     p.grad = bucket.param_view(i, flat)
 
     def _on_grad(self, bucket: FlatBucket, slot_index: int, param: torch.Tensor) -> None:
+        if self._sync and bucket.index < self._launched:
+            self._mark_ready(bucket, slot_index)  # too late for this bucket: raises the named error
         if not self._views[bucket.index]:
             bucket.param_view(slot_index, self.grad_flats[bucket.index]).add_(param.grad)
             param.grad = None
         if self._sync:
-            self._mark_ready(bucket)
+            self._mark_ready(bucket, slot_index)
 
     def _launch(self, bucket: FlatBucket) -> None:
         self._handles.append(self._reduce_fn(self.grad_flats[bucket.index], self.ctx))
@@ -167,20 +175,37 @@ class ShardGradSync(_GradSyncBase):
     are released when backward ends. Between steps a rank holds just its gradient chunk.
     """
 
-    POOL_SIZE = 2
+    POOL_SIZE = 4
 
     def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool):
         self.grad_shards = [torch.zeros(b.numel, dtype=torch.float32, device=b.param_flat.device) for b in buckets]
         self._pool: list[torch.Tensor] = []
         self._allocated = 0  # staging buffers alive in this backward
+        self._gaps = [self._uncovered(b) for b in buckets]
         self._staging: dict[int, torch.Tensor] = {}  # bucket index -> staging buffer in use
         self._in_flight: deque[tuple[FlatBucket, torch.Tensor, Handle]] = deque()
         super().__init__(buckets, ctx, overlap=overlap)
         for bucket, shard in zip(self.buckets, self.grad_shards):
             bucket.opt_param.grad = shard
 
+    @staticmethod
+    def _uncovered(bucket: FlatBucket) -> list[tuple[int, int]]:
+        """Element ranges of the bucket no parameter occupies (alignment gaps, padding)."""
+        gaps, pos = [], 0
+        for slot in sorted(bucket.layout.slots, key=lambda s: s.offset):
+            if slot.offset > pos:
+                gaps.append((pos, slot.offset))
+            pos = slot.offset + slot.numel
+        if pos < bucket.layout.padded_numel:
+            gaps.append((pos, bucket.layout.padded_numel))
+        return gaps
+
     def _staging_for(self, bucket: FlatBucket) -> torch.Tensor:
-        """This bucket's staging view; taken from the pool (zeroed) on first use per backward."""
+        """This bucket's staging view, taken from the pool on first use per backward.
+
+        Only the gaps are zeroed here; each parameter's slot is overwritten by its gradient
+        (``copy_``) or, if it gets none, zeroed at launch.
+        """
         buf = self._staging.get(bucket.index)
         if buf is None:
             need = bucket.layout.padded_numel
@@ -192,18 +217,29 @@ class ShardGradSync(_GradSyncBase):
             else:
                 self._allocated += 1
                 buf = torch.empty(need, dtype=torch.float32, device=bucket.param_flat.device)
-            buf[:need].zero_()
+            for a, z in self._gaps[bucket.index]:
+                buf[a:z].zero_()
             self._staging[bucket.index] = buf
         return buf[: bucket.layout.padded_numel]
 
     def _on_grad(self, bucket: FlatBucket, slot_index: int, param: torch.Tensor) -> None:
+        if bucket.index < self._launched:
+            self._mark_ready(bucket, slot_index)  # too late for this bucket: raises the named error
         staging = self._staging_for(bucket)
-        bucket.param_view(slot_index, staging).add_(param.grad)
+        view = bucket.param_view(slot_index, staging)
+        if self._fired[bucket.index][slot_index]:
+            view.add_(param.grad)  # a second gradient in the same backward (before launch)
+        else:
+            view.copy_(param.grad)
         param.grad = None
-        self._mark_ready(bucket)
+        self._mark_ready(bucket, slot_index)
 
     def _launch(self, bucket: FlatBucket) -> None:
         view = self._staging_for(bucket)
+        fired = self._fired[bucket.index]
+        for i in range(len(bucket.params)):
+            if not fired[i]:  # no gradient this backward (unused parameter): contributes zeros
+                bucket.param_view(i, view).zero_()
         full = self._staging.pop(bucket.index)
         self._in_flight.append((bucket, full, reduce_to_shard(view, self.ctx, async_op=True)))
 

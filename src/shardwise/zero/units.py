@@ -1,0 +1,125 @@
+"""Fetch units for ZeRO stage 3: which parameters are gathered together (pure; no storage).
+
+[Note: fetch units]
+A fetch unit is a group of parameters that stage 3 keeps in one flat, sharded buffer and
+all-gathers as a whole just before its module runs (FSDP2's ``fully_shard`` per block). The
+default grouping follows how transformers are written:
+
+- every child of an ``nn.ModuleList`` / ``nn.Sequential`` that holds at least two children
+  with parameters (the "blocks") is one unit, named by its module path (``blocks.0``);
+  blocks are not searched further;
+- every other parameter (embeddings, final norm, head, ...) belongs to the root unit,
+  named ``""``;
+- a parameter reachable from more than one unit (tied weights) belongs to the root unit,
+  so each parameter lives in exactly one unit;
+- with ``unit_classes`` (DeepSpeed's ``set_fetch_units``-style list of module classes or
+  class names) the units are instead the outermost modules of those classes; a name that no
+  module in the model has is an error (:class:`UnknownUnitClassError`) instead of a silently
+  unsharded model.
+
+Units are listed in module registration order, root first. Only names and element counts are
+read, so this runs on a model built on the meta device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch.nn as nn
+
+from shardwise.errors import UsageError
+
+ROOT = ""
+
+
+class UnknownUnitClassError(UsageError):
+    """``unit_classes`` names a module class that does not occur in the model."""
+
+
+@dataclass(frozen=True)
+class FetchUnit:
+    name: str  # module path; "" for the root unit
+    param_names: tuple[str, ...]  # fully qualified, in registration order
+    numel: int  # elements of the unit's (unique) parameters
+    persistent_numel: int = 0  # of which in parameters below the persistence threshold
+
+
+def _has_params(m: nn.Module) -> bool:
+    return next(m.parameters(), None) is not None
+
+
+def _block_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        if isinstance(module, (nn.ModuleList, nn.Sequential)):
+            children = [(n, c) for n, c in module.named_children() if _has_params(c)]
+            if len(children) >= 2:
+                found.extend((f"{prefix}{n}", c) for n, c in children)
+                return
+        for n, c in module.named_children():
+            visit(f"{prefix}{n}.", c)
+
+    visit("", model)
+    return found
+
+
+def _class_modules(model: nn.Module, unit_classes: Sequence[type | str]) -> list[tuple[str, nn.Module]]:
+    wanted_types = tuple(c for c in unit_classes if isinstance(c, type))
+    wanted_names = {c for c in unit_classes if isinstance(c, str)}
+    present = {type(m).__name__ for m in model.modules()} | {
+        t.__name__ for m in model.modules() for t in type(m).__mro__}
+    unknown = sorted(wanted_names - present)
+    missing_types = [t.__name__ for t in wanted_types if not any(isinstance(m, t) for m in model.modules())]
+    if unknown or missing_types:
+        raise UnknownUnitClassError(
+            f"fetch unit classes {unknown + missing_types} do not occur in {type(model).__name__}; "
+            f"module classes with parameters are: "
+            f"{sorted({type(m).__name__ for m in model.modules() if _has_params(m)})}")
+    found: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for n, c in module.named_children():
+            if isinstance(c, wanted_types) or type(c).__name__ in wanted_names:
+                found.append((f"{prefix}{n}", c))
+            else:
+                visit(f"{prefix}{n}.", c)
+
+    visit("", model)
+    return found
+
+
+def fetch_units(model: nn.Module, *, unit_classes: Sequence[type | str] | None = None,
+                persistence_threshold: int = 0, trainable_only: bool = False) -> list[FetchUnit]:
+    """Group ``model``'s parameters into fetch units (see [Note: fetch units]).
+
+    ``persistence_threshold``: parameters with fewer elements are counted in
+    ``persistent_numel`` (DeepSpeed's ``stage3_param_persistence_threshold``: kept whole on
+    every rank instead of being fetched).
+    """
+    blocks = _class_modules(model, unit_classes) if unit_classes else _block_modules(model)
+    prefixes = [(f"{n}.", n) for n, _ in blocks]
+    reach: dict[int, set[str]] = {}  # id(param) -> units whose modules reach it
+    params: dict[int, tuple[str, nn.Parameter]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        params.setdefault(id(p), (name, p))  # first name wins, as in named_parameters()
+        unit = next((u for pre, u in prefixes if name.startswith(pre)), ROOT)
+        reach.setdefault(id(p), set()).add(unit)
+    order = [ROOT] + [n for n, _ in blocks]
+    members: dict[str, list[tuple[str, nn.Parameter]]] = {n: [] for n in order}
+    for pid, (name, p) in params.items():
+        if trainable_only and not p.requires_grad:
+            continue
+        units_of = reach[pid]
+        members[next(iter(units_of)) if len(units_of) == 1 else ROOT].append((name, p))
+    units = []
+    for n in order:
+        ps = members[n]
+        if n != ROOT and not ps:
+            continue
+        units.append(FetchUnit(n, tuple(x for x, _ in ps), sum(p.numel() for _, p in ps),
+                               sum(p.numel() for _, p in ps if p.numel() < persistence_threshold)))
+    return units
+
+
+__all__ = ["FetchUnit", "UnknownUnitClassError", "fetch_units", "ROOT"]
