@@ -81,10 +81,24 @@ def _checkpoint(argv: list[str]) -> int:
     return checkpoint_main(argv)
 
 
+def _estimate(argv: list[str]) -> int:
+    from shardwise.estimate import main as estimate_main
+
+    return estimate_main(argv)
+
+
+def _plan(argv: list[str]) -> int:
+    from shardwise.planner import main as plan_main
+
+    return plan_main(argv)
+
+
 COMMANDS: dict[str, Command] = {
     "run": Command("run a training script on every rank (through torchrun)", _run),
     "env": Command("show python, torch, CUDA, the backend that would be used and CPUs", _env),
     "checkpoint": Command("checkpoint info (verify) / export (Hugging Face safetensors)", _checkpoint),
+    "estimate": Command("per-rank memory of ZeRO stages 0-3 for a model or parameter count", _estimate),
+    "plan": Command("dry-run a config + model at N ranks: bytes per rank, units, comm, fits", _plan),
 }
 
 

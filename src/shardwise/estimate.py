@@ -1,0 +1,396 @@
+"""Per-rank memory of ZeRO stages 0-3, before launch: ``model_states()`` and ``shardwise estimate``.
+
+[Note: estimate semantics]
+The figures are what :meth:`shardwise.Engine.memory_report` measures after a step, per rank,
+in bytes (stage 3, not implemented yet, is planned the same way):
+
+| stage | params (compute dtype)        | grads                | master (bf16/fp16 only) | optimizer state        |
+|-------|-------------------------------|----------------------|-------------------------|------------------------|
+| 0     | all buckets, padded           | all, fp32            | all, fp32               | k x 4 B per element    |
+| 1     | all buckets, padded           | all, fp32            | own chunk, fp32         | own chunk              |
+| 2     | all buckets, padded           | own chunk, fp32      | own chunk, fp32         | own chunk              |
+| 3     | own chunk + persistent params | own chunk, compute   | own chunk, fp32         | own chunk              |
+
+With fp32 the parameters are the master weights (no copy). k is 2 for Adam/AdamW (plus a 4-byte
+``step`` per optimizer tensor), 1 for SGD with momentum and Adagrad. Given a model, the
+layout is shardwise's own (:func:`shardwise.comm.buckets.assign_buckets`: reverse order,
+per-bucket padding to ``world_size * 16`` elements), so stages 0-2 match the engine exactly;
+given only a parameter count, padding and step scalars are left out. Stage 3 shards each fetch
+unit (:func:`shardwise.zero.units.fetch_units`) in one flat buffer padded the same way and
+follows DeepSpeed's accounting (gradient shard in the compute dtype), so mixed-precision or
+fp32 Adam costs 16 bytes per parameter / N, plus the parameters below
+``stage3_param_persistence_threshold`` held whole on every rank.
+
+[Note: activation estimate]
+Rough, for transformers only (Korthikanti et al. 2022, no recomputation, no tensor
+parallelism): ``layers * s * b * h * (34 + 5 * a * s / h)`` bytes at 16-bit (twice that for
+fp32), plus the logits ``s * b * vocab * (dtype bytes + 4)`` (cast to fp32 for the loss). The
+``5 a s / h`` term is the attention matrix, which fused attention kernels do not store, so it
+is an upper estimate. ``None`` when micro-batch, sequence length or the model's shape is not
+known.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import torch
+import torch.nn as nn
+
+from shardwise.comm.buckets import BucketLayout, assign_buckets
+from shardwise.errors import UsageError
+from shardwise.zero.units import fetch_units
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ALIGN = 16  # assign_buckets' default alignment, used by the strategies
+# optimizer -> (fp32 state tensors per element, has a 4-byte `step` tensor per param tensor)
+OPTIMIZER_STATES = {"adamw": (2, True), "adam": (2, True), "fusedadam": (2, True), "lamb": (2, True),
+                    "sgd": (1, False), "sgd-nomomentum": (0, False), "adagrad": (1, True)}
+PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
+FIELDS = ("params", "grads", "master_params", "optimizer_state", "activations", "total")
+ModelLike = Union[int, float, nn.Module, Callable[[], nn.Module]]
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int | None = None
+
+
+def transformer_shape(model: nn.Module) -> TransformerShape | None:
+    """Read layers / hidden / heads / vocab from ``model.config`` (Hugging Face) or ``model.cfg``."""
+    for attr in ("config", "cfg"):
+        c = getattr(model, attr, None)
+        if c is None:
+            continue
+
+        def get(*names: str) -> int | None:
+            return next((getattr(c, n) for n in names if isinstance(getattr(c, n, None), int)), None)
+
+        shape = (get("n_layer", "num_hidden_layers", "n_layers", "num_layers"),
+                 get("d_model", "hidden_size", "n_embd", "dim"), get("n_head", "num_attention_heads", "n_heads"))
+        if all(shape):
+            return TransformerShape(*shape, vocab=get("vocab_size"))
+    return None
+
+
+def activation_bytes(shape: TransformerShape | None, micro_batch: int | None, seq_len: int | None,
+                     precision: str = "fp32") -> int | None:
+    """Rough activation memory of one micro-batch (see [Note: activation estimate])."""
+    if shape is None or not micro_batch or not seq_len:
+        return None
+    s, b, h, a = seq_len, micro_batch, shape.hidden, shape.heads
+    per_layer = s * b * h * (34 + 5 * a * s / h) * DTYPE_BYTES[precision] / 2
+    logits = s * b * shape.vocab * (DTYPE_BYTES[precision] + 4) if shape.vocab else 0
+    return int(shape.layers * per_layer + logits)
+
+
+def _states_per_element(optimizer: str) -> tuple[int, bool]:
+    key = optimizer.lower().replace("_", "")
+    if key not in OPTIMIZER_STATES:
+        raise UsageError(f"unknown optimizer {optimizer!r} for the estimate; known: {sorted(OPTIMIZER_STATES)}")
+    return OPTIMIZER_STATES[key]
+
+
+def _check(world_size: int, stage: int, precision: str) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise UsageError(f"world_size must be a positive integer, got {world_size!r}")
+    if stage not in (0, 1, 2, 3):
+        raise UsageError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+    if precision not in DTYPE_BYTES:
+        raise UsageError(f"precision must be one of {sorted(DTYPE_BYTES)}, got {precision!r}")
+
+
+def _result(params: int, grads: int, master: int, state: int, activations: int | None) -> dict[str, int | None]:
+    total = params + grads + master + state + (activations or 0)
+    return {"params": params, "grads": grads, "master_params": master, "optimizer_state": state,
+            "activations": activations, "total": total}
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Call ``factory()`` with the meta device as default: shapes only, no storage."""
+    with torch.device("meta"):
+        return factory()
+
+
+def trainable_params(model: nn.Module) -> tuple[list[nn.Parameter], int]:
+    """Unique trainable parameters in registration order (as the strategy sees them), and the
+    element count of the frozen ones."""
+    params = list(model.parameters())  # deduplicated (tied weights once)
+    return [p for p in params if p.requires_grad], sum(p.numel() for p in params if not p.requires_grad)
+
+
+def bucket_layouts(model: nn.Module, world_size: int, bucket_numel: int = 2_000_000) -> list[BucketLayout]:
+    """The buckets :class:`shardwise.strategy.DataParallelStrategy` builds for ``model`` (one
+    param group; all floating-point parameters share the compute dtype and device)."""
+    trainable, _ = trainable_params(model)
+    return assign_buckets([p.numel() for p in trainable], [(0, "compute", "device")] * len(trainable),
+                          bucket_numel, world_size, ALIGN)
+
+
+def sharded_numel(numel: int, world_size: int) -> int:
+    """Per-rank chunk of a flat buffer of ``numel`` elements padded like a bucket."""
+    multiple = world_size * ALIGN
+    return max(-(-numel // multiple) * multiple, multiple) // world_size
+
+
+def layout_states(layouts: list[BucketLayout], frozen_numel: int, world_size: int, stage: int, precision: str,
+                  optimizer: str = "adamw", rank: int = 0, activations: int | None = None) -> dict[str, int | None]:
+    """Stage 0-2 bytes of ``rank`` from the real bucket layout (matches ``memory_report()``)."""
+    pb, (k, step) = DTYPE_BYTES[precision], _states_per_element(optimizer)
+    padded = sum(lay.padded_numel for lay in layouts)
+    chunk = sum(hi - lo for lo, hi in (lay.chunk_range(rank, world_size) for lay in layouts))
+    opt = padded if stage == 0 else chunk
+    grads = 4 * (chunk if stage == 2 else padded)
+    master = 4 * opt if precision != "fp32" else 0
+    state = 4 * k * opt + (4 * len(layouts) if step and k else 0)
+    return _result(pb * (padded + frozen_numel), grads, master, state, activations)
+
+
+def stage3_states(unit_numels: list[int], persistent_numel: int, frozen_numel: int, world_size: int,
+                  precision: str, optimizer: str = "adamw", activations: int | None = None) -> dict[str, int | None]:
+    """Stage 3 bytes per rank: every fetch unit one flat buffer sharded like a bucket."""
+    pb, (k, step) = DTYPE_BYTES[precision], _states_per_element(optimizer)
+    chunk = sum(sharded_numel(n, world_size) for n in unit_numels)
+    params = pb * (chunk + persistent_numel + -(-frozen_numel // world_size))
+    master = 4 * chunk if precision != "fp32" else 0
+    state = 4 * k * chunk + (4 * len(unit_numels) if step and k else 0)
+    return _result(params, pb * chunk, master, state, activations)
+
+
+def model_states(model: ModelLike, world_size: int, stage: int, precision: str = "fp32", optimizer: str = "adamw",
+                 bucket_numel: int = 2_000_000, *, micro_batch: int | None = None, seq_len: int | None = None,
+                 shape: TransformerShape | None = None, persistence_threshold: int = PERSISTENCE_THRESHOLD,
+                 persistent_numel: int = 0) -> dict[str, int | None]:
+    """Per-rank bytes ``{"params", "grads", "master_params", "optimizer_state", "activations",
+    "total"}`` of one ZeRO stage (see [Note: estimate semantics]).
+
+    ``model``: a parameter count (analytic), an ``nn.Module`` (ideally on the meta device) or a
+    zero-argument factory (built on the meta device). ``activations`` needs ``micro_batch``,
+    ``seq_len`` and a transformer ``shape`` (read from the model when not given); else None.
+    ``persistent_numel`` (count only) is the stage-3 replicated part.
+    """
+    _check(world_size, stage, precision)
+    if isinstance(model, (int, float)) and not isinstance(model, bool):
+        return _analytic(int(model), world_size, stage, precision, optimizer,
+                         activation_bytes(shape, micro_batch, seq_len, precision), persistent_numel)
+    if not isinstance(model, nn.Module):
+        model = build_on_meta(model)
+    act = activation_bytes(shape or transformer_shape(model), micro_batch, seq_len, precision)
+    trainable, frozen = trainable_params(model)
+    if stage == 3:
+        units = fetch_units(model, persistence_threshold=persistence_threshold, trainable_only=True)
+        return stage3_states([u.numel for u in units], sum(u.persistent_numel for u in units), frozen,
+                             world_size, precision, optimizer, act)
+    return layout_states(bucket_layouts(model, world_size, bucket_numel), frozen, world_size, stage, precision,
+                         optimizer, activations=act)
+
+
+def _analytic(n: int, world: int, stage: int, precision: str, optimizer: str, act: int | None,
+              persistent: int) -> dict[str, int | None]:
+    pb, (k, _) = DTYPE_BYTES[precision], _states_per_element(optimizer)
+    shard = -(-n // world)
+    opt = n if stage == 0 else shard
+    params = pb * (shard + persistent) if stage == 3 else pb * n
+    grads = pb * shard if stage == 3 else 4 * (shard if stage == 2 else n)
+    return _result(params, grads, 4 * opt if precision != "fp32" else 0, 4 * k * opt, act)
+
+
+def estimate_all(model: ModelLike, world_size: int, **kwargs: Any) -> dict[str, Any]:
+    """``{"world_size": N, "stages": {"0": {...}, ..., "3": {...}}}``: what ``--json`` prints.
+    A factory is built once."""
+    if callable(model) and not isinstance(model, nn.Module):
+        model = build_on_meta(model)
+    return {"world_size": world_size,
+            "stages": {str(s): model_states(model, world_size, s, **kwargs) for s in range(4)}}
+
+
+# -- inputs shared with `shardwise plan` ------------------------------------------------------
+def parse_bytes(text: str) -> int:
+    """``"80GB"`` (10^9), ``"80GiB"`` (2^30), ``"512MB"``, ``"1.5e10"`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?|B)?\s*", text or "")
+    units = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    try:
+        return int(float(m.group(1)) * units[(m.group(2) or "").removesuffix("B")])
+    except (AttributeError, KeyError, ValueError):
+        raise UsageError(f"cannot read {text!r} as a memory size; write e.g. 80GB, 80GiB or 512MB") from None
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _on_path(folder: str) -> None:
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def load_factory(spec: str) -> Callable[[], nn.Module]:
+    """``pkg.module:factory`` or ``path/to/file.py:factory`` -> the callable."""
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--model {spec!r}: write pkg.module:factory or path/to/file.py:factory")
+    try:
+        if module_name.endswith(".py"):
+            name = os.path.splitext(os.path.basename(module_name))[0]
+            loader = importlib.util.spec_from_file_location(name, module_name)
+            if loader is None or not os.path.isfile(module_name):
+                raise ImportError(f"no file {module_name}")
+            _on_path(os.path.dirname(os.path.abspath(module_name)))
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            _on_path(os.getcwd())
+            module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"--model {spec!r}: {exc}") from None
+    if not callable(factory):
+        raise UsageError(f"--model {spec!r}: {attr} is not callable")
+    return factory
+
+
+def hf_factory(config_path: str) -> Callable[[], nn.Module]:
+    """A factory for the causal-LM a Hugging Face ``config.json`` describes (needs transformers)."""
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError("--hf-config needs the `transformers` package (pip install transformers); "
+                         "or give --params N or --model pkg.module:factory") from None
+    cfg = transformers.AutoConfig.from_pretrained(config_path)
+    return lambda: transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+@dataclass(frozen=True)
+class PlanningConfig:
+    """What planning reads from a DeepSpeed config resolved at N ranks."""
+
+    stage: int
+    precision: str
+    optimizer: str
+    bucket_numel: int
+    micro_batch: int
+    gradient_accumulation_steps: int
+    persistence_threshold: int
+
+
+def planning_config(path: str, world_size: int) -> PlanningConfig:
+    """Resolve a config at ``world_size`` with ``shardwise.config.load_config`` (so batch sizes
+    that do not divide at N raise its ConfigError). The config layer refuses ZeRO stage 3 and
+    its ``stage3_*`` keys until stage 3 exists; planning reads them itself and resolves the rest."""
+    from shardwise.config import load_config
+
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read config {path}: {exc}") from None
+    zero = dict(doc.get("zero_optimization") or {}) if isinstance(doc, dict) else {}
+    stage = zero.get("stage", 0)
+    threshold = zero.get("stage3_param_persistence_threshold", zero.get("param_persistence_threshold",
+                                                                        PERSISTENCE_THRESHOLD))
+    stage3_keys = {k for k in zero if k.startswith("stage3_") or f"stage3_{k}" in _stage3_key_names()}
+    if stage == 3 or stage3_keys:
+        zero = {k: v for k, v in zero.items() if k not in stage3_keys}
+        zero["stage"] = 2 if stage == 3 else stage
+        doc = {**doc, "zero_optimization": zero}
+    plan = load_config(doc, world_size=world_size)
+    opt = plan.optimizer.type if plan.optimizer is not None else "adamw"
+    if opt.lower() == "sgd" and not dict(plan.optimizer.params).get("momentum"):
+        opt = "sgd-nomomentum"
+    return PlanningConfig(stage, plan.precision.compute, opt, plan.zero.reduce_bucket_size,
+                          plan.batch.micro_batch_size, plan.batch.gradient_accumulation_steps, int(threshold))
+
+
+def _stage3_key_names() -> set[str]:
+    from shardwise.config.schema_keys import ZERO
+
+    return {k for k in ZERO if k.startswith("stage3_")}
+
+
+def add_world_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world-size", type=int, help="number of ranks N")
+    p.add_argument("--nodes", type=int, help="with --gpus-per-node: N = nodes x gpus per node")
+    p.add_argument("--gpus-per-node", type=int)
+    p.add_argument("--device-memory", help="memory per device, e.g. 80GB (10^9) or 80GiB (2^30)")
+    p.add_argument("--json", action="store_true", help="print JSON (bytes per rank)")
+
+
+def world_from_args(args: argparse.Namespace) -> int:
+    if args.world_size is not None:
+        n = args.world_size
+    elif args.nodes is not None and args.gpus_per_node is not None:
+        n = args.nodes * args.gpus_per_node
+    else:
+        raise UsageError("give --world-size N, or --nodes A and --gpus-per-node B")
+    if n < 1:
+        raise UsageError(f"world size must be positive, got {n}")
+    return n
+
+
+# -- `shardwise estimate` ---------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="shardwise estimate",
+                                description="Per-rank memory of ZeRO stages 0-3 (model states + activations).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--params", type=float, help="parameter count, e.g. 7e9 (analytic)")
+    src.add_argument("--model", help="pkg.module:factory or file.py:factory (built on the meta device)")
+    src.add_argument("--hf-config", help="a Hugging Face config.json (needs transformers)")
+    add_world_args(p)
+    p.add_argument("--config", help="DeepSpeed-style JSON: precision, optimizer, bucket size, micro-batch")
+    p.add_argument("--precision", choices=sorted(DTYPE_BYTES), help="overrides the config (default fp32)")
+    p.add_argument("--micro-batch", type=int, help="micro-batch per rank, for the activation estimate")
+    p.add_argument("--seq", type=int, help="sequence length, for the activation estimate")
+    for name in ("layers", "hidden", "heads", "vocab"):
+        p.add_argument(f"--{name}", type=int, help=f"transformer {name} (with --params, for activations)")
+    args = p.parse_args(argv)
+    world = world_from_args(args)
+    cfg = planning_config(args.config, world) if args.config else None
+    kwargs: dict[str, Any] = {"precision": args.precision or (cfg.precision if cfg else "fp32"),
+                              "micro_batch": args.micro_batch or (cfg.micro_batch if cfg else None),
+                              "seq_len": args.seq}
+    if cfg:
+        kwargs |= {"optimizer": cfg.optimizer, "bucket_numel": cfg.bucket_numel,
+                   "persistence_threshold": cfg.persistence_threshold}
+    if args.layers and args.hidden and args.heads:
+        kwargs["shape"] = TransformerShape(args.layers, args.hidden, args.heads, args.vocab)
+    if args.params is not None:
+        model: ModelLike = int(args.params)
+        kwargs.pop("persistence_threshold", None)
+    else:
+        model = build_on_meta(load_factory(args.model) if args.model else hf_factory(args.hf_config))
+    out = estimate_all(model, world, **kwargs)
+    mem = parse_bytes(args.device_memory) if args.device_memory else None
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    n = model if isinstance(model, int) else sum(q.numel() for q in model.parameters())
+    print(f"{n / 1e9:.3f} B parameters, {world} ranks, {kwargs['precision']}, "
+          f"optimizer {kwargs.get('optimizer', 'adamw')}; bytes per rank")
+    cols = ("stage",) + FIELDS + (("fits",) if mem else ())
+    rows = [[s] + [fmt_bytes(v[f]) for f in FIELDS] + ([str(v["total"] <= mem).lower()] if mem else [])
+            for s, v in out["stages"].items()]
+    widths = [max(len(str(c)), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    for line in [list(cols)] + rows:
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+    print(("fits: total <= " + fmt_bytes(mem) + "; " if mem else "")
+          + "stage 3 is not implemented yet (estimated with DeepSpeed's accounting)")
+    return 0
+
+
+__all__ = ["model_states", "estimate_all", "activation_bytes", "transformer_shape", "TransformerShape",
+           "bucket_layouts", "layout_states", "stage3_states", "planning_config", "PlanningConfig"]
