@@ -18,6 +18,7 @@ Everything here runs only at start-up, on a background thread, or after a failur
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -112,9 +113,17 @@ class RankHealth:
 
         self._thread = threading.Thread(target=beat, name="shardwise-heartbeat", daemon=True)
         self._thread.start()
+        # [Note: heartbeat shutdown] the thread owns a cloned TCPStore client; if interpreter
+        # shutdown freezes the thread while that client is alive, its C++ destructor can abort
+        # the process ("terminate called without an active exception", exit -6) after a run
+        # that succeeded. Stop and join it before shutdown begins.
+        atexit.register(self.stop)
 
     def stop(self) -> None:
         self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=HEARTBEAT_S + 2)
 
     # -- after a failure ------------------------------------------------------------------------
     def suspects(self, wait_s: float = SUSPECT_WAIT_S) -> dict[int, str]:
