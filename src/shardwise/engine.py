@@ -1,7 +1,7 @@
 """The training engine: counts micro-steps and delegates to the strategy picked at init.
 
 DeepSpeed's names and meaning: ``engine(batch)`` runs the forward, ``backward(loss)`` scales the
-loss by ``loss_scale / gradient_accumulation_steps`` and runs autograd (reductions overlap it),
+loss by ``loss_scale / (gradient_accumulation_steps * world)`` and runs autograd (reductions overlap it),
 ``step()`` acts only at the accumulation boundary: optimizer step, LR-scheduler step, zeroed
 gradients.
 """
@@ -84,7 +84,7 @@ class Engine:
             )
         t0 = time.perf_counter()
         sync = self.is_gradient_accumulation_boundary()
-        scale = self.strategy.loss_scale / self.gradient_accumulation_steps()
+        scale = self.strategy.backward_scale / self.gradient_accumulation_steps()
         self.strategy.before_backward(sync)
         # [Note: non-finite loss] a NaN/inf loss on one rank must stop (or skip) the step on
         # every rank even when its gradients are finite (e.g. `loss + nan`): the loss is then

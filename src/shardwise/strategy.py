@@ -119,6 +119,16 @@ class DataParallelStrategy:
     def loss_scale(self) -> float:
         return self.scaler.scale
 
+    @property
+    def backward_scale(self) -> float:
+        """What the loss is multiplied by before backward (per micro-step, before 1/gas).
+
+        [Note: averaging in the loss] ``1 / world`` is folded in here, so summed reductions
+        yield the mean gradient without a pass over the gradients; exact when the world size
+        is a power of two.
+        """
+        return self.scaler.scale / self.ctx.world_size
+
     def before_backward(self, sync: bool) -> None:
         self.grad_sync.before_backward(sync)
 

@@ -1,10 +1,12 @@
 """The optimizer step over flat buckets: global norm, unscale + clip, step, write back, gather.
 
 [Note: one pass over gradients]
-Reduced gradients hold the *sum* over ranks of loss-scaled gradients. The step computes the
+Reduced gradients hold the sum over ranks of gradients of ``loss * scale / world`` (see
+[Note: averaging in the loss] in strategy.py), i.e. the loss-scaled mean. The step computes the
 squared norm of what this rank owns (all-reduced when gradients are sharded), derives the true
-global norm ``sqrt(sumsq) / (world * scale)``, and then multiplies the gradients once by
-``clip_coef / (world * scale)``. Averaging, unscaling and clipping cost one pass together.
+global norm ``sqrt(sumsq) / scale``, and then multiplies the gradients once by
+``clip_coef / scale`` -- a pass that is skipped when that factor is exactly 1 (fp32 or bf16,
+clipping inactive).
 The clip coefficient follows ``torch.nn.utils.clip_grad_norm_``:
 ``min(1, max_norm / (norm + 1e-6))``.
 """
@@ -61,7 +63,7 @@ class ShardedStep:
 
     def step(self, step_index: int) -> StepResult:
         sumsq = self._squared_norm()
-        denom = self.ctx.world_size * self.scaler.scale
+        denom = self.scaler.scale
         norm = math.sqrt(sumsq) / denom if math.isfinite(sumsq) else float("nan")
         if not self.scaler.update(math.isfinite(sumsq), step_index):
             return StepResult(False, norm)
