@@ -182,3 +182,36 @@ def test_shared_parameter_across_checkpoint(stage):
     engine, *_ = shardwise.initialize(model=_SharedAcrossCheckpoint(True), config=cfg)
     with pytest.raises(shardwise.ShardwiseError, match="use_reentrant=False"):
         engine.backward(engine(x))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_frozen_parameters_stay_put_and_the_rest_matches_pytorch(stage):
+    """LoRA-style: a frozen block is neither reduced nor stepped; the rest is bitwise plain PyTorch."""
+    def frozen_model():
+        m = model()
+        for name, p in m.named_parameters():
+            if name.startswith("blocks.0."):
+                p.requires_grad_(False)
+        return m
+
+    ref = frozen_model()
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    m = frozen_model()
+    before = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
+    engine, *_ = shardwise.initialize(
+        model=m, model_parameters=[p for p in m.parameters() if p.requires_grad],
+        config=base(optimizer={"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
+                    zero_optimization={"stage": stage}))
+    for i in range(3):
+        x = data(4, seed=i)
+        loss_ref = ref(x[:, :-1], x[:, 1:])
+        loss_ref.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        engine.backward(engine(x[:, :-1], x[:, 1:]))
+        engine.step()
+    for (name, a), b in zip(ref.named_parameters(), m.parameters()):
+        assert torch.equal(a, b), name
+    for name, p in m.named_parameters():
+        if name in before:
+            assert torch.equal(p, before[name]) and p.grad is None, name
