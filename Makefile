@@ -24,7 +24,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/compare.py
+	$(PY) -m pip install --quiet matplotlib
+	$(PY) benchmarks/compare.py --out benchmarks/results.json
+	$(PY) benchmarks/plot.py --json benchmarks/results.json --out benchmarks/results.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -61,13 +61,17 @@ DEFAULTS = {
     "steps": {"25m": (1, 2, 8), "1m": (1, 5, 40)},
     "launches": {"25m": (3, 2, 4), "1m": (5, 5, 25)},
 }
-SYSTEMS = ("ddp", "zero0", "zero1", "zero2")
+import peers  # noqa: E402  (benchmarks/peers.py: fsdp2, plain, DeepSpeed)
+
+SYSTEMS = ("ddp", "fsdp2", "zero0", "zero1", "zero2", "plain") + (peers.DS_SYSTEMS if peers.HAVE_DEEPSPEED else ())
+NO_BUCKET = ("ddp", "fsdp2", "plain")  # systems without a reduce-bucket size
 BUSY_CORES = 0.25  # other processes' CPU use (cores) above which a round counts as disturbed
 
 
 # -- ranks ---------------------------------------------------------------------------------
 def _batches(cfg, n_steps: int, rank: int, world: int):
-    """The same token stream for every system: rank r's slice of each global batch."""
+    """The same token stream for every system: rank r's slice of each global batch
+    (``world=1``: the whole global batch, for ``plain``)."""
     g = torch.Generator().manual_seed(SEED + 1)
     mb = GLOBAL_BATCH // world
     out = []
@@ -110,7 +114,7 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _build(system: str, model_name: str, bucket: int):
+def _build(system: str, model_name: str, bucket: int, precision: str = "fp32"):
     """Model + optimizer for one system on this rank, from the shared seed.
     Returns ``(step(x, y, marks) -> loss, state_bytes() -> dict, n_params)``; ``step`` appends
     the clock after forward and after backward to ``marks``."""
@@ -121,6 +125,13 @@ def _build(system: str, model_name: str, bucket: int):
     model = GPT(GPTConfig.preset(model_name))
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
+    if system == "fsdp2":
+        return (*peers.build_fsdp2(model, LR, WEIGHT_DECAY, precision), n_params)
+    if system == "plain":
+        return (*peers.build_plain(model, LR, WEIGHT_DECAY, precision), n_params)
+    if system in peers.DS_SYSTEMS:
+        return (*peers.build_deepspeed(model, int(system[-1]), bucket, LR, WEIGHT_DECAY, precision,
+                                       GLOBAL_BATCH), n_params)
     if system == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -128,7 +139,8 @@ def _build(system: str, model_name: str, bucket: int):
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
 
         def step(x, y, marks):
-            loss = ddp(x, y)
+            with peers._autocast(precision):  # bf16: autocast forward, fp32 params/grads/state
+                loss = ddp(x, y)
             marks.append(time.perf_counter())
             loss.backward()
             marks.append(time.perf_counter())
@@ -160,6 +172,7 @@ def _build(system: str, model_name: str, bucket: int):
             "zero_optimization": {"stage": int(system[-1]), "reduce_bucket_size": int(bucket),
                                   "overlap_comm": True},
             "steps_per_print": 1_000_000,  # (0 is refused by the config validator)
+            **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
         })
 
     def step(x, y, marks):
@@ -185,7 +198,17 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def rank_interleaved(specs: list[tuple[str, str, int]], model_name: str, warmup: int, steps: int) -> dict:
+def _losses(system: str, values: list[float]) -> list[float]:
+    """Mean over ranks, or rank 0's values for a rank-0-only system (losses, phases)."""
+    if system in peers.RANK0_ONLY:
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.broadcast(t, 0)
+        return t.tolist()
+    return _mean_over_ranks(values)
+
+
+def rank_interleaved(specs: list[tuple[str, str, int]], model_name: str, warmup: int, steps: int,
+                     precision: str = "fp32") -> dict:
     """All systems in one process group, stepping in turn: step i runs one step of every system,
     starting from system ``i mod n`` (rotating who goes first). Each system's step starts after
     a barrier; its time is the max over ranks. Module-level for ``run_distributed``."""
@@ -194,8 +217,10 @@ def rank_interleaved(specs: list[tuple[str, str, int]], model_name: str, warmup:
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     t_build = time.perf_counter()
-    built = {label: _build(system, model_name, bucket) for label, system, bucket in specs}
+    built = {label: _build(system, model_name, bucket, precision) for label, system, bucket in specs}
     data = _batches(GPTConfig.preset(model_name), warmup + steps, rank, world)
+    full = _batches(GPTConfig.preset(model_name), warmup + steps, 0, 1)  # for rank-0-only systems
+    kind = {label: system for label, system, _ in specs}
     t_build = time.perf_counter() - t_build
     times: dict[str, list[float]] = {label: [] for label, _, _ in specs}
     phases: dict[str, list[list[float]]] = {label: [] for label, _, _ in specs}
@@ -204,6 +229,10 @@ def rank_interleaved(specs: list[tuple[str, str, int]], model_name: str, warmup:
     for i, (x, y) in enumerate(data):
         for label, _, _ in specs[i % n:] + specs[: i % n]:
             step = built[label][0]
+            if kind[label] in peers.RANK0_ONLY:
+                x, y = full[i]
+            else:
+                x, y = data[i]
             marks: list[float] = []
             dist.barrier()
             t0 = time.perf_counter()
@@ -220,8 +249,8 @@ def rank_interleaved(specs: list[tuple[str, str, int]], model_name: str, warmup:
             "times": all_t[warmup:],
             "warmup_times": all_t[:warmup],
             # median over timed steps of (forward, backward, optimizer step) on this rank, mean over ranks
-            "phases": _mean_over_ranks([statistics.median(col) for col in zip(*phases[label])]),
-            "losses": _mean_over_ranks(losses[label]),
+            "phases": _losses(kind[label], [statistics.median(col) for col in zip(*phases[label])]),
+            "losses": _losses(kind[label], losses[label]),
             "mem": built[label][1](),
             "n_params": built[label][2],
         }
@@ -229,7 +258,7 @@ def rank_interleaved(specs: list[tuple[str, str, int]], model_name: str, warmup:
 
 
 def rank_run(system: str, model_name: str, warmup: int, steps: int, bucket: int,
-             profile: str | None = None) -> dict:
+             profile: str | None = None, precision: str = "fp32") -> dict:
     """One system alone in its process group: ``warmup + steps`` steps. Used for per-system
     peak RSS, for ``--mode launches`` and for ``--profile``. Module-level for ``run_distributed``."""
     from model import GPTConfig
@@ -237,8 +266,11 @@ def rank_run(system: str, model_name: str, warmup: int, steps: int, bucket: int,
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     rss_start = _rss_mib()
-    step, state_bytes, n_params = _build(system, model_name, bucket)
+    step, state_bytes, n_params = _build(system, model_name, bucket, precision)
+    if system in peers.RANK0_ONLY:
+        rank, world = 0, 1  # the whole global batch
     data = _batches(GPTConfig.preset(model_name), warmup + steps, rank, world)
+    rank = dist.get_rank()
     times, losses = [], []
     prof = None
     dist.barrier()
@@ -254,7 +286,7 @@ def rank_run(system: str, model_name: str, warmup: int, steps: int, bucket: int,
     return {
         # a step ends when the slowest rank ends; the loss is the global-batch mean
         "times": _max_over_ranks(times)[warmup:],
-        "losses": _mean_over_ranks(losses),
+        "losses": _losses(system, losses),
         "mem": state_bytes(),
         "n_params": n_params,
         "rss_peak_mib": _rss_mib(),
@@ -298,21 +330,12 @@ def _stop_profile(handle, kind: str, steps: int) -> str:
 
 
 # -- driver --------------------------------------------------------------------------------
-def _ideal_bytes(system: str, n_params: int, world: int) -> float:
-    psi = n_params
-    if system in ("ddp", "zero0"):
-        return 16 * psi
-    if system.startswith("zero1"):
-        return 8 * psi + 8 * psi / world
-    return 4 * psi + 12 * psi / world
-
-
 def _systems(names: list[str], buckets: list[int]) -> list[tuple[str, str, int]]:
     """(label, system, bucket) in launch order."""
     out = []
     for s in names:
-        if s == "ddp":
-            out.append(("ddp", "ddp", 0))
+        if s in NO_BUCKET:
+            out.append((s, s, 0))
         else:
             for b in buckets:
                 label = s if len(buckets) == 1 else f"{s}@{b:g}"
@@ -366,7 +389,8 @@ def bench_model(model_name: str, args) -> dict:
         # [Note: interleaved measurement], steps mode
         for r in range(rounds):
             def attempt():
-                res, busy = _launch(rank_interleaved, args, systems, model_name, warmup, steps, timeout=timeout)
+                res, busy = _launch(rank_interleaved, args, systems, model_name, warmup, steps, timeout=timeout,
+                                    precision=args.precision)
                 sysres = res[0]["systems"]
                 line = "  ".join(f"{k}={1e3 * statistics.median(v['times']):.0f}ms" for k, v in sysres.items())
                 warm = sum(sum(v["warmup_times"]) for v in sysres.values())
@@ -384,7 +408,8 @@ def bench_model(model_name: str, args) -> dict:
         rss: dict[str, list[float]] = {}
         rss_start: list[float] = []
         for label, system, bucket in systems:  # each system alone, for its own peak RSS
-            res, _ = _launch(rank_run, args, system, model_name, 1, 1, bucket, timeout=timeout)
+            res, _ = _launch(rank_run, args, system, model_name, 1, 1, bucket, timeout=timeout,
+                             precision=args.precision)
             rss[label] = [x["rss_peak_mib"] for x in res]
             rss_start = [x["rss_start_mib"] for x in res]
     else:
@@ -395,6 +420,7 @@ def bench_model(model_name: str, args) -> dict:
                 round_runs, busy = {}, 0.0
                 for label, system, bucket in systems:
                     res, foreign = _launch(rank_run, args, system, model_name, warmup, steps, bucket,
+                                           precision=args.precision,
                                            timeout=timeout)
                     res[0]["rss_ranks"] = [x["rss_peak_mib"] for x in res]
                     round_runs[label] = res[0]
@@ -420,12 +446,12 @@ def bench_model(model_name: str, args) -> dict:
     for label, system, bucket in systems:
         ratios = [s / b for s, b in zip(samples[label], samples[base])]
         last = [lo[-1] for lo in losses[label]]
-        ideal = _ideal_bytes(system, n_params, args.world)
+        ideal = peers.ideal_bytes(system, n_params, args.world, args.precision)
         med = statistics.median(samples[label])
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         rows.append({
             "system": label,
-            "stage": None if system == "ddp" else int(system[-1]),
+            "stage": int(system[-1]) if system[-1].isdigit() and system != "fsdp2" else None,
             "bucket_elements": bucket or None,
             "median_step_s": med,
             "samples_s": samples[label],
@@ -446,13 +472,15 @@ def bench_model(model_name: str, args) -> dict:
             "losses": losses[label][0],
         })
     out = {"model": model_name, "n_params": n_params, "seq_len": _seq_len(model_name),
-           "world": args.world, "mode": args.mode, "rounds": rounds, "warmup": warmup, "steps": steps,
+           "world": args.world, "precision": args.precision, "mode": args.mode, "rounds": rounds,
+           "warmup": warmup, "steps": steps,
            "elapsed_s": time.perf_counter() - t0, "other_load_cores": busy_rounds,
            "rss_at_rank_start_mib": rss_start, "rows": rows}
     _print_table(out)
     if args.profile:
         label, system, bucket = next(s for s in systems if args.profile in (s[0], s[1]))
         res, _ = _launch(rank_run, args, system, model_name, warmup, steps, bucket,
+                         precision=args.precision,
                          profile=args.profile_kind, timeout=timeout * 4)
         print(f"\n### profile of {label} ({model_name}), rank 0\n{res[0]['profile']}")
         out["profile"] = {label: res[0]["profile"]}
@@ -471,7 +499,7 @@ def _print_table(out: dict) -> None:
            else "systems launched in interleaved rounds")
     n_pairs = len(out["rows"][0]["paired_ratios"])
     print(f"\n#### {out['model']} model ({out['n_params'] / 1e6:.2f}M params, seq {out['seq_len']}), "
-          f"{out['world']} ranks x 1 thread, global batch {GLOBAL_BATCH}, fp32; {how}: {out['rounds']} x "
+          f"{out['world']} ranks x 1 thread, global batch {GLOBAL_BATCH}, {out['precision']}; {how}: {out['rounds']} x "
           f"({out['warmup']} warmup + {out['steps']} timed steps), {n_pairs} paired samples; "
           f"{out['elapsed_s']:.0f} s\n")
     print("| system | bucket (elems) | median step | vs DDP (median of paired ratios) | IQR of ratios | tokens/s "
@@ -509,7 +537,10 @@ def _print_table(out: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("25m", "1m", "both"), default="both")
+    ap.add_argument("--model", choices=("25m", "1m", "both"), default=None,
+                    help="default: both for fp32, 1m for bf16 (bf16 is ~10x slower on CPU)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: shardwise/DeepSpeed bf16 config; DDP/FSDP2/plain autocast the forward")
     ap.add_argument("--mode", choices=("steps", "launches"), default="steps",
                     help="steps: all systems in one process group taking steps in turn (default; "
                          "paired per step); launches: each system its own process group, rounds of launches")
@@ -535,9 +566,11 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--world must divide the global batch {GLOBAL_BATCH}")
 
     t0 = time.perf_counter()
+    if args.model is None:
+        args.model = "both" if args.precision == "fp32" else "1m"
     models = ["25m", "1m"] if args.model == "both" else [args.model]
     results = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "cpu": _cpu_name(), "cores": os.cpu_count(), "models": {}}
+               "cpu": _cpu_name(), "cores": os.cpu_count(), "precision": args.precision, "models": {}}
     for m in models:
         results["models"][m] = bench_model(m, args)
     results["elapsed_s"] = time.perf_counter() - t0
