@@ -117,13 +117,18 @@ class RankHealth:
         # shutdown freezes the thread while that client is alive, its C++ destructor can abort
         # the process ("terminate called without an active exception", exit -6) after a run
         # that succeeded. Stop and join it before shutdown begins.
-        atexit.register(self.stop)
+        atexit.register(self.close)
 
     def stop(self) -> None:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=HEARTBEAT_S + 2)
+
+    def close(self) -> None:
+        """At exit: stop the heartbeat and drop our store clients while the interpreter is whole."""
+        self.stop()
+        self._store = self._raw = None
 
     # -- after a failure ------------------------------------------------------------------------
     def suspects(self, wait_s: float = SUSPECT_WAIT_S) -> dict[int, str]:
