@@ -175,15 +175,7 @@ def _build(system: str, model_name: str, bucket: int, precision: str = "fp32"):
             **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
         })
 
-    def step(x, y, marks):
-        loss = engine(x, y)
-        marks.append(time.perf_counter())
-        engine.backward(loss)
-        marks.append(time.perf_counter())
-        engine.step()
-        return loss
-
-    return step, lambda: dict(engine.memory_report()), n_params
+    return peers.engine_step(engine), lambda: dict(engine.memory_report()), n_params
 
 
 def _max_over_ranks(values: list[float]) -> list[float]:

@@ -21,6 +21,21 @@ DS_SYSTEMS = ("ds0", "ds1", "ds2", "ds3")
 RANK0_ONLY = ("plain",)
 
 
+
+def engine_step(engine):
+    """A timed step for any engine with DeepSpeed's API (shardwise or DeepSpeed): marks after
+    forward and after backward."""
+
+    def step(x, y, marks):
+        loss = engine(x, y)
+        marks.append(time.perf_counter())
+        engine.backward(loss)
+        marks.append(time.perf_counter())
+        engine.step()
+        return loss
+
+    return step
+
 def _autocast(precision: str):
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -123,13 +138,7 @@ def build_deepspeed(model, stage: int, bucket: int, lr: float, wd: float, precis
         cfg["bf16"] = {"enabled": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
 
-    def step(x, y, marks):
-        loss = engine(x, y)
-        marks.append(time.perf_counter())
-        engine.backward(loss)
-        marks.append(time.perf_counter())
-        engine.step()
-        return loss
+    step = engine_step(engine)
 
     def state_bytes() -> dict:
         opt = engine.optimizer
