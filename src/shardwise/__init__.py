@@ -2,6 +2,7 @@
 from shardwise.errors import ConfigError, ShardwiseError
 from shardwise.engine import Engine
 from shardwise.api import initialize
+from shardwise import zero
 
 __version__ = "0.1.0"
 

@@ -5,6 +5,7 @@
 | 0     | whole buckets          | full (fp32)              | all-reduce at the boundary  | -          |
 | 1     | this rank's chunk      | full (fp32)              | reduce-to-shard at boundary | all-gather |
 | 2     | this rank's chunk      | own chunk (fp32) + pool  | reduce-to-shard per micro   | all-gather |
+| 3     | this rank's chunk      | own chunk (fp32)         | reduce-to-shard per unit    | -          |
 
 The engine calls ``before_backward`` / ``after_backward`` / ``step`` / ``zero_grad`` and never
 looks at the stage.
@@ -25,6 +26,8 @@ from shardwise.precision.policy import compute_dtype
 from shardwise.zero.flat_bucket import FlatBucket
 from shardwise.zero.grad_sync import FullGradSync, ShardGradSync, all_reduce_async, reduce_to_shard_async
 from shardwise.zero.sharded_optimizer import ShardedStep, StepResult
+from shardwise.zero.sharded_params import ShardedParameter
+from shardwise.zero.stage3 import Stage3Policy, apply_stage3
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
@@ -200,10 +203,82 @@ class GradientShardedStrategy(DataParallelStrategy):
         return ShardGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm)
 
 
+class ParamShardedStrategy(DataParallelStrategy):
+    """ZeRO stage 3: parameters partitioned too, gathered per fetch unit (``zero/stage3.py``).
+
+    The optimizer sees one flat chunk per (fetch unit, param group, dtype); gradients are
+    reduced to their owners as soon as a unit's backward completes; no parameter all-gather
+    after the step except for the small persistent ones.
+    """
+
+    stage = 3
+    params_sharded = True
+
+    def __init__(self, module: nn.Module, groups: ParamGroups, plan: Plan, ctx: CommContext,
+                 make_optimizer: OptimizerFactory):
+        if not plan.zero.reduce_scatter:
+            ctx = replace(ctx, reduce_scatter_via_all_reduce=True)
+        self.ctx = ctx
+        self.dtype = compute_dtype(plan.precision)
+        self.scaler = make_loss_scaler(plan.precision)
+        if not any(isinstance(p, ShardedParameter) for p in module.parameters()):
+            module.to(device=ctx.device, dtype=self.dtype) if self.dtype != torch.float32 else module.to(ctx.device)
+        z = plan.zero
+        policy = Stage3Policy(prefetch_bucket_size=z.prefetch_bucket_size,
+                              param_persistence_threshold=z.param_persistence_threshold,
+                              max_live_parameters=z.max_live_parameters, max_reuse_distance=z.max_reuse_distance,
+                              overlap_comm=z.overlap_comm)
+        self.runtime = apply_stage3(module, groups.params, policy, ctx)
+        self.buckets = [s for s in self.runtime.shards() if s.trainable]
+        opt_groups = [{**opts, "params": [s.opt_param for s in self.buckets if s.group == gi]}
+                      for gi, opts in enumerate(groups.options)]
+        self.optimizer = make_optimizer(opt_groups)
+        self._step = ShardedStep(self.buckets, self.optimizer, ctx, self.scaler, grads_sharded=True,
+                                 params_sharded=False, clip=plan.gradient_clipping)
+
+    def before_backward(self, sync: bool) -> None:
+        pass
+
+    def after_backward(self, sync: bool) -> None:
+        self.runtime.finish_backward()
+
+    def step(self, step_index: int) -> StepResult:
+        result = self._step.step(step_index)
+        if result.applied:
+            self.runtime.after_step()
+        self.runtime.zero_grads()
+        return result
+
+    def zero_grad(self) -> None:
+        self.runtime.zero_grads()
+
+    def memory_report(self, module: nn.Module) -> dict[str, int]:
+        """As for stages 0-2; ``params`` counts this rank's shards plus the persistent
+        (whole) parameters, ``gathered_peak`` the high-water mark of gathered buffers."""
+
+        def nbytes(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+        shards = self.runtime.shards()
+        params = nbytes(s.full_flat if s.full_flat is not None else s.shard for s in shards)
+        grads = nbytes(s.grad for s in shards)
+        master = nbytes(s.opt_param for s in shards if s.mixed and s.opt_param is not None)
+        state = nbytes(v for st in self.optimizer.state.values() for v in st.values())
+        return {
+            "params": params,
+            "grads": grads,
+            "master_params": master,
+            "optimizer_state": state,
+            "total": params + grads + master + state,
+            "gathered_peak": self.runtime.gathered_peak,
+        }
+
+
 STRATEGIES: dict[int, type[DataParallelStrategy]] = {
     0: ReplicatedStrategy,
     1: OptimizerShardedStrategy,
     2: GradientShardedStrategy,
+    3: ParamShardedStrategy,
 }
 
 

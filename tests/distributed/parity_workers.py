@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import shardwise
+import shardwise.zero
 from model import GPT, GPTConfig
 
 PRESET = "tiny"
@@ -29,7 +30,8 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT:
 
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    with shardwise.zero.GatheredParameters(list(model.parameters())):  # whole at every stage
+        return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
 
 def reference_run(global_batch: int, steps: int, lr: float = 1e-3, weight_decay: float = 0.01,

@@ -118,6 +118,15 @@ def all_gather_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = T
     return Handle(work, ctx, name) if async_op else DONE
 
 
+def broadcast(t: torch.Tensor, ctx: CommContext, *, src: int = 0) -> None:
+    """Copy ``t`` from rank ``src`` into ``t`` on every rank (synchronous)."""
+    if not ctx.is_distributed:
+        return
+    name = f"broadcast({t.numel()} elements, src={src})"
+    with _guard(ctx, name):
+        dist.broadcast(t, src=src, group=ctx.group)
+
+
 # -- control-plane helpers (small Python objects; checkpoint agreement) ------------------
 
 

@@ -71,12 +71,17 @@ class PrecisionPlan:
 
 @dataclass(frozen=True)
 class ZeroPlan:
-    stage: Literal[0, 1, 2] = 0
+    stage: Literal[0, 1, 2, 3] = 0
     reduce_bucket_size: int = 2_000_000  # elements (see schema.py [Note: bucket default])
     allgather_bucket_size: int = 500_000_000  # elements
     overlap_comm: bool = True
     contiguous_gradients: bool = True
     reduce_scatter: bool = True
+    # stage 3 (elements; see [Note: prefetch] in zero/stage3.py)
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    max_live_parameters: int = 1_000_000_000
+    max_reuse_distance: int = 1_000_000_000
 
 
 @dataclass(frozen=True)

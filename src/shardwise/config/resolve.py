@@ -167,10 +167,6 @@ def _precision(cfg: Any, problems: list[ConfigProblem]) -> Optional[PrecisionPla
 
 
 def _zero(zero: Any, problems: list[ConfigProblem]) -> Optional[ZeroPlan]:
-    if zero.stage == 3:
-        problems.append(ConfigProblem("zero_optimization.stage", f"3 (ZeRO stage 3) asks for a "
-                                      f"DeepSpeed option {NOT_IMPLEMENTED}", "use stage 0, 1 or 2"))
-        return None
     # shardwise overlaps gradient reduction with backward by default at every stage (DeepSpeed
     # turns it on by default only at stage 3); "overlap_comm": false reduces after backward.
     overlap = zero.overlap_comm if zero.overlap_comm is not None else True
@@ -189,7 +185,11 @@ def _zero(zero: Any, problems: list[ConfigProblem]) -> Optional[ZeroPlan]:
     return ZeroPlan(stage=zero.stage, reduce_bucket_size=zero.reduce_bucket_size,
                     allgather_bucket_size=zero.allgather_bucket_size, overlap_comm=overlap,
                     contiguous_gradients=zero.contiguous_gradients,
-                    reduce_scatter=zero.reduce_scatter)
+                    reduce_scatter=zero.reduce_scatter,
+                    prefetch_bucket_size=zero.stage3_prefetch_bucket_size,
+                    param_persistence_threshold=zero.stage3_param_persistence_threshold,
+                    max_live_parameters=zero.stage3_max_live_parameters,
+                    max_reuse_distance=zero.stage3_max_reuse_distance)
 
 
 def _frozen(value: Any) -> Any:

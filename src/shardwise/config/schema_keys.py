@@ -101,12 +101,12 @@ ZERO: dict[str, tuple] = {
     "offload_optimizer": (OFFLOAD_OPTIMIZER, None),
     "zenflow": _OPAQUE,
     "sub_group_size": ("int", 1_000_000_000, (1_000_000_000, 1_000_000_000_000)),
-    "stage3_prefetch_bucket_size": ("int", 50_000_000),
-    "stage3_param_persistence_threshold": ("int", 100_000),
+    "stage3_prefetch_bucket_size": ("int", 50_000_000, INERT),  # implemented (stage 3)
+    "stage3_param_persistence_threshold": ("int", 100_000, INERT),  # implemented (stage 3)
     "stage3_model_persistence_threshold": ("int", 2**63 - 1),
-    "stage3_max_live_parameters": ("int", 1_000_000_000),
-    "stage3_max_reuse_distance": ("int", 1_000_000_000),
-    "stage3_gather_16bit_weights_on_model_save": ("bool", False),
+    "stage3_max_live_parameters": ("int", 1_000_000_000, INERT),  # implemented (stage 3)
+    "stage3_max_reuse_distance": ("int", 1_000_000_000, INERT),  # implemented (stage 3)
+    "stage3_gather_16bit_weights_on_model_save": ("bool", False, INERT),  # checkpoints always hold whole tensors
     "stage3_module_granularity_threshold": ("int", 0),
     "stage3_use_all_reduce_for_fetch_params": ("bool", False),
     "stage3_allgather_sequential": ("bool", False),

@@ -22,6 +22,7 @@ read, so this runs on a model built on the meta device.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -122,4 +123,34 @@ def fetch_units(model: nn.Module, *, unit_classes: Sequence[type | str] | None =
     return units
 
 
-__all__ = ["FetchUnit", "UnknownUnitClassError", "fetch_units", "ROOT"]
+# -- user declarations (read when stage 3 is applied) -----------------------------------------
+_UNIT_CLASSES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_EXTERNAL: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def set_fetch_units(model: nn.Module, unit_classes: Sequence[type | str]) -> None:
+    """Make every outermost module of these classes (or class names) one stage-3 fetch unit
+    of ``model`` (instead of the children of ``nn.ModuleList``/``nn.Sequential``). Call before
+    ``shardwise.initialize``. A class that does not occur in the model is an error then."""
+    if isinstance(unit_classes, (type, str)):
+        unit_classes = [unit_classes]
+    _UNIT_CLASSES[model] = tuple(unit_classes)
+
+
+def declared_unit_classes(model: nn.Module) -> tuple | None:
+    return _UNIT_CLASSES.get(model)
+
+
+def register_external_parameter(module: nn.Module, param: nn.Parameter) -> None:
+    """Declare that ``module``'s forward uses ``param`` although another fetch unit owns it
+    (e.g. ``F.linear(x, self.other.weight)`` across units): stage 3 then gathers the owner's
+    unit whenever ``module``'s unit runs. Inside one unit nothing needs declaring."""
+    _EXTERNAL.setdefault(module, []).append(param)
+
+
+def declared_externals(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    return [(m, p) for m in model.modules() for p in _EXTERNAL.get(m, ())]
+
+
+__all__ = ["FetchUnit", "UnknownUnitClassError", "fetch_units", "ROOT", "set_fetch_units",
+           "register_external_parameter"]

@@ -1,0 +1,52 @@
+"""``shardwise.zero.GatheredParameters``: see and change whole stage-3 parameters outside forward.
+
+Every rank must enter the context with the same parameters (it all-gathers them); a rank that
+does not arrive within the communication timeout is named in a :class:`UsageError` instead of
+the others hanging. With ``modifier_rank=r``, rank r's values are broadcast on exit and every
+rank takes its shard (and fp32 master) from them; without it, changes are discarded. Parameters
+that are not sharded by stage 3 (other stages, persistent parameters, plain models) pass
+through untouched, so the same code runs at every stage.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from shardwise.comm.collectives import require_all_ranks
+from shardwise.zero.stage3 import runtime_of
+
+_WAIT_S = 300.0
+
+
+class GatheredParameters:
+    def __init__(self, params: torch.Tensor | Iterable[torch.Tensor], modifier_rank: int | None = None,
+                 fwd_module=None, enabled: bool = True):
+        self.params = [params] if isinstance(params, torch.Tensor) else list(params)
+        self.modifier_rank = modifier_rank
+        self.enabled = enabled
+        self._held: dict = {}
+
+    def __enter__(self) -> "GatheredParameters":
+        if not self.enabled:
+            return self
+        for p in self.params:
+            hit = runtime_of(p)
+            if hit is not None:
+                rt, unit = hit
+                units = self._held.setdefault(id(rt), (rt, []))[1]
+                if unit not in units:
+                    units.append(unit)
+        for rt, units in self._held.values():
+            units.sort(key=lambda u: u.index)  # the same gather order on every rank
+            require_all_ranks(rt.ctx, "shardwise.zero.GatheredParameters", _WAIT_S)
+            rt.hold(units)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for rt, units in self._held.values():
+            rt.unhold(units, None if exc_type is not None else self.modifier_rank)
+        self._held = {}
+
+
+__all__ = ["GatheredParameters"]

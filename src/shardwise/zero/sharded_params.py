@@ -1,0 +1,291 @@
+"""ZeRO stage 3 state: flat shards of parameters, the placeholders a module shows while its
+parameters are sharded, and the full parameters it computes with while they are gathered.
+
+[Note: three objects per parameter]
+For every parameter of a stage-3 model shardwise keeps:
+
+- a *slot* in one :class:`FlatShard`: the parameters of one fetch unit (and one optimizer
+  param group / dtype) are laid out in one flat buffer, padded so that each rank owns an equal
+  chunk; a rank stores only its chunk (``shard``, compute dtype) and the optimizer sees only
+  ``opt_param`` (the chunk itself for fp32, an fp32 master copy for bf16/fp16);
+- a :class:`ShardedParameter` placeholder: what the module holds while the unit is sharded.
+  It has the parameter's full logical shape, dtype and ``requires_grad``, so code that
+  inspects shapes keeps working, but reading or writing its values raises
+  :class:`ShardedParameterError` pointing to ``shardwise.zero.GatheredParameters`` (it is
+  never a silently empty tensor);
+- a *full* ``nn.Parameter`` (``ShardedUnit.full``): what the module holds while the unit is
+  gathered. Its ``.data`` is a view into the gathered flat buffer; when the unit is freed it
+  becomes a one-element tensor expanded to the full shape (no memory, right shape, so that
+  autograd can still accumulate a late gradient into it). Autograd's graph refers to these
+  objects, never to the placeholders or the gathered buffer (see [Note: saved parameters] in
+  stage3.py).
+
+A unit is :attr:`ShardState.SHARDED`, ``GATHERING`` (all-gather in flight) or ``GATHERED``;
+transitions are checked.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from shardwise.comm.buckets import BucketLayout
+from shardwise.comm.collectives import DONE, Handle, all_gather_shard
+from shardwise.comm.context import CommContext
+from shardwise.errors import UsageError
+
+
+class ShardedParameterError(UsageError):
+    """The values of a stage-3 parameter were used while it is sharded."""
+
+
+class ShardState(enum.Enum):
+    SHARDED = "sharded"
+    GATHERING = "gathering"
+    GATHERED = "gathered"
+
+
+class ShardedParameter(torch.Tensor):
+    """Stands in a module for a sharded stage-3 parameter: full shape, no values.
+
+    Only metadata works (``shape``, ``dtype``, ``device``, ``numel()``, ``requires_grad``,
+    ``detach()``); any operation that would read or write values raises
+    :class:`ShardedParameterError`.
+    """
+
+    sw_name: str
+
+    @staticmethod
+    def __new__(cls, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
+                requires_grad: bool):
+        t = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device,
+                                                requires_grad=requires_grad)
+        t.sw_name = name
+        t._is_param = True  # isinstance(t, nn.Parameter), as nn.Parameter does for subclasses
+        return t
+
+    def __repr__(self, *, tensor_contents=None) -> str:  # noqa: D105 - torch's signature
+        return (f"ShardedParameter({self.sw_name!r}, shape={tuple(self.shape)}, dtype={self.dtype}: "
+                "sharded by ZeRO stage 3; read it inside shardwise.zero.GatheredParameters)")
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default or func is torch.ops.aten.alias.default:
+            src = args[0]
+            return ShardedParameter(src.sw_name, src.shape, src.dtype, src.device, False)
+        name = next((a.sw_name for a in _flat(args, kwargs) if isinstance(a, ShardedParameter)), "?")
+        raise ShardedParameterError(
+            f"parameter {name!r} is sharded by ZeRO stage 3 ({func.__name__} needs its values). "
+            "Outside the model's forward, read it inside `with shardwise.zero.GatheredParameters("
+            "params):` (add modifier_rank=0 to change it); inside forward, a module that uses a "
+            "parameter of another fetch unit must declare it with "
+            "shardwise.zero.register_external_parameter(module, param).")
+
+
+def _flat(args, kwargs):
+    for a in list(args) + list((kwargs or {}).values()):
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a
+
+
+_EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def not_gathered(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A one-element zero tensor expanded to ``shape``: what a full parameter holds while freed."""
+    key = (dtype, device)
+    if key not in _EMPTY:
+        _EMPTY[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _EMPTY[key].expand(shape) if len(shape) else _EMPTY[key].view(())
+
+
+@dataclass(frozen=True)
+class ParamRecord:
+    """One parameter of a unit: its name, where it lives, and where the module registers it."""
+
+    name: str
+    shard: int  # index into ShardedUnit.shards
+    slot: int  # index into that shard's layout.slots / params
+    shape: torch.Size
+    registrations: tuple[tuple[nn.Module, str], ...]  # (module, attribute) pairs (tied weights: several)
+
+
+class FlatShard:
+    """The parameters of one unit and one (param group, dtype), sharded in one flat buffer.
+
+    Exposes the same names as :class:`~shardwise.zero.flat_bucket.FlatBucket` where the
+    checkpoint code reads them (``layout``, ``params``, ``lo``, ``hi``, ``opt_param``).
+    """
+
+    def __init__(self, index: int, layout: BucketLayout, values: Sequence[torch.Tensor | None], ctx: CommContext,
+                 *, dtype: torch.dtype, device: torch.device, trainable: bool, resident: bool,
+                 master_dtype: torch.dtype = torch.float32, shard_values: torch.Tensor | None = None):
+        self.index = index
+        self.layout = layout
+        self.ctx = ctx
+        self.dtype = dtype
+        self.trainable = trainable
+        self.resident = resident
+        self.lo, self.hi = layout.chunk_range(ctx.rank, ctx.world_size)
+        self.params: list[torch.Tensor] = []  # what the module registers (placeholders / full); set by the unit
+        if shard_values is not None:  # zero.Init: the chunk was computed without the whole
+            chunk = shard_values.to(device=device, dtype=dtype)
+            full = None
+        else:
+            full = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
+            with torch.no_grad():
+                for slot, v in zip(layout.slots, values):
+                    full[slot.offset:slot.offset + slot.numel].copy_(v.detach().reshape(-1))
+            chunk = full[self.lo:self.hi]
+        if resident:  # kept whole on every rank (parameters below the persistence threshold)
+            if full is None:
+                full = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
+                full[self.lo:self.hi].copy_(chunk)
+                all_gather_shard(full, ctx, async_op=False)
+            self.full_flat: torch.Tensor | None = full
+            self.shard = full[self.lo:self.hi]
+        else:
+            self.full_flat = None
+            self.shard = chunk.clone() if full is not None and ctx.world_size > 1 else chunk
+        self.mixed = dtype != master_dtype
+        if trainable:
+            master = self.shard.detach().to(master_dtype).clone() if self.mixed else self.shard
+            self.opt_param = nn.Parameter(master, requires_grad=True)
+            self.grad = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=device)
+            self.opt_param.grad = self.grad
+        else:
+            self.opt_param = None
+            self.grad = None
+        # gradient staging for the current backward (see stage3.py)
+        self.staging: torch.Tensor | None = None
+        self.fired = bytearray(len(layout.slots))
+        self.n_fired = 0
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+    def slot_view(self, flat: torch.Tensor, slot_index: int, shape: torch.Size) -> torch.Tensor:
+        slot = self.layout.slots[slot_index]
+        return flat[slot.offset:slot.offset + slot.numel].view(shape)
+
+    def own(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.lo:self.hi]
+
+    def gather_async(self) -> tuple[torch.Tensor, Handle]:
+        """A full flat buffer of this shard's parameters and the handle that fills it."""
+        if self.full_flat is not None:
+            return self.full_flat, DONE
+        if self.ctx.world_size == 1:
+            return self.shard, DONE
+        flat = torch.empty(self.layout.padded_numel, dtype=self.dtype, device=self.shard.device)
+        flat[self.lo:self.hi].copy_(self.shard)
+        return flat, all_gather_shard(flat, self.ctx, async_op=True)
+
+    @torch.no_grad()
+    def copy_master_to_params(self) -> None:
+        """After an optimizer step with a separate fp32 master: write back in compute dtype."""
+        if self.mixed and self.opt_param is not None:
+            self.shard.copy_(self.opt_param.detach())
+
+    @torch.no_grad()
+    def set_from_full(self, flat: torch.Tensor) -> None:
+        """Take this rank's chunk (and master) from a full flat buffer (after a modification)."""
+        if self.full_flat is not None and flat is not self.full_flat:
+            self.full_flat.copy_(flat)
+        elif self.full_flat is None and flat is not self.shard:
+            self.shard.copy_(flat[self.lo:self.hi])
+        if self.mixed and self.opt_param is not None:
+            self.opt_param.detach().copy_(self.shard)
+
+
+class ShardedUnit:
+    """One fetch unit: its flat shards, its parameters' placeholders and full parameters, and
+    whether it is gathered. Holds no policy: the runtime in ``stage3.py`` decides when."""
+
+    def __init__(self, index: int, name: str, module: nn.Module | None, shards: list[FlatShard],
+                 records: list[ParamRecord], *, resident: bool = False):
+        self.index = index
+        self.name = name
+        self.module = module
+        self.shards = shards
+        self.records = records
+        self.resident = resident
+        self.numel = sum(s.layout.padded_numel for s in shards)
+        self.state = ShardState.SHARDED
+        self.users = 0  # forward calls in progress
+        self._flats: list[torch.Tensor] | None = None
+        self._handles: list[Handle] = []
+        self.full: list[nn.Parameter] = []
+        self.placeholders: list[ShardedParameter] = []
+        for r in records:
+            s = shards[r.shard]
+            requires_grad = s.trainable
+            self.placeholders.append(ShardedParameter(r.name, r.shape, s.dtype, s.shard.device, requires_grad))
+            full = nn.Parameter(not_gathered(r.shape, s.dtype, s.shard.device), requires_grad=requires_grad)
+            self.full.append(full)
+        for r, ph, full in zip(records, self.placeholders, self.full):
+            while len(shards[r.shard].params) <= r.slot:
+                shards[r.shard].params.append(None)  # type: ignore[arg-type]
+            shards[r.shard].params[r.slot] = full if resident else ph
+        if resident:
+            self.gather_async()
+            self.wait()
+
+    # -- state transitions ------------------------------------------------------------------
+    def gather_async(self) -> None:
+        if self.state is not ShardState.SHARDED:
+            raise RuntimeError(f"fetch unit {self.name!r}: gather while {self.state.value}")
+        pairs = [s.gather_async() for s in self.shards]
+        self._flats = [f for f, _ in pairs]
+        self._handles = [h for _, h in pairs]
+        self.state = ShardState.GATHERING
+
+    def wait(self) -> None:
+        """Finish the gather and show the full parameters to the module."""
+        if self.state is ShardState.GATHERED:
+            return
+        if self.state is not ShardState.GATHERING:
+            raise RuntimeError(f"fetch unit {self.name!r}: wait while {self.state.value}")
+        for h in self._handles:
+            h.wait()
+        self._handles = []
+        for r, full in zip(self.records, self.full):
+            full.data = self.shards[r.shard].slot_view(self._flats[r.shard], r.slot, r.shape)
+            for module, attr in r.registrations:
+                module._parameters[attr] = full
+        self.state = ShardState.GATHERED
+
+    def free(self) -> None:
+        """Drop the gathered buffers; the module shows placeholders again."""
+        if self.resident or self.state is ShardState.SHARDED:
+            return
+        self.wait()
+        for r, full, ph in zip(self.records, self.full, self.placeholders):
+            full.data = not_gathered(r.shape, full.dtype, full.device)
+            for module, attr in r.registrations:
+                module._parameters[attr] = ph
+        self._flats = None
+        self.state = ShardState.SHARDED
+
+    @property
+    def flats(self) -> list[torch.Tensor]:
+        if self.state is not ShardState.GATHERED or self._flats is None:
+            raise RuntimeError(f"fetch unit {self.name!r} is {self.state.value}, not gathered")
+        return self._flats
+
+    def gathered_bytes(self) -> int:
+        if self.resident or self._flats is None:
+            return 0
+        return sum(f.numel() * f.element_size() for f in self._flats)
+
+
+__all__ = ["ShardState", "ShardedParameter", "ShardedParameterError", "FlatShard", "ShardedUnit",
+           "ParamRecord", "not_gathered"]
