@@ -1,4 +1,4 @@
-"""shardwise ZeRO stages 0/1/2 vs torch DDP, side by side, on gloo CPU ranks.
+"""shardwise ZeRO stages 0/1/2/3 vs torch DDP and FSDP2, side by side, on gloo CPU ranks.
 
 Run from the repository root (see benchmarks/README.md)::
 
@@ -63,7 +63,7 @@ DEFAULTS = {
 }
 import peers  # noqa: E402  (benchmarks/peers.py: fsdp2, plain, DeepSpeed)
 
-SYSTEMS = ("ddp", "fsdp2", "zero0", "zero1", "zero2", "plain") + (peers.DS_SYSTEMS if peers.HAVE_DEEPSPEED else ())
+SYSTEMS = ("ddp", "fsdp2", "zero0", "zero1", "zero2", "zero3", "plain") + (peers.DS_SYSTEMS if peers.HAVE_DEEPSPEED else ())
 NO_BUCKET = ("ddp", "fsdp2", "plain")  # systems without a reduce-bucket size
 BUSY_CORES = 0.25  # other processes' CPU use (cores) above which a round counts as disturbed
 

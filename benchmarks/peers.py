@@ -158,10 +158,10 @@ def ideal_bytes(system: str, n_params: int, world: int, precision: str = "fp32")
     psi = n_params
     if system in ("ddp", "plain"):
         return 16 * psi
-    if system == "fsdp2" or (system == "ds3" and precision == "fp32"):
+    if system == "fsdp2" or (system in ("ds3", "zero3") and precision == "fp32"):
         return 16 * psi / world
     stage = int(system[-1])
     if precision == "bf16":
         return {0: 18 * psi, 1: 6 * psi + 12 * psi / world, 2: 2 * psi + 16 * psi / world,
                 3: 18 * psi / world}[stage]
-    return {0: 16 * psi, 1: 8 * psi + 8 * psi / world, 2: 4 * psi + 12 * psi / world}[stage]
+    return {0: 16 * psi, 1: 8 * psi + 8 * psi / world, 2: 4 * psi + 12 * psi / world, 3: 16 * psi / world}[stage]

@@ -107,12 +107,36 @@ def reduce_to_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = Tr
     return Handle(work, ctx, name) if async_op else DONE
 
 
+class _Works:
+    """Several in-flight works behind one ``wait()`` (gloo all-gather by broadcasts)."""
+
+    __slots__ = ("works",)
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
+
+
 def all_gather_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = True) -> Handle:
-    """Fill every chunk of ``flat`` from its owner (rank r owns ``flat.view(world, -1)[r]``)."""
+    """Fill every chunk of ``flat`` from its owner (rank r owns ``flat.view(world, -1)[r]``).
+    On gloo every rank broadcasts its chunk (see [Note: all-gather implementation])."""
     if not ctx.is_distributed:
         return DONE
-    chunk = flat.view(ctx.world_size, -1)[ctx.rank]
+    chunks = flat.view(ctx.world_size, -1)
+    chunk = chunks[ctx.rank]
     name = f"all_gather({flat.numel()} elements)"
+    if ctx.all_gather_via_broadcast:
+        with _guard(ctx, name):
+            works = [dist.broadcast(chunks[r], src=r, group=ctx.group, async_op=True)
+                     for r in range(ctx.world_size)]
+        handle = Handle(_Works(works), ctx, name)
+        if not async_op:
+            handle.wait()
+            return DONE
+        return handle
     with _guard(ctx, name):
         work = _all_gather_single(flat, chunk, group=ctx.group, async_op=async_op)
     return Handle(work, ctx, name) if async_op else DONE

@@ -38,6 +38,12 @@ class CommContext:
     # join check, heartbeats, naming the rank behind a failed collective ([Note: rank health]);
     # None when the caller built the process group itself
     health: "RankHealth | None" = field(default=None, compare=False, repr=False)
+    # [Note: all-gather implementation]
+    # gloo's all_gather is 2-3x slower than every rank broadcasting its own chunk (async, all
+    # at once) into the same flat buffer at 2 ranks (240k-4.8M fp32 elements: 1.2 vs 0.55 ms,
+    # 4.8 vs 1.65 ms, 15.4 vs 6.2 ms), and still 1.3-1.8x slower at 3-4 ranks for >= 1M
+    # elements (benchmarks/collectives.py). NCCL's all-gather is the right tool there.
+    all_gather_via_broadcast: bool = False
 
     @property
     def is_distributed(self) -> bool:
@@ -86,7 +92,8 @@ def _context_from_group(allow_reduce_scatter: bool, health: RankHealth | None = 
     else:
         device, kind = torch.device("cpu"), "gloo"
     via_all_reduce = kind == "gloo" or not allow_reduce_scatter
-    return CommContext(rank, world, local_rank, device, kind, None, via_all_reduce, health)
+    return CommContext(rank, world, local_rank, device, kind, None, via_all_reduce, health,
+                       all_gather_via_broadcast=kind == "gloo")
 
 
 def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = True) -> CommContext:

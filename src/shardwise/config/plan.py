@@ -79,7 +79,7 @@ class ZeroPlan:
     reduce_scatter: bool = True
     # stage 3 (elements; see [Note: prefetch] in zero/stage3.py)
     prefetch_bucket_size: int = 50_000_000
-    param_persistence_threshold: int = 100_000
+    param_persistence_threshold: int = 0
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
 

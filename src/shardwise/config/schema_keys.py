@@ -102,7 +102,9 @@ ZERO: dict[str, tuple] = {
     "zenflow": _OPAQUE,
     "sub_group_size": ("int", 1_000_000_000, (1_000_000_000, 1_000_000_000_000)),
     "stage3_prefetch_bucket_size": ("int", 50_000_000, INERT),  # implemented (stage 3)
-    "stage3_param_persistence_threshold": ("int", 100_000, INERT),  # implemented (stage 3)
+    # DeepSpeed: 100_000. shardwise: 0 -- small parameters share their unit's one all-gather, so
+    # keeping them whole saves no collective and costs memory (README "ZeRO stage 3")
+    "stage3_param_persistence_threshold": ("int", 0, INERT),
     "stage3_model_persistence_threshold": ("int", 2**63 - 1),
     "stage3_max_live_parameters": ("int", 1_000_000_000, INERT),  # implemented (stage 3)
     "stage3_max_reuse_distance": ("int", 1_000_000_000, INERT),  # implemented (stage 3)

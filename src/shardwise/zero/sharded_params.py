@@ -163,7 +163,16 @@ class FlatShard:
         else:
             self.opt_param = None
             self.grad = None
-        # gradient staging for the current backward (see stage3.py)
+        # gradient staging for the current backward (see stage3.py); allocated uninitialised,
+        # so the elements no parameter covers (alignment, padding) are zeroed at launch
+        self.gaps: list[tuple[int, int]] = []
+        end = 0
+        for slot in layout.slots:
+            if slot.offset > end:
+                self.gaps.append((end, slot.offset))
+            end = slot.offset + slot.numel
+        if layout.padded_numel > end:
+            self.gaps.append((end, layout.padded_numel))
         self.staging: torch.Tensor | None = None
         self.fired = bytearray(len(layout.slots))
         self.n_fired = 0

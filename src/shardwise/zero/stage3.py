@@ -57,7 +57,7 @@ _NO_SPLIT = 2 ** 62  # one flat buffer per (unit, group, dtype)
 @dataclass(frozen=True)
 class Stage3Policy:
     prefetch_bucket_size: int = 50_000_000  # elements
-    param_persistence_threshold: int = 100_000  # elements; smaller parameters stay whole
+    param_persistence_threshold: int = 0  # elements; smaller parameters stay whole
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
     overlap_comm: bool = True
@@ -188,7 +188,7 @@ class Stage3Runtime:
         for ext in self._externals.get(unit.index, ()):
             ext.users -= 1
             self.release(ext)
-        if not self._reused_soon(unit):
+        if not self._reused_soon(unit) and not self._needed_first_in_backward(unit):
             self.release(unit)
         self._depth -= 1
         if self._depth == 0:
@@ -206,10 +206,21 @@ class Stage3Runtime:
             hooks.__exit__(None, None, None)
         for unit in self.units:
             unit.users = 0
-        self.release_all()
+        for unit in self.units:
+            if not self._needed_first_in_backward(unit):
+                self.release(unit)
         if self._recording and self._order and torch.is_grad_enabled():
             self._recording = False
             self._plan_backward()
+
+    def _needed_first_in_backward(self, unit: ShardedUnit) -> bool:
+        """The root unit (the head runs last) and the last unit of the recorded order are the
+        first that backward needs: with gradients on, they stay gathered instead of being freed
+        and gathered again at once (FSDP2 keeps its root the same way). Backward frees them
+        when their gradients are reduced."""
+        if not torch.is_grad_enabled() or self._recording or self._pos is None:
+            return False
+        return unit.index == 0 or unit is self._order[-1]
 
     def _track(self, unit: ShardedUnit) -> None:
         if self._recording:
@@ -291,7 +302,7 @@ class Stage3Runtime:
         r = unit.records[ri]
         shard = unit.shards[r.shard]
         if shard.staging is None:
-            shard.staging = torch.zeros(shard.layout.padded_numel, dtype=torch.float32, device=g.device)
+            shard.staging = torch.empty(shard.layout.padded_numel, dtype=torch.float32, device=g.device)
         view = shard.slot_view(shard.staging, r.slot, r.shape)
         if shard.fired[r.slot]:
             view.add_(g)
@@ -306,6 +317,12 @@ class Stage3Runtime:
 
     def _launch(self, shard: FlatShard) -> None:
         staging, shard.staging = shard.staging, None
+        for a, b in shard.gaps:
+            staging[a:b].zero_()
+        if shard.n_fired < len(shard.layout.slots):  # parameters without a gradient this backward
+            for i, slot in enumerate(shard.layout.slots):
+                if not shard.fired[i]:
+                    staging[slot.offset:slot.offset + slot.numel].zero_()
         shard.fired = bytearray(len(shard.layout.slots))
         shard.n_fired = 0
         handle = reduce_to_shard(staging, self.ctx, async_op=True)
