@@ -147,6 +147,9 @@ class DataParallelStrategy:
     def zero_grad(self) -> None:
         self.grad_sync.zero_grads()
 
+    def after_load(self) -> None:
+        """A checkpoint was written into the parameters / master weights."""
+
     def memory_report(self, module: nn.Module) -> dict[str, int]:
         seen: set[int] = set()
 
@@ -251,6 +254,9 @@ class ParamShardedStrategy(DataParallelStrategy):
 
     def zero_grad(self) -> None:
         self.runtime.zero_grads()
+
+    def after_load(self) -> None:
+        self.runtime.after_step()  # persistent parameters: every rank loaded only its chunk
 
     def memory_report(self, module: nn.Module) -> dict[str, int]:
         """As for stages 0-2; ``params`` counts this rank's shards plus the persistent

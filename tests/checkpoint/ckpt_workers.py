@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 import shardwise
+import shardwise.zero
 from model import GPT, GPTConfig
 from shardwise.checkpoint import files as ckfiles
 from shardwise.checkpoint.layout import regions, split_state
@@ -60,6 +61,11 @@ def global_batches(n: int, size: int, seed: int = 99) -> list[torch.Tensor]:
     return [torch.randint(0, 64, (size, SEQ + 1), generator=g) for _ in range(n)]
 
 
+def whole_state(model) -> dict[str, torch.Tensor]:
+    with shardwise.zero.GatheredParameters(list(model.parameters())):
+        return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
 def optimizer_state(engine) -> list[dict]:
     return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in engine.optimizer.state[b.opt_param].items()}
             for b in engine.strategy.buckets]
@@ -68,10 +74,14 @@ def optimizer_state(engine) -> list[dict]:
 def per_param_state(engine) -> dict:
     """{name: {"param": full tensor, state key: [(start, tensor piece)]}} for this rank."""
     out = {}
-    for reg in regions(engine.module, engine.strategy.buckets):
+    regs = regions(engine.module, engine.strategy.buckets)
+    with shardwise.zero.GatheredParameters(list(engine.module.parameters())):  # whole at stage 3 too
+        whole = dict(engine.module.named_parameters())
+        values = {reg.name: whole[reg.name].detach().float().reshape(-1).clone() for reg in regs}
+    for reg in regs:
         elementwise, _ = split_state(engine.optimizer, reg.bucket)
         a, b = reg.clip(reg.bucket.lo, reg.bucket.hi)
-        entry = {"param": reg.bucket.params[reg.slot_index].detach().float().reshape(-1).clone()}
+        entry = {"param": values[reg.name]}
         for k, t in {"master": reg.bucket.opt_param.detach(), **elementwise}.items():
             entry[k] = [(a, reg.opt_slice(t, a, b).clone())] if a < b else []
         out[reg.name] = entry
@@ -101,11 +111,11 @@ def _train(engine, loader, until: int, save_at: int | None = None, ckpt: str | N
     return losses
 
 
-def resume_run(ckpt: str, phase: str) -> dict:
+def resume_run(ckpt: str, phase: str, stage: int = 2) -> dict:
     world = dist.get_world_size()
     model = make_model(dropout=0.1)
     engine, _, loader, _ = shardwise.initialize(
-        model=model, config=config(2, world, gas=2, scheduler=True), training_data=Tokens())
+        model=model, config=config(stage, world, gas=2, scheduler=True), training_data=Tokens())
     client = None
     if phase == "straight":
         torch.manual_seed(1000 + dist.get_rank())  # dropout masks differ per rank
@@ -115,7 +125,7 @@ def resume_run(ckpt: str, phase: str) -> dict:
         torch.manual_seed(5)  # overwritten by the checkpoint's RNG state
         _, client = engine.load_checkpoint(ckpt)
         losses = _train(engine, loader, 20)
-    return {"losses": losses, "params": {k: v.clone() for k, v in model.state_dict().items()},
+    return {"losses": losses, "params": whole_state(model),
             "optim": optimizer_state(engine), "lr": engine.get_lr(), "client": client,
             "counters": (engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps)}
 
@@ -142,7 +152,7 @@ def reshard_save(ckpt: str, stage: int, steps: int, bf16: bool = False, optimize
     engine.save_checkpoint(ckpt)
     saved = per_param_state(engine)
     _step(engine, data[steps])
-    return {"saved": saved, "next": {k: v.float().clone() for k, v in model.state_dict().items()}}
+    return {"saved": saved, "next": whole_state(model)}
 
 
 def reshard_load(ckpt: str, stage: int, steps: int, bf16: bool = False, optimizer: str = "AdamW") -> dict:
@@ -153,7 +163,7 @@ def reshard_load(ckpt: str, stage: int, steps: int, bf16: bool = False, optimize
     engine.load_checkpoint(ckpt)
     loaded = per_param_state(engine)
     _step(engine, global_batches(steps + 1, 6)[steps])
-    return {"saved": loaded, "next": {k: v.float().clone() for k, v in model.state_dict().items()},
+    return {"saved": loaded, "next": whole_state(model),
             "global_steps": engine.global_steps}
 
 

@@ -73,6 +73,23 @@ def test_reshard_from_world2_stage2(tmp_path):
     _reshard(tmp_path, 2, 2, [(1, 0), (3, 2), (2, 1)])
 
 
+def test_reshard_to_and_from_stage3(tmp_path):
+    """Stage 3 keeps only a chunk of every parameter: its checkpoint loads at other world sizes
+    and stages, and a stage-0/1/2 checkpoint loads into stage 3."""
+    _reshard(tmp_path / "a", 2, 3, [(3, 3), (1, 0), (2, 2)])
+    _reshard(tmp_path / "b", 3, 1, [(2, 3)])
+
+
+def test_resume_is_bitwise_at_stage3(tmp_path):
+    straight = run_distributed(W.resume_run, 2, str(tmp_path), "straight", 3)
+    resumed = run_distributed(W.resume_run, 2, str(tmp_path), "resume", 3)
+    for a, b in zip(straight, resumed):
+        assert a["losses"] == b["losses"]
+        assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+        for sa, sb in zip(a["optim"], b["optim"]):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_reshard_from_world3_stage1_sgd_momentum(tmp_path):
     """Any optimizer with per-element state reshards (SGD's momentum_buffer here)."""
     _reshard(tmp_path, 3, 1, [(2, 0)], optimizer="SGD")

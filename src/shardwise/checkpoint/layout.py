@@ -8,11 +8,13 @@ parameter that falls in *its chunk* ``chunk_range(r, world)`` (at stage 0 every 
 everything, so the writes are spread the same way), read from ``opt_param`` (fp32 master for
 bf16/fp16) and from the optimizer state of ``opt_param``. Loading, a rank needs every
 parameter whole (stages 0-2 keep full parameters) and the optimizer state of its own
-``[lo, hi)``; a stage-3 layout would need only its own range of both.
+``[lo, hi)``. At stage 3 (``bucket.holds_full`` false) a rank reads only its own ``[lo, hi)``
+of both; frozen stage-3 parameters are gathered around saving and loading (``whole_others``).
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +78,22 @@ def regions(module: nn.Module, buckets: list[FlatBucket]) -> list[Region]:
                     "checkpoints cover the engine's module only")
             out.append(Region(name, bucket, i, slot.offset, slot.numel, tuple(p.shape), group))
     return out
+
+
+@contextmanager
+def whole_others(module: nn.Module, trainable: set[str], modifier_rank: int | None = None):
+    """Frozen parameters that ZeRO stage 3 shards, gathered for the duration (every rank must
+    enter; a no-op at stages 0-2). Inside, :func:`other_tensors` sees whole tensors."""
+    from shardwise.zero.gathered import GatheredParameters
+    from shardwise.zero.sharded_params import ShardedParameter
+
+    canonical, _ = state_names(module)
+    sharded = [t for n, t in canonical.items() if n not in trainable and isinstance(t, ShardedParameter)]
+    if not sharded:
+        yield
+        return
+    with GatheredParameters(sharded, modifier_rank=modifier_rank):
+        yield
 
 
 def other_tensors(module: nn.Module, trainable: set[str]) -> dict[str, torch.Tensor]:

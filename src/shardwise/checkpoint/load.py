@@ -20,7 +20,7 @@ import torch
 
 from shardwise.checkpoint import manifest as M
 from shardwise.checkpoint import rng
-from shardwise.checkpoint.layout import Region, other_tensors, regions, scalar_value, state_names
+from shardwise.checkpoint.layout import Region, other_tensors, regions, scalar_value, state_names, whole_others
 from shardwise.checkpoint.reader import PieceReader
 from shardwise.checkpoint.agree import outcome, raise_failed
 from shardwise.checkpoint.save import join_timeout
@@ -37,6 +37,7 @@ class _Staged:
     masters: dict[int, torch.Tensor] = field(default_factory=dict)
     states: dict[int, dict[str, Any]] = field(default_factory=dict)
     others: dict[str, torch.Tensor] = field(default_factory=dict)
+    trainable: list[str] = field(default_factory=list)
 
 
 def _layout(m: dict) -> str:
@@ -87,13 +88,16 @@ def _stage(engine, path: str, with_optimizer: bool) -> _Staged:
     others = other_tensors(engine.module, {r.name for r in regs})
     _check_compatible(engine, m, regs, others, with_optimizer)
     staged = _Staged(m)
+    staged.trainable = [r.name for r in regs]
     saved = m["tensors"]
     by_bucket: dict[int, list[Region]] = {}
     for r in regs:
         by_bucket.setdefault(r.bucket.index, []).append(r)
     with PieceReader(path, m) as reader:
         for bucket in strategy.buckets:
-            flat = torch.zeros_like(bucket.param_flat)
+            # stages 0-2 keep whole parameters; stage 3 only this rank's [lo, hi)
+            flat = torch.zeros_like(bucket.param_flat) if bucket.holds_full else \
+                torch.zeros(bucket.hi - bucket.lo, dtype=bucket.shard.dtype, device=bucket.shard.device)
             master = torch.zeros_like(bucket.opt_param.detach()) if bucket.mixed else None
             bregs = by_bucket.get(bucket.index, [])
             keys = {tuple(saved[r.name]["optimizer_state"]) for r in bregs}
@@ -105,13 +109,18 @@ def _stage(engine, path: str, with_optimizer: bool) -> _Staged:
             state_keys = list(keys.pop()) if keys else []
             new_state = {k: None for k in state_keys}
             for r in bregs:
-                full = reader.read(r.name, "param", 0, r.numel)
-                flat[r.offset:r.offset + r.numel] = full.to(flat.dtype)
                 a, b = r.clip(bucket.lo, bucket.hi)
+                if bucket.holds_full:
+                    full = reader.read(r.name, "param", 0, r.numel)
+                    flat[r.offset:r.offset + r.numel] = full.to(flat.dtype)
+                    mine = full[a:b]
+                elif a < b:
+                    mine = reader.read(r.name, "param", a, b)
+                    r.opt_slice(flat, a, b).copy_(mine)
                 if a == b:
                     continue
                 if master is not None:
-                    r.opt_slice(master, a, b).copy_(full[a:b])
+                    r.opt_slice(master, a, b).copy_(mine)
                 if not with_optimizer:
                     continue
                 for k in state_keys:
@@ -153,16 +162,18 @@ def _apply(engine, staged: _Staged, with_optimizer: bool, module_only: bool, wit
     m = staged.manifest
     strategy = engine.strategy
     for bucket in strategy.buckets:
-        bucket.param_flat.copy_(staged.flats[bucket.index])
+        (bucket.param_flat if bucket.holds_full else bucket.shard).copy_(staged.flats[bucket.index])
         if bucket.index in staged.masters:
             bucket.opt_param.detach().copy_(staged.masters[bucket.index])
         if with_optimizer:
             engine.optimizer.state.pop(bucket.opt_param, None)
             if staged.states[bucket.index]:
                 engine.optimizer.state[bucket.opt_param] = staged.states[bucket.index]
-    canonical, _ = state_names(engine.module)
-    for name, t in staged.others.items():
-        canonical[name].detach().copy_(t)
+    with whole_others(engine.module, set(staged.trainable), modifier_rank=0):  # stage 3: frozen ones
+        canonical, _ = state_names(engine.module)
+        for name, t in staged.others.items():
+            canonical[name].detach().copy_(t)
+    strategy.after_load()
     strategy.zero_grad()
     if with_optimizer:
         _restore_groups(engine.optimizer, m["param_groups"])

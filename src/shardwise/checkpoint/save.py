@@ -31,7 +31,7 @@ from shardwise.checkpoint import manifest as M
 from shardwise.checkpoint import rng
 from shardwise.checkpoint.agree import outcome, raise_failed
 from shardwise.checkpoint.files import atomic_write_text, dtype_name, fsync_dir, remove_tree, write_safetensors
-from shardwise.checkpoint.layout import other_tensors, regions, split_state, state_names
+from shardwise.checkpoint.layout import other_tensors, regions, split_state, state_names, whole_others
 from shardwise.comm.collectives import all_gather_object, barrier, broadcast_object
 from shardwise.errors import CheckpointError, CollectiveTimeoutError
 
@@ -97,11 +97,13 @@ def _write_rank_file(engine, tmp: str) -> dict:
             tensors[keys[k]] = reg.opt_slice(t, a, b)
         pieces.append({"name": reg.name, "start": a, "stop": b, "keys": keys})
     extra = {}
-    if rank == 0:
-        for name, t in other_tensors(engine.module, {r.name for r in regs}).items():
-            tensors[M.param_key(name)] = t.detach().reshape(-1)
-            extra[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
-            pieces.append({"name": name, "start": 0, "stop": t.numel(), "keys": {"param": M.param_key(name)}})
+    trainable = {r.name for r in regs}
+    with whole_others(engine.module, trainable):
+        if rank == 0:
+            for name, t in other_tensors(engine.module, trainable).items():
+                tensors[M.param_key(name)] = t.detach().reshape(-1).clone()
+                extra[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+                pieces.append({"name": name, "start": 0, "stop": t.numel(), "keys": {"param": M.param_key(name)}})
     file = M.shard_file(rank)
     info = write_safetensors(os.path.join(tmp, file), tensors, rank, {"format": M.FORMAT, "rank": str(rank)})
     fsync_dir(tmp)

@@ -49,6 +49,8 @@ class FlatBucket:
         master = own.detach().to(master_dtype).clone() if self.mixed else own
         self.opt_param = nn.Parameter(master, requires_grad=True)
 
+    holds_full = True  # every rank keeps the whole flat buffer (param_flat)
+
     @property
     def numel(self) -> int:
         return self.hi - self.lo

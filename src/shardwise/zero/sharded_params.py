@@ -177,6 +177,8 @@ class FlatShard:
         self.fired = bytearray(len(layout.slots))
         self.n_fired = 0
 
+    holds_full = False  # a rank holds only [lo, hi) of the flat buffer (checkpoint loading reads that)
+
     @property
     def numel(self) -> int:
         return self.hi - self.lo

@@ -442,6 +442,8 @@ def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]
                                  resident=False))
     resident = _build_unit(len(units), "<persistent>", None, small, group_of, regs, ctx,
                            resident=True) if small else None
+    for i, shard in enumerate(s for u in units + ([resident] if resident else []) for s in u.shards):
+        shard.index = i  # unique across the model (the checkpoint keys buckets by it)
     externals = _resolve_externals(model, units, name_of)
     return Stage3Runtime(model, units, resident, ctx, policy, externals)
 
