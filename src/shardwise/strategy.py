@@ -231,7 +231,7 @@ class ParamShardedStrategy(DataParallelStrategy):
                               param_persistence_threshold=z.param_persistence_threshold,
                               max_live_parameters=z.max_live_parameters, max_reuse_distance=z.max_reuse_distance,
                               overlap_comm=z.overlap_comm)
-        self.runtime = apply_stage3(module, groups.params, policy, ctx)
+        self.runtime = apply_stage3(module, groups.params, policy, ctx, self.dtype)
         self.buckets = [s for s in self.runtime.shards() if s.trainable]
         opt_groups = [{**opts, "params": [s.opt_param for s in self.buckets if s.group == gi]}
                       for gi, opts in enumerate(groups.options)]

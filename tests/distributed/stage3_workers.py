@@ -222,3 +222,63 @@ def prefetch_probe(config: dict) -> dict:
     live_after = [u.name for u in rt.units if u.state.value != "sharded"]
     return {"second": second, "live_after": live_after, "peak": rt.gathered_peak, "world": world,
             "memory": engine.memory_report()}
+
+
+# -- zero.Init ---------------------------------------------------------------------------------
+
+
+def _rss_peak_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_now_mib() -> float:
+    with open("/proc/self/statm") as f:
+        import os
+
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def init_build(use_init: bool, preset: str, overrides: dict, steps: int = 0) -> dict:
+    """Build the GPT (with or without zero.Init), measure what construction allocated (peak RSS
+    growth), hand it to stage 3, train ``steps`` steps, return the whole parameters."""
+    import gc
+
+    from model import GPT, GPTConfig
+
+    # RSS tracks live memory only if freed blocks go back to the OS: fix glibc's mmap threshold
+    # (by default it grows after the first large free, and freed transients then stay resident)
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    cfg = GPTConfig.preset(preset, **overrides)
+    config = {"train_batch_size": 2 * dist.get_world_size(), "steps_per_print": 1000,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              "zero_optimization": {"stage": 3}}
+    with shardwise.zero.Init(config=config, enabled=use_init):  # warm up: kernels, gloo buffers
+        GPT(GPTConfig.preset("tiny"))
+    gc.collect()
+    before = _rss_now_mib()
+    torch.manual_seed(0)
+    with shardwise.zero.Init(config=config, enabled=use_init):
+        model = GPT(cfg)
+    built_peak = _rss_peak_mib() - before
+    full_mib = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()) / 2**20
+    kinds = sorted({type(p).__name__ for p in model.parameters()})
+    engine, *_ = shardwise.initialize(model=model, config=config)
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        x = torch.randint(0, cfg.vocab_size, (config["train_batch_size"], 17), generator=g)[2 * rank:2 * rank + 2]
+        engine.backward(engine(x[:, :-1], x[:, 1:]))
+        engine.step()
+    return {"built_peak_mib": built_peak, "full_mib": full_mib, "kinds": kinds, "params": snapshot(model)}
+
+
+def plain_gpt(preset: str, overrides: dict) -> dict:
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset(preset, **overrides))
+    return {k: v.detach().float().clone() for k, v in m.state_dict().items()}

@@ -133,3 +133,36 @@ def test_model_states_are_16_psi_over_nd(world):
     ideal = 4 * psi / world + 12 * trainable / world
     model_states = mem["params"] + mem["grads"] + mem["optimizer_state"]
     assert abs(model_states - ideal) <= 0.05 * ideal, (model_states, ideal)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_zero_init_values_equal_plain_construction(world):
+    from stage3_workers import init_build, plain_gpt
+
+    want = plain_gpt("tiny", {})
+    for r in run_distributed(init_build, world, True, "tiny", {}):
+        assert r["kinds"] == ["InitParameter"]  # nothing whole survived construction
+        assert r["params"].keys() == want.keys()
+        for k in want:
+            assert torch.equal(r["params"][k], want[k]), k
+
+
+def test_zero_init_trains_like_a_plain_build():
+    from stage3_workers import init_build
+
+    a = run_distributed(init_build, 2, True, "tiny", {}, 3)[0]["params"]
+    b = run_distributed(init_build, 2, False, "tiny", {}, 3)[0]["params"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_zero_init_no_rank_allocates_the_whole_model():
+    """A 217 MiB model at 2 ranks: construction under Init grows a rank by about half of it
+    plus the largest block (28 MiB); a plain construction by all of it."""
+    from stage3_workers import init_build
+
+    big = dict(vocab_size=256, d_model=768, n_layer=8, n_head=8, seq_len=16)
+    for r in run_distributed(init_build, 2, True, "tiny", big):
+        assert r["built_peak_mib"] < r["full_mib"] / 2 + 28 + 8, r
+    for r in run_distributed(init_build, 2, False, "tiny", big):
+        assert r["built_peak_mib"] > 0.95 * r["full_mib"], r  # the measurement sees a whole model

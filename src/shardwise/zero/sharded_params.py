@@ -126,7 +126,7 @@ class FlatShard:
 
     def __init__(self, index: int, layout: BucketLayout, values: Sequence[torch.Tensor | None], ctx: CommContext,
                  *, dtype: torch.dtype, device: torch.device, trainable: bool, resident: bool,
-                 master_dtype: torch.dtype = torch.float32, shard_values: torch.Tensor | None = None):
+                 master_dtype: torch.dtype = torch.float32):
         self.index = index
         self.layout = layout
         self.ctx = ctx
@@ -135,25 +135,18 @@ class FlatShard:
         self.resident = resident
         self.lo, self.hi = layout.chunk_range(ctx.rank, ctx.world_size)
         self.params: list[torch.Tensor] = []  # what the module registers (placeholders / full); set by the unit
-        if shard_values is not None:  # zero.Init: the chunk was computed without the whole
-            chunk = shard_values.to(device=device, dtype=dtype)
-            full = None
-        else:
-            full = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
-            with torch.no_grad():
-                for slot, v in zip(layout.slots, values):
-                    full[slot.offset:slot.offset + slot.numel].copy_(v.detach().reshape(-1))
-            chunk = full[self.lo:self.hi]
+        # (a zero.Init parameter is gathered by `reshape` here, one parameter at a time)
+        full = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
+        with torch.no_grad():
+            for slot, v in zip(layout.slots, values):
+                full[slot.offset:slot.offset + slot.numel].copy_(v.detach().reshape(-1))
+        chunk = full[self.lo:self.hi]
         if resident:  # kept whole on every rank (parameters below the persistence threshold)
-            if full is None:
-                full = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
-                full[self.lo:self.hi].copy_(chunk)
-                all_gather_shard(full, ctx, async_op=False)
             self.full_flat: torch.Tensor | None = full
             self.shard = full[self.lo:self.hi]
         else:
             self.full_flat = None
-            self.shard = chunk.clone() if full is not None and ctx.world_size > 1 else chunk
+            self.shard = chunk.clone() if ctx.world_size > 1 else chunk
         self.mixed = dtype != master_dtype
         if trainable:
             master = self.shard.detach().to(master_dtype).clone() if self.mixed else self.shard

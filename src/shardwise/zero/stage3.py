@@ -396,17 +396,17 @@ def _registrations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tuple[str, nn.Parameter]],
-                group_of: dict[int, int], regs: dict[int, list], ctx: CommContext, *, resident: bool,
-                shard_values: dict[str, torch.Tensor] | None = None) -> ShardedUnit:
-    keys = [(group_of.get(id(p), -1) if p.requires_grad else -1, p.dtype, p.device) for _, p in params]
+                group_of: dict[int, int], regs: dict[int, list], ctx: CommContext, dtype: torch.dtype, *,
+                resident: bool) -> ShardedUnit:
+    keys = [(group_of.get(id(p), -1) if p.requires_grad else -1, dtype if p.is_floating_point() else p.dtype,
+             ctx.device) for _, p in params]
     layouts = assign_buckets([p.numel() for _, p in params], keys, _NO_SPLIT, ctx.world_size) if params else []
     shards, records = [], []
     for si, lay in enumerate(layouts):
         members = [params[s.param_index] for s in lay.slots]
-        group, dtype, device = lay.group_key
-        shard = FlatShard(si, lay, [p for _, p in members], ctx, dtype=dtype, device=device,
-                          trainable=group >= 0, resident=resident,
-                          shard_values=None if shard_values is None else shard_values[f"{name}#{si}"])
+        group, shard_dtype, device = lay.group_key
+        shard = FlatShard(si, lay, [p for _, p in members], ctx, dtype=shard_dtype, device=device,
+                          trainable=group >= 0, resident=resident)
         shard.group = group
         shards.append(shard)
         for slot_index, (pname, p) in enumerate(members):
@@ -420,8 +420,10 @@ def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tu
 
 
 def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]], policy: Stage3Policy,
-                 ctx: CommContext) -> Stage3Runtime:
-    """Shard ``model``'s parameters into fetch units in place and install the stage-3 hooks."""
+                 ctx: CommContext, dtype: torch.dtype = torch.float32) -> Stage3Runtime:
+    """Shard ``model``'s parameters into fetch units in place and install the stage-3 hooks.
+    Floating-point parameters are kept in ``dtype``. Parameters built under ``zero.Init`` are
+    gathered one at a time while their unit's chunk is filled."""
     threshold = policy.param_persistence_threshold
     group_of = {id(p): gi for gi, plist in enumerate(param_groups) for p in plist}
     regs = _registrations(model)
@@ -438,9 +440,9 @@ def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]
             (small if p.numel() < threshold else big).append((pname, p))
         if spec.name != ROOT and not big:
             continue
-        units.append(_build_unit(len(units), spec.name, modules[spec.name], big, group_of, regs, ctx,
+        units.append(_build_unit(len(units), spec.name, modules[spec.name], big, group_of, regs, ctx, dtype,
                                  resident=False))
-    resident = _build_unit(len(units), "<persistent>", None, small, group_of, regs, ctx,
+    resident = _build_unit(len(units), "<persistent>", None, small, group_of, regs, ctx, dtype,
                            resident=True) if small else None
     for i, shard in enumerate(s for u in units + ([resident] if resident else []) for s in u.shards):
         shard.index = i  # unique across the model (the checkpoint keys buckets by it)
