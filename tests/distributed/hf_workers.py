@@ -1,0 +1,76 @@
+"""Hugging Face ``transformers`` models built from small configs with random init (no
+downloads), for the stage-3 parity tests."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import shardwise
+import shardwise.zero
+
+VOCAB, SEQ, BATCH = 96, 12, 6
+
+
+def build(kind: str, use_init: bool = False, config: dict | None = None):
+    import transformers as T
+
+    if kind == "gpt2":
+        cfg = T.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=3, n_head=4,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cls = T.GPT2LMHeadModel
+    else:
+        cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                            tie_word_embeddings=False)
+        cls = T.LlamaForCausalLM
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    with shardwise.zero.Init(config=config, enabled=use_init):
+        return cls(cfg)
+
+
+def data(steps: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, VOCAB, (BATCH, SEQ), generator=g) for _ in range(steps)]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    with shardwise.zero.GatheredParameters(list(model.parameters())):
+        return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+def reference(kind: str, steps: int) -> dict:
+    model = build(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
+    losses = []
+    for x in data(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "params": snapshot(model)}
+
+
+def config() -> dict:
+    return {"train_batch_size": BATCH, "steps_per_print": 1000,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0}},
+            "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 2000}}
+
+
+def sharded(kind: str, steps: int, use_init: bool = False) -> dict:
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = build(kind, use_init, config())
+    engine, *_ = shardwise.initialize(model=model, config=config())
+    per = BATCH // world
+    losses = []
+    for x in data(steps):
+        xb = x[rank * per:(rank + 1) * per]
+        loss = engine(input_ids=xb, labels=xb).loss
+        engine.backward(loss)
+        engine.step()
+        t = torch.tensor([loss.item()], dtype=torch.float64)
+        dist.all_reduce(t)
+        losses.append(t.item() / world)
+    units = [u.name for u in engine.strategy.runtime.units]
+    return {"losses": losses, "params": snapshot(model), "units": units}
