@@ -53,7 +53,7 @@ ALIGN = 16  # assign_buckets' default alignment, used by the strategies
 # optimizer -> (fp32 state tensors per element, has a 4-byte `step` tensor per param tensor)
 OPTIMIZER_STATES = {"adamw": (2, True), "adam": (2, True), "fusedadam": (2, True), "lamb": (2, True),
                     "sgd": (1, False), "sgd-nomomentum": (0, False), "adagrad": (1, True)}
-PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's stage3_param_persistence_threshold default
+PERSISTENCE_THRESHOLD = 0  # shardwise's stage3_param_persistence_threshold default (DeepSpeed: 100_000)
 FIELDS = ("params", "grads", "master_params", "optimizer_state", "activations", "total")
 ModelLike = Union[int, float, nn.Module, Callable[[], nn.Module]]
 
@@ -156,15 +156,36 @@ def layout_states(layouts: list[BucketLayout], frozen_numel: int, world_size: in
     return _result(pb * (padded + frozen_numel), grads, master, state, activations)
 
 
-def stage3_states(unit_numels: list[int], persistent_numel: int, frozen_numel: int, world_size: int,
-                  precision: str, optimizer: str = "adamw", activations: int | None = None) -> dict[str, int | None]:
-    """Stage 3 bytes per rank: every fetch unit one flat buffer sharded like a bucket."""
+def unit_padded_numel(param_numels: list[int] | int, world_size: int) -> int:
+    """Elements of one stage-3 flat buffer: parameters at 16-element-aligned offsets, padded
+    to a multiple of ``world_size * 16`` (as ``comm.buckets.assign_buckets`` lays it out). An
+    int is taken as one parameter."""
+    numels = [param_numels] if isinstance(param_numels, int) else list(param_numels)
+    used = 0
+    for n in reversed(numels):
+        used = -(-used // ALIGN) * ALIGN + n
+    return sharded_numel(used, world_size) * world_size
+
+
+def stage3_states(unit_numels: list[list[int]] | list[int], persistent_numel: int | list[int], frozen_numel: int,
+                  world_size: int, precision: str, optimizer: str = "adamw",
+                  activations: int | None = None) -> dict[str, int | None]:
+    """Stage 3 bytes per rank: every fetch unit one flat buffer sharded like a bucket; the
+    persistent (small) parameters one more buffer kept whole, its gradients and optimizer
+    state sharded. Gradients are fp32 (as at stages 0-2). Per-unit parameter lists give the
+    exact layout; plain element counts ignore alignment."""
     pb, (k, step) = DTYPE_BYTES[precision], _states_per_element(optimizer)
-    chunk = sum(sharded_numel(n, world_size) for n in unit_numels)
-    params = pb * (chunk + persistent_numel + -(-frozen_numel // world_size))
-    master = 4 * chunk if precision != "fp32" else 0
-    state = 4 * k * chunk + (4 * len(unit_numels) if step and k else 0)
-    return _result(params, pb * chunk, master, state, activations)
+    chunk = sum(unit_padded_numel(n, world_size) // world_size for n in unit_numels)
+    n_buffers = len(unit_numels)
+    persistent = persistent_numel if isinstance(persistent_numel, list) else (
+        [persistent_numel] if persistent_numel else [])
+    p_chunk = unit_padded_numel(persistent, world_size) // world_size if persistent else 0
+    n_buffers += 1 if persistent else 0
+    trained = chunk + p_chunk
+    params = pb * (chunk + p_chunk * world_size + -(-frozen_numel // world_size))
+    master = 4 * trained if precision != "fp32" else 0
+    state = 4 * k * trained + (4 * n_buffers if step and k else 0)
+    return _result(params, 4 * trained, master, state, activations)
 
 
 def model_states(model: ModelLike, world_size: int, stage: int, precision: str = "fp32", optimizer: str = "adamw",
@@ -188,11 +209,22 @@ def model_states(model: ModelLike, world_size: int, stage: int, precision: str =
     act = activation_bytes(shape or transformer_shape(model), micro_batch, seq_len, precision)
     trainable, frozen = trainable_params(model)
     if stage == 3:
-        units = fetch_units(model, persistence_threshold=persistence_threshold, trainable_only=True)
-        return stage3_states([u.numel for u in units], sum(u.persistent_numel for u in units), frozen,
-                             world_size, precision, optimizer, act)
+        return _stage3_exact(model, persistence_threshold, frozen, world_size, precision, optimizer, act)
     return layout_states(bucket_layouts(model, world_size, bucket_numel), frozen, world_size, stage, precision,
                          optimizer, activations=act)
+
+
+def _stage3_exact(model: nn.Module, threshold: int, frozen: int, world_size: int, precision: str,
+                  optimizer: str, act: int | None) -> dict[str, int | None]:
+    numel = {n: p.numel() for n, p in model.named_parameters()}
+    units, persistent = [], []
+    for u in fetch_units(model, persistence_threshold=threshold, trainable_only=True):
+        big = [numel[n] for n in u.param_names if numel[n] >= threshold]
+        persistent += [numel[n] for n in u.param_names if numel[n] < threshold]
+        if big or u.name == "":
+            units.append(big)
+    units = [u for u in units if u]
+    return stage3_states(units, persistent, frozen, world_size, precision, optimizer, act)
 
 
 def _analytic(n: int, world: int, stage: int, precision: str, optimizer: str, act: int | None,
@@ -201,7 +233,7 @@ def _analytic(n: int, world: int, stage: int, precision: str, optimizer: str, ac
     shard = -(-n // world)
     opt = n if stage == 0 else shard
     params = pb * (shard + persistent) if stage == 3 else pb * n
-    grads = pb * shard if stage == 3 else 4 * (shard if stage == 2 else n)
+    grads = 4 * (shard if stage in (2, 3) else n)
     return _result(params, grads, 4 * opt if precision != "fp32" else 0, 4 * k * opt, act)
 
 
@@ -290,8 +322,7 @@ class PlanningConfig:
 
 def planning_config(path: str, world_size: int) -> PlanningConfig:
     """Resolve a config at ``world_size`` with ``shardwise.config.load_config`` (so batch sizes
-    that do not divide at N raise its ConfigError). The config layer refuses ZeRO stage 3 and
-    its ``stage3_*`` keys until stage 3 exists; planning reads them itself and resolves the rest."""
+    that do not divide at N raise its ConfigError)."""
     from shardwise.config import load_config
 
     try:
@@ -299,27 +330,13 @@ def planning_config(path: str, world_size: int) -> PlanningConfig:
             doc = json.load(f)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read config {path}: {exc}") from None
-    zero = dict(doc.get("zero_optimization") or {}) if isinstance(doc, dict) else {}
-    stage = zero.get("stage", 0)
-    threshold = zero.get("stage3_param_persistence_threshold", zero.get("param_persistence_threshold",
-                                                                        PERSISTENCE_THRESHOLD))
-    stage3_keys = {k for k in zero if k.startswith("stage3_") or f"stage3_{k}" in _stage3_key_names()}
-    if stage == 3 or stage3_keys:
-        zero = {k: v for k, v in zero.items() if k not in stage3_keys}
-        zero["stage"] = 2 if stage == 3 else stage
-        doc = {**doc, "zero_optimization": zero}
     plan = load_config(doc, world_size=world_size)
+    stage, threshold = plan.zero.stage, plan.zero.param_persistence_threshold
     opt = plan.optimizer.type if plan.optimizer is not None else "adamw"
     if opt.lower() == "sgd" and not dict(plan.optimizer.params).get("momentum"):
         opt = "sgd-nomomentum"
     return PlanningConfig(stage, plan.precision.compute, opt, plan.zero.reduce_bucket_size,
                           plan.batch.micro_batch_size, plan.batch.gradient_accumulation_steps, int(threshold))
-
-
-def _stage3_key_names() -> set[str]:
-    from shardwise.config.schema_keys import ZERO
-
-    return {k for k in ZERO if k.startswith("stage3_")}
 
 
 def add_world_args(p: argparse.ArgumentParser) -> None:

@@ -92,7 +92,7 @@ def _model_state_total(states: dict[str, Any]) -> int:
 
 def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str = "fp32", optimizer: str = "adamw",
                bucket_numel: int = 2_000_000, gradient_accumulation_steps: int = 1, micro_batch: int | None = None,
-               seq_len: int | None = None, persistence_threshold: int = 100_000,
+               seq_len: int | None = None, persistence_threshold: int = 0,
                unit_classes: Sequence[type | str] | None = None, device_memory: int | None = None) -> PlanReport:
     """Plan ``model`` (build it on the meta device) at ``world_size`` ranks; see [Note: plan figures]."""
     t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str 
         padded = sum(sharded_numel(n, world_size) * world_size for n in numels)
         collectives = [Collective("all_gather params (forward)", gas * len(units), gas * padded * pb),
                        Collective("all_gather params (backward)", gas * len(units), gas * padded * pb),
-                       Collective("reduce_scatter grads", gas * len(units), gas * padded * pb)]
+                       Collective("reduce_scatter grads (fp32)", gas * len(units), gas * padded * 4)]
         largest = max(units, key=lambda u: u.numel)
         working = 3 * largest.numel * pb
         if device_memory is not None and per_rank[0] + 2 * largest.numel * pb > device_memory:

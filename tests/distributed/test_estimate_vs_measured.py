@@ -1,7 +1,7 @@
 """The estimator against the engine: ``shardwise.estimate.model_states`` for the tiny GPT of
-examples/gpt at world sizes 1-3, stages 0-2, fp32 and bf16, within 5% of ``memory_report()``
+examples/gpt at world sizes 1-3, stages 0-3, fp32 and bf16, within 5% of ``memory_report()``
 measured after one step on every rank (in practice equal: the estimate uses the engine's own
-bucket layout). One process group per world size runs all six cases."""
+bucket / fetch-unit layout). One process group per world size runs all eight cases."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +10,7 @@ from estimate_workers import BUCKET, measure, tiny_gpt
 from shardwise.estimate import model_states
 from shardwise.testing import run_distributed
 
-CASES = [(stage, precision) for precision in ("fp32", "bf16") for stage in (0, 1, 2)]
+CASES = [(stage, precision) for precision in ("fp32", "bf16") for stage in (0, 1, 2, 3)]
 FIELDS = ("params", "grads", "master_params", "optimizer_state", "total")
 
 
@@ -27,4 +27,4 @@ def test_estimate_matches_memory_report(world):
             assert want["activations"] is None
     if world > 1:  # sharding pays off per rank
         totals = {c: model_states(tiny_gpt, world, *c, bucket_numel=BUCKET)["total"] for c in CASES}
-        assert totals[(2, "fp32")] < totals[(1, "fp32")] < totals[(0, "fp32")]
+        assert totals[(3, "fp32")] < totals[(2, "fp32")] < totals[(1, "fp32")] < totals[(0, "fp32")]
