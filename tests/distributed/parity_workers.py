@@ -62,11 +62,14 @@ def reference_run(global_batch: int, steps: int, lr: float = 1e-3, weight_decay:
     return {"losses": losses, "norms": norms, "params": _snapshot(model)}
 
 
-def shardwise_run(config: dict, steps: int) -> dict:
-    """Train with shardwise on this rank; losses are averaged over ranks for comparison."""
+def shardwise_run(config: dict, steps: int, unit_classes: list | None = None) -> dict:
+    """Train with shardwise on this rank; losses are averaged over ranks for comparison.
+    ``unit_classes``: stage-3 fetch units by module class name (``set_fetch_units``)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     compute = "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get("enabled") else "fp32"
     model = make_model()
+    if unit_classes is not None:
+        shardwise.zero.set_fetch_units(model, unit_classes)
     engine, optimizer, _, _ = shardwise.initialize(model=model, model_parameters=model.parameters(), config=config)
     gas = engine.gradient_accumulation_steps()
     micro = engine.train_micro_batch_size_per_gpu()
@@ -96,6 +99,7 @@ def shardwise_run(config: dict, steps: int) -> dict:
         "skipped": engine.skipped_steps,
         "loss_scale": engine.loss_scale,
         "global_steps": engine.global_steps,
+        "units": [u.name for u in engine.strategy.runtime.units] if engine.zero_optimization_stage == 3 else [],
     }
 
 

@@ -282,3 +282,20 @@ def plain_gpt(preset: str, overrides: dict) -> dict:
     torch.manual_seed(0)
     m = GPT(GPTConfig.preset(preset, **overrides))
     return {k: v.detach().float().clone() for k, v in m.state_dict().items()}
+
+
+def gathered_on_one_rank_only() -> str:
+    """Rank 0 gathers, rank 1 does not: rank 0 gets a named error within the timeout."""
+    torch.manual_seed(0)
+    model = Zoo()
+    shardwise.initialize(model=model, config={**zoo_config(), "comms_timeout": 4})
+    if dist.get_rank() == 1:
+        import time
+
+        time.sleep(8)
+        return "rank 1 did not call it"
+    try:
+        with shardwise.zero.GatheredParameters(model.blocks[0].fc.weight):
+            return "no error"
+    except shardwise.errors.UsageError as exc:
+        return str(exc)

@@ -166,3 +166,27 @@ def test_zero_init_no_rank_allocates_the_whole_model():
         assert r["built_peak_mib"] < r["full_mib"] / 2 + 28 + 8, r
     for r in run_distributed(init_build, 2, False, "tiny", big):
         assert r["built_peak_mib"] > 0.95 * r["full_mib"], r  # the measurement sees a whole model
+
+
+def test_fetch_units_by_class(reference):
+    """set_fetch_units(model, ["MLP", "CausalSelfAttention"]): each of those modules is a unit."""
+    got = run_distributed(shardwise_run, 2, config(), STEPS, ["MLP", "CausalSelfAttention"])[0]
+    _close(got, reference)
+    assert got["units"] == ["", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
+    with pytest.raises(Exception, match="do not occur in GPT"):
+        run_distributed(shardwise_run, 1, config(), 1, ["NoSuchBlock"])
+
+
+def test_gathered_parameters_on_one_rank_only_is_a_named_error():
+    from stage3_workers import gathered_on_one_rank_only
+
+    msg = run_distributed(gathered_on_one_rank_only, 2)[0]
+    assert "GatheredParameters must be called on every rank" in msg and "[1]" in msg, msg
+
+
+def test_zero_init_refuses_other_stages():
+    from shardwise.errors import UsageError
+    from shardwise.zero import Init
+
+    with pytest.raises(UsageError, match="stage 3"):
+        Init(config={"train_batch_size": 1, "zero_optimization": {"stage": 2}})

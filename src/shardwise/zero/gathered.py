@@ -16,7 +16,12 @@ import torch
 from shardwise.comm.collectives import require_all_ranks
 from shardwise.zero.stage3 import runtime_of
 
-_WAIT_S = 300.0
+_WAIT_S = 300.0  # bounded by the process-group timeout (comms_timeout / SHARDWISE_TIMEOUT) when shorter
+
+
+def _wait_s(ctx) -> float:
+    configured = ctx.health.timeout_s if ctx.health is not None else None
+    return min(_WAIT_S, configured) if configured else _WAIT_S
 
 
 class GatheredParameters:
@@ -39,7 +44,7 @@ class GatheredParameters:
                     units.append(unit)
         for rt, units in self._held.values():
             units.sort(key=lambda u: u.index)  # the same gather order on every rank
-            require_all_ranks(rt.ctx, "shardwise.zero.GatheredParameters", _WAIT_S)
+            require_all_ranks(rt.ctx, "shardwise.zero.GatheredParameters", _wait_s(rt.ctx))
             rt.hold(units)
         return self
 
