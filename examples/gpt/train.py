@@ -10,6 +10,7 @@ across ranks, a metrics CSV and the per-rank memory report at the end.
 from __future__ import annotations
 
 import argparse
+import json
 import csv
 import os
 import sys
@@ -102,6 +103,11 @@ def open_metrics(path: str):
     return f, writer
 
 
+def zero_stage(config_path: str) -> int:
+    with open(config_path) as f:
+        return int((json.load(f).get("zero_optimization") or {}).get("stage", 0))
+
+
 def set_epoch(loader, epoch: int) -> None:
     sampler = getattr(loader, "sampler", None) or getattr(loader, "data_sampler", None)
     if hasattr(sampler, "set_epoch"):
@@ -112,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # same model on every rank
     cfg = GPTConfig.preset(args.preset, **({"seq_len": args.seq_len} if args.seq_len else {}))
-    model = GPT(cfg)
+    # ZeRO stage 3: build under zero.Init so that no rank ever holds the whole model
+    with shardwise.zero.Init(config=args.config, enabled=zero_stage(args.config) == 3):
+        model = GPT(cfg)
     dataset = ByteDataset(load_text(args.data), cfg.seq_len, vocab_size=cfg.vocab_size)
 
     engine, optimizer, loader, scheduler = shardwise.initialize(

@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_example_trains_on_two_ranks(stage, tmp_path):
     metrics = tmp_path / "metrics.csv"
     cmd = [sys.executable, "-c", "from shardwise.cli import main; raise SystemExit(main())",
