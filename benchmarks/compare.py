@@ -170,7 +170,10 @@ def _build(system: str, model_name: str, bucket: int, precision: str = "fp32"):
             "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY}},
             "zero_optimization": {"stage": int(system[-1]), "reduce_bucket_size": int(bucket),
-                                  "overlap_comm": True},
+                                  "overlap_comm": True,
+                                  # extra zero_optimization keys for experiments, e.g.
+                                  # ZERO_EXTRA='{"stage3_prefetch_bucket_size": 3e6}'
+                                  **json.loads(os.environ.get("ZERO_EXTRA", "{}"))},
             "steps_per_print": 1_000_000,  # (0 is refused by the config validator)
             **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
         })

@@ -78,7 +78,7 @@ class ZeroPlan:
     contiguous_gradients: bool = True
     reduce_scatter: bool = True
     # stage 3 (elements; see [Note: prefetch] in zero/stage3.py)
-    prefetch_bucket_size: int = 50_000_000
+    prefetch_bucket_size: int | None = None  # None: the next unit only (see [Note: prefetch])
     param_persistence_threshold: int = 0
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000

@@ -27,9 +27,12 @@ graph so that collectives are issued in the same order (as with FSDP and DeepSpe
 
 [Note: prefetch]
 The first forward with gradients records the order in which units run. In later forwards,
-while unit *i* computes, the next units of that order are gathered asynchronously, up to
-``stage3_prefetch_bucket_size`` elements in flight and ``stage3_max_live_parameters``
-gathered in total. In backward the order is reversed. When a forward leaves the recorded order
+while unit *i* computes, the next unit of that order is gathered asynchronously (FSDP2's
+default); with ``stage3_prefetch_bucket_size`` set, the next units up to that many elements
+(DeepSpeed's meaning), always within ``stage3_max_live_parameters`` gathered in total. One
+unit ahead measured fastest on the 25M GPT (1.00x DDP vs 1.06x with everything ahead and 1.08x
+with no prefetch): gathering every unit at once makes a burst of traffic that competes with the
+first units' compute. In backward the order is reversed. When a forward leaves the recorded order
 (another branch, generation), prefetching stops for that forward and units are gathered on
 demand, which is always correct. A unit that the recorded order uses again within
 ``stage3_max_reuse_distance`` elements is kept gathered after its forward.
@@ -56,7 +59,7 @@ _NO_SPLIT = 2 ** 62  # one flat buffer per (unit, group, dtype)
 
 @dataclass(frozen=True)
 class Stage3Policy:
-    prefetch_bucket_size: int = 50_000_000  # elements
+    prefetch_bucket_size: int | None = None  # elements; None: the next unit only
     param_persistence_threshold: int = 0  # elements; smaller parameters stay whole
     max_live_parameters: int = 1_000_000_000
     max_reuse_distance: int = 1_000_000_000
@@ -235,12 +238,14 @@ class Stage3Runtime:
             self._pos = None  # off the recorded order: gather on demand for the rest of this forward
 
     def _prefetch_forward(self) -> None:
-        if self._pos is None or self.policy.prefetch_bucket_size <= 0:
+        if self._pos is None or self.policy.prefetch_bucket_size == 0:
             return
         self._prefetch(self._order[self._pos:])
 
     def _prefetch(self, upcoming: Sequence[ShardedUnit]) -> None:
         budget = self.policy.prefetch_bucket_size
+        if budget is None:  # the next unit only
+            upcoming, budget = upcoming[:1], 1
         for nxt in upcoming:
             if budget <= 0:
                 break
@@ -289,7 +294,7 @@ class Stage3Runtime:
             self.ensure(unit)
         if unit.index not in self._bwd_seen:
             self._bwd_seen.add(unit.index)
-            if self.policy.prefetch_bucket_size > 0:
+            if self.policy.prefetch_bucket_size != 0:
                 self._prefetch(self._bwd_next.get(unit.index, ()))
         return unit.flats[x.shard].as_strided(x.size, x.stride, x.offset)
 
