@@ -2,7 +2,7 @@
 
 Run by `benchmarks/gpu_check.sh` (under `shardwise run --nproc-per-node 1`, so NCCL is used).
 Prints tokens/s and MFU (model FLOPs utilisation, 6 * params * tokens / time / peak) for plain
-PyTorch (bf16 weights, fp32 master copy, fused AdamW) and shardwise stages 0-2, steps interleaved.
+PyTorch (bf16 weights, fp32 master copy, fused AdamW) and shardwise stages 0-3, steps interleaved.
 Not yet run on a GPU by the team: treat the first run as the test of this script too.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> int:
         return loss
 
     systems["plain"] = plain_step
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         torch.manual_seed(0)
         model = GPT(cfg)
         engine, *_ = shardwise.initialize(model=model, config={

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA path in one short script, for a session that is lent a GPU (see DEVELOPERS.md):
 #  1. the bundled example on NCCL through the launcher (stage 2, a few steps);
-#  2. bf16 throughput and MFU of a ~1B GPT: plain PyTorch vs shardwise stages 0-2.
+#  2. bf16 throughput and MFU of a ~1B GPT: plain PyTorch vs shardwise stages 0-3.
 # Usage: bash benchmarks/gpu_check.sh   (assumes `make setup` ran, or a venv with torch + shardwise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +10,9 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print(torch._
 echo "== 1. example, ZeRO-2 over NCCL, 1 rank"
 $PY -c "from shardwise.cli import main; raise SystemExit(main())" run --nproc-per-node 1 \
     examples/gpt/train.py --config examples/gpt/ds_zero2.json --steps 20 --log-every 10 --metrics-csv ''
+echo "== 1b. example, ZeRO-3 (zero.Init) over NCCL, 1 rank"
+$PY -c "from shardwise.cli import main; raise SystemExit(main())" run --nproc-per-node 1 \
+    examples/gpt/train.py --config examples/gpt/ds_zero3.json --steps 20 --log-every 10 --metrics-csv ''
 echo "== 2. ~1B GPT, bf16, plain vs shardwise"
 $PY -c "from shardwise.cli import main; raise SystemExit(main())" run --nproc-per-node 1 \
     benchmarks/gpu_bench.py "$@"

@@ -76,12 +76,7 @@ class DataParallelStrategy:
         ctx: CommContext,
         make_optimizer: OptimizerFactory,
     ):
-        if not plan.zero.reduce_scatter:  # DeepSpeed's "reduce_scatter": false -> plain all-reduce
-            ctx = replace(ctx, reduce_scatter_via_all_reduce=True)
-        self.ctx = ctx
-        self.dtype = compute_dtype(plan.precision)
-        self.scaler = make_loss_scaler(plan.precision)
-        module.to(device=ctx.device, dtype=self.dtype) if self.dtype != torch.float32 else module.to(ctx.device)
+        ctx = self._setup(module, plan, ctx)
 
         trainable: list[nn.Parameter] = []
         keys: list[tuple] = []
@@ -113,6 +108,22 @@ class DataParallelStrategy:
             params_sharded=sharded,
             clip=plan.gradient_clipping,
         )
+
+    def _setup(self, module: nn.Module, plan: Plan, ctx: CommContext) -> CommContext:
+        """Context, compute dtype, loss scaler; the module moved to the device and dtype."""
+        if not plan.zero.reduce_scatter:  # DeepSpeed's "reduce_scatter": false -> plain all-reduce
+            ctx = replace(ctx, reduce_scatter_via_all_reduce=True)
+        self.ctx = ctx
+        self.dtype = compute_dtype(plan.precision)
+        self.scaler = make_loss_scaler(plan.precision)
+        if not any(isinstance(p, ShardedParameter) for p in module.parameters()):  # zero.Init: stage 3 casts
+            module.to(device=ctx.device, dtype=self.dtype) if self.dtype != torch.float32 else module.to(ctx.device)
+        return ctx
+
+    @staticmethod
+    def _report(params: int, grads: int, master: int, state: int, **extra: int) -> dict[str, int]:
+        return {"params": params, "grads": grads, "master_params": master, "optimizer_state": state,
+                "total": params + grads + master + state, **extra}
 
     def _make_grad_sync(self, plan: Plan):
         raise NotImplementedError
@@ -168,13 +179,7 @@ class DataParallelStrategy:
         grads = nbytes(self.grad_sync.tensors())
         master = nbytes(b.opt_param for b in self.buckets)  # 0 when aliased to params (fp32)
         state = nbytes(v for st in self.optimizer.state.values() for v in st.values())
-        return {
-            "params": params,
-            "grads": grads,
-            "master_params": master,
-            "optimizer_state": state,
-            "total": params + grads + master + state,
-        }
+        return self._report(params, grads, master, state)
 
 
 class ReplicatedStrategy(DataParallelStrategy):
@@ -219,13 +224,7 @@ class ParamShardedStrategy(DataParallelStrategy):
 
     def __init__(self, module: nn.Module, groups: ParamGroups, plan: Plan, ctx: CommContext,
                  make_optimizer: OptimizerFactory):
-        if not plan.zero.reduce_scatter:
-            ctx = replace(ctx, reduce_scatter_via_all_reduce=True)
-        self.ctx = ctx
-        self.dtype = compute_dtype(plan.precision)
-        self.scaler = make_loss_scaler(plan.precision)
-        if not any(isinstance(p, ShardedParameter) for p in module.parameters()):
-            module.to(device=ctx.device, dtype=self.dtype) if self.dtype != torch.float32 else module.to(ctx.device)
+        ctx = self._setup(module, plan, ctx)
         z = plan.zero
         policy = Stage3Policy(prefetch_bucket_size=z.prefetch_bucket_size,
                               param_persistence_threshold=z.param_persistence_threshold,
@@ -270,14 +269,7 @@ class ParamShardedStrategy(DataParallelStrategy):
         grads = nbytes(s.grad for s in shards)
         master = nbytes(s.opt_param for s in shards if s.mixed and s.opt_param is not None)
         state = nbytes(v for st in self.optimizer.state.values() for v in st.values())
-        return {
-            "params": params,
-            "grads": grads,
-            "master_params": master,
-            "optimizer_state": state,
-            "total": params + grads + master + state,
-            "gathered_peak": self.runtime.gathered_peak,
-        }
+        return self._report(params, grads, master, state, gathered_peak=self.runtime.gathered_peak)
 
 
 STRATEGIES: dict[int, type[DataParallelStrategy]] = {
