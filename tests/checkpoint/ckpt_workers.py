@@ -144,9 +144,9 @@ def _step(engine, x: torch.Tensor) -> None:
 def reshard_save(ckpt: str, stage: int, steps: int, bf16: bool = False, optimizer: str = "AdamW") -> dict:
     world = dist.get_world_size()
     model = make_model()
-    engine, *_ = shardwise.initialize(model=model, config=config(stage, world, micro=6 // world, bf16=bf16,
+    engine, *_ = shardwise.initialize(model=model, config=config(stage, world, micro=12 // world, bf16=bf16,
                                                                  optimizer=optimizer))
-    data = global_batches(steps + 1, 6)
+    data = global_batches(steps + 1, 12)
     for x in data[:steps]:
         _step(engine, x)
     engine.save_checkpoint(ckpt)
@@ -158,11 +158,11 @@ def reshard_save(ckpt: str, stage: int, steps: int, bf16: bool = False, optimize
 def reshard_load(ckpt: str, stage: int, steps: int, bf16: bool = False, optimizer: str = "AdamW") -> dict:
     world = dist.get_world_size()
     model = make_model(seed=123)  # different weights: the load must overwrite them all
-    engine, *_ = shardwise.initialize(model=model, config=config(stage, world, micro=6 // world, bf16=bf16,
+    engine, *_ = shardwise.initialize(model=model, config=config(stage, world, micro=12 // world, bf16=bf16,
                                                                  optimizer=optimizer))
     engine.load_checkpoint(ckpt)
     loaded = per_param_state(engine)
-    _step(engine, global_batches(steps + 1, 6)[steps])
+    _step(engine, global_batches(steps + 1, 12)[steps])
     return {"saved": loaded, "next": whole_state(model),
             "global_steps": engine.global_steps}
 

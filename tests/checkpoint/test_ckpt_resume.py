@@ -76,7 +76,7 @@ def test_reshard_from_world2_stage2(tmp_path):
 def test_reshard_to_and_from_stage3(tmp_path):
     """Stage 3 keeps only a chunk of every parameter: its checkpoint loads at other world sizes
     and stages, and a stage-0/1/2 checkpoint loads into stage 3."""
-    _reshard(tmp_path / "a", 2, 3, [(3, 3), (1, 0), (2, 2)])
+    _reshard(tmp_path / "a", 2, 3, [(1, 0), (3, 2), (4, 1), (3, 3)])
     _reshard(tmp_path / "b", 3, 1, [(2, 3)])
 
 

@@ -5,6 +5,9 @@ already complete when the world size is 1 (no process group) or the call was syn
 """
 from __future__ import annotations
 
+import pickle
+import time
+from collections import deque
 from contextlib import contextmanager
 
 import torch
@@ -42,6 +45,30 @@ def _guard(ctx: CommContext, op: str):
         raise _failure(ctx, op, exc) from exc
 
 
+# [Note: tensors outlive gloo's works]
+# A gloo worker thread drops its reference to a finished collective's tensors after the caller
+# has been told the work is done. If Python dropped its own references first (a temporary view
+# such as ``flat.view(world, -1)[rank]``), the worker thread holds the last one and must take
+# the GIL to free the tensor's Python object. When that happens after the main thread began
+# interpreter shutdown, CPython ends the worker thread inside C++ code and the process aborts
+# ("terminate called without an active exception", exit -6) after a run that succeeded (seen
+# in a core dump: c10d::ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> decref_pyobject ->
+# take_gil -> pthread_exit). So every tensor handed to a collective here is also kept in
+# `_RECENT`, a bounded ring that lets the worker drop its reference without needing the GIL;
+# object collectives are implemented here for the same reason (torch's build temporary views),
+# and an exit hook (`quiesce`) gives worker threads a moment before shutdown.
+_RECENT: deque = deque(maxlen=256)
+
+
+def _keep(*tensors: torch.Tensor) -> None:
+    _RECENT.append(tensors)
+
+
+def quiesce(seconds: float = 0.1) -> None:
+    """At exit: let gloo worker threads release finished works while the interpreter is whole."""
+    time.sleep(seconds)
+
+
 class Handle:
     """An in-flight collective. ``wait()`` is idempotent."""
 
@@ -75,6 +102,7 @@ def all_reduce(t: torch.Tensor, ctx: CommContext, *, op: str = "sum", async_op: 
         return DONE
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
     name = f"all_reduce({t.numel()} elements)"
+    _keep(t)
     with _guard(ctx, name):
         work = dist.all_reduce(t, op=reduce_op, group=ctx.group, async_op=async_op)
     return Handle(work, ctx, name) if async_op else DONE
@@ -102,6 +130,7 @@ def reduce_to_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = Tr
         return all_reduce(flat, ctx, async_op=async_op)
     chunk = flat.view(ctx.world_size, -1)[ctx.rank]
     name = f"reduce_scatter({flat.numel()} elements)"
+    _keep(flat, chunk)
     with _guard(ctx, name):
         work = _reduce_scatter_single(chunk, flat, group=ctx.group, async_op=async_op)
     return Handle(work, ctx, name) if async_op else DONE
@@ -129,14 +158,17 @@ def all_gather_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = T
     chunk = chunks[ctx.rank]
     name = f"all_gather({flat.numel()} elements)"
     if ctx.all_gather_via_broadcast:
+        parts = chunks.unbind(0)
+        _keep(flat, *parts)
         with _guard(ctx, name):
-            works = [dist.broadcast(chunks[r], src=r, group=ctx.group, async_op=True)
+            works = [dist.broadcast(parts[r], src=r, group=ctx.group, async_op=True)
                      for r in range(ctx.world_size)]
         handle = Handle(_Works(works), ctx, name)
         if not async_op:
             handle.wait()
             return DONE
         return handle
+    _keep(flat, chunk)
     with _guard(ctx, name):
         work = _all_gather_single(flat, chunk, group=ctx.group, async_op=async_op)
     return Handle(work, ctx, name) if async_op else DONE
@@ -147,6 +179,7 @@ def broadcast(t: torch.Tensor, ctx: CommContext, *, src: int = 0) -> None:
     if not ctx.is_distributed:
         return
     name = f"broadcast({t.numel()} elements, src={src})"
+    _keep(t)
     with _guard(ctx, name):
         dist.broadcast(t, src=src, group=ctx.group)
 
@@ -154,24 +187,41 @@ def broadcast(t: torch.Tensor, ctx: CommContext, *, src: int = 0) -> None:
 # -- control-plane helpers (small Python objects; checkpoint agreement) ------------------
 
 
+def _payload(obj) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+
+
 def all_gather_object(obj, ctx: CommContext) -> list:
-    """Every rank's ``obj`` (picklable, small), in rank order."""
+    """Every rank's ``obj`` (picklable, small), in rank order (see [Note: tensors outlive
+    gloo's works] for why this is not ``dist.all_gather_object``)."""
     if not ctx.is_distributed:
         return [obj]
-    out: list = [None] * ctx.world_size
+    data = _payload(obj)
     with _guard(ctx, "all_gather_object"):
-        dist.all_gather_object(out, obj, group=ctx.group)
-    return out
+        sizes = torch.zeros(ctx.world_size, dtype=torch.int64, device=ctx.device)
+        sizes[ctx.rank] = data.numel()
+        all_gather_shard(sizes, ctx, async_op=False)
+        longest = int(sizes.max())
+        flat = torch.zeros(ctx.world_size * longest, dtype=torch.uint8, device=ctx.device)
+        flat[ctx.rank * longest:ctx.rank * longest + data.numel()] = data.to(ctx.device)
+        all_gather_shard(flat, ctx, async_op=False)
+    host = flat.cpu()
+    return [pickle.loads(host[r * longest:r * longest + int(n)].numpy().tobytes())
+            for r, n in enumerate(sizes.tolist())]
 
 
 def broadcast_object(obj, ctx: CommContext, src: int = 0):
     """``obj`` from rank ``src`` on every rank."""
     if not ctx.is_distributed:
         return obj
-    box = [obj if ctx.rank == src else None]
+    data = _payload(obj) if ctx.rank == src else None
     with _guard(ctx, f"broadcast_object(src={src})"):
-        dist.broadcast_object_list(box, src=src, group=ctx.group)
-    return box[0]
+        size = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64, device=ctx.device)
+        broadcast(size, ctx, src=src)
+        buf = data.to(ctx.device) if data is not None else \
+            torch.empty(int(size.item()), dtype=torch.uint8, device=ctx.device)
+        broadcast(buf, ctx, src=src)
+    return pickle.loads(buf.cpu().numpy().tobytes())
 
 
 def barrier(ctx: CommContext, timeout_s: float | None = None) -> None:

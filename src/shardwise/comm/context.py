@@ -96,6 +96,22 @@ def _context_from_group(allow_reduce_scatter: bool, health: RankHealth | None = 
                        all_gather_via_broadcast=kind == "gloo")
 
 
+_QUIESCE_REGISTERED = False
+
+
+def _register_quiesce() -> None:
+    """Once per process: before interpreter shutdown, give gloo's worker threads a moment to
+    drop finished works (see [Note: tensors outlive gloo's works] in collectives.py)."""
+    global _QUIESCE_REGISTERED
+    if not _QUIESCE_REGISTERED:
+        import atexit
+
+        from shardwise.comm.collectives import quiesce
+
+        atexit.register(quiesce)
+        _QUIESCE_REGISTERED = True
+
+
 def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = True) -> CommContext:
     """Join (or create) the default process group and describe it.
 
@@ -104,6 +120,7 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
     - Otherwise this is a plain single process: world size 1, no process group.
     """
     if dist.is_available() and dist.is_initialized():
+        _register_quiesce()
         return _context_from_group(allow_reduce_scatter)
     env_set = [v for v in _TORCHRUN_VARS if v in os.environ]
     if env_set and len(env_set) < len(_TORCHRUN_VARS):
@@ -152,10 +169,12 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
         raise DistributedSetupError(
             f"could not initialise torch.distributed ({backend}) for {where}: {exc}"
         ) from exc
+    _register_quiesce()
     # [Note: heartbeat only across hosts] same-host peers are diagnosed through /proc; the
     # heartbeat thread (a cloned store client) is started only when ranks span several hosts.
-    # On one host it made ~1 in 10-20 successful ranks abort at interpreter exit
-    # ("terminate called without an active exception"), even when stopped and joined at exit.
+    # (It was switched off on one host after exit aborts; their cause turned out to be gloo
+    # worker threads freeing Python tensors during shutdown: [Note: tensors outlive gloo's
+    # works] in collectives.py.)
     if any(info.get("host") != health.host for info in health.peers.values()):
         health.start_heartbeat()
     return _context_from_group(allow_reduce_scatter, health)
