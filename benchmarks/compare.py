@@ -169,8 +169,9 @@ def _build(system: str, model_name: str, bucket: int, precision: str = "fp32"):
             "train_batch_size": GLOBAL_BATCH,
             "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
             "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY}},
-            "zero_optimization": {"stage": int(system[-1]), "reduce_bucket_size": int(bucket),
-                                  "overlap_comm": True,
+            "zero_optimization": {"stage": int(system[-1]), "overlap_comm": True,
+                                  # stage 3 reduces per fetch unit: no reduce bucket
+                                  **({"reduce_bucket_size": int(bucket)} if system != "zero3" else {}),
                                   # extra zero_optimization keys for experiments, e.g.
                                   # ZERO_EXTRA='{"stage3_prefetch_bucket_size": 3e6}'
                                   **json.loads(os.environ.get("ZERO_EXTRA", "{}"))},

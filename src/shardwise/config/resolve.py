@@ -179,6 +179,10 @@ def _zero(zero: Any, problems: list[ConfigProblem]) -> Optional[ZeroPlan]:
         warnings.warn("zero_optimization.allgather_bucket_size has no effect in shardwise: updated "
                       "parameters are all-gathered per reduce bucket (reduce_bucket_size)", ConfigWarning,
                       stacklevel=2)
+    if zero.stage == 3 and "reduce_bucket_size" in zero.model_fields_set:
+        warnings.warn("zero_optimization.reduce_bucket_size has no effect at stage 3 in shardwise: "
+                      "gradients are reduced one fetch unit at a time (one collective per unit)",
+                      ConfigWarning, stacklevel=2)
     if zero.contiguous_gradients is False:
         warnings.warn("zero_optimization.contiguous_gradients=false has no effect in shardwise: "
                       "gradients always live in contiguous flat buffers", ConfigWarning, stacklevel=2)
