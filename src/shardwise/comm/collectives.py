@@ -53,15 +53,19 @@ def _guard(ctx: CommContext, op: str):
 # interpreter shutdown, CPython ends the worker thread inside C++ code and the process aborts
 # ("terminate called without an active exception", exit -6) after a run that succeeded (seen
 # in a core dump: c10d::ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> decref_pyobject ->
-# take_gil -> pthread_exit). So every tensor handed to a collective here is also kept in
-# `_RECENT`, a bounded ring that lets the worker drop its reference without needing the GIL;
-# object collectives are implemented here for the same reason (torch's build temporary views),
-# and an exit hook (`quiesce`) gives worker threads a moment before shutdown.
-_RECENT: deque = deque(maxlen=256)
+# take_gil -> pthread_exit). So an exit hook (`quiesce`, registered by comm/context.py) gives
+# worker threads a moment, with the GIL free, before shutdown begins; and small tensors handed
+# to a collective here (object collectives, scalars: typically a program's last collectives)
+# stay referenced in `_RECENT`, a bounded ring, so the worker never needs the GIL for them.
+# Large buffers are not kept: that would hold freed stage-3 buffers alive (memory).
+# Object collectives are implemented here because torch's use temporary views.
+_RECENT: deque = deque(maxlen=64)
+_KEEP_MAX_BYTES = 1 << 20
 
 
 def _keep(*tensors: torch.Tensor) -> None:
-    _RECENT.append(tensors)
+    if all(t.untyped_storage().nbytes() <= _KEEP_MAX_BYTES for t in tensors):
+        _RECENT.append(tensors)
 
 
 def quiesce(seconds: float = 0.1) -> None:
