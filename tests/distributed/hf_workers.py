@@ -74,3 +74,18 @@ def sharded(kind: str, steps: int, use_init: bool = False) -> dict:
         losses.append(t.item() / world)
     units = [u.name for u in engine.strategy.runtime.units]
     return {"losses": losses, "params": snapshot(model), "units": units}
+
+
+def memory_reports(kind: str, stages: list[int]) -> list[dict]:
+    """memory_report() after one step, per stage (estimate-vs-measured for a transformers model)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = []
+    for stage in stages:
+        model = build(kind)
+        cfg = {**config(), "zero_optimization": {"stage": stage}}
+        engine, *_ = shardwise.initialize(model=model, config=cfg)
+        xb = data(1)[0][rank * (BATCH // world):(rank + 1) * (BATCH // world)]
+        engine.backward(engine(input_ids=xb, labels=xb).loss)
+        engine.step()
+        out.append(engine.memory_report())
+    return out

@@ -34,3 +34,33 @@ def test_hf_zero_init(kind_and_reference):
     kind, ref = kind_and_reference
     r = run_distributed(sharded, 2, kind, STEPS, True)[0]
     torch.testing.assert_close(r["losses"], ref["losses"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_estimate_matches_memory_report_for_transformers(kind):
+    """shardwise.estimate.model_states on the transformers model equals what the engine holds."""
+    from hf_workers import build, memory_reports
+    from shardwise.estimate import model_states
+
+    stages = [0, 1, 2, 3]
+    measured = run_distributed(memory_reports, 2, kind, stages)[0]
+    for stage, got in zip(stages, measured):
+        want = model_states(lambda: build(kind), 2, stage, "fp32")
+        for field in ("params", "grads", "master_params", "optimizer_state", "total"):
+            assert want[field] == pytest.approx(got[field], rel=0.05), (kind, stage, field, want[field], got[field])
+
+
+def test_cli_estimate_from_a_hugging_face_config(tmp_path, capsys):
+    import json
+
+    import transformers as T
+    from shardwise.cli import main as cli_main
+    from shardwise.estimate import model_states
+
+    T.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=3, n_head=4).save_pretrained(tmp_path)
+    assert cli_main(["estimate", "--hf-config", str(tmp_path / "config.json"), "--world-size", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    from hf_workers import build
+
+    for s, v in out["stages"].items():
+        assert v["total"] == model_states(lambda: build("gpt2"), 2, int(s))["total"]
