@@ -82,9 +82,9 @@ def memory_reports(kind: str, stages: list[int]) -> list[dict]:
     out = []
     for stage in stages:
         model = build(kind)
-        cfg = {**config(), "zero_optimization": {"stage": stage}}
+        cfg = {**config(), "train_batch_size": world, "zero_optimization": {"stage": stage}}
         engine, *_ = shardwise.initialize(model=model, config=cfg)
-        xb = data(1)[0][rank * (BATCH // world):(rank + 1) * (BATCH // world)]
+        xb = data(1)[0][rank:rank + 1]
         engine.backward(engine(input_ids=xb, labels=xb).loss)
         engine.step()
         out.append(engine.memory_report())

@@ -36,18 +36,19 @@ def test_hf_zero_init(kind_and_reference):
     torch.testing.assert_close(r["losses"], ref["losses"], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_estimate_matches_memory_report_for_transformers(kind):
+def test_estimate_matches_memory_report_for_transformers(kind, world):
     """shardwise.estimate.model_states on the transformers model equals what the engine holds."""
     from hf_workers import build, memory_reports
     from shardwise.estimate import model_states
 
     stages = [0, 1, 2, 3]
-    measured = run_distributed(memory_reports, 2, kind, stages)[0]
-    for stage, got in zip(stages, measured):
-        want = model_states(lambda: build(kind), 2, stage, "fp32")
-        for field in ("params", "grads", "master_params", "optimizer_state", "total"):
-            assert want[field] == pytest.approx(got[field], rel=0.05), (kind, stage, field, want[field], got[field])
+    for rank, per_stage in enumerate(run_distributed(memory_reports, world, kind, stages)):
+        for stage, got in zip(stages, per_stage):
+            want = model_states(lambda: build(kind), world, stage, "fp32")
+            for field in ("params", "grads", "master_params", "optimizer_state", "total"):
+                assert want[field] == pytest.approx(got[field], rel=0.05), (kind, world, rank, stage, field)
 
 
 def test_cli_estimate_from_a_hugging_face_config(tmp_path, capsys):
