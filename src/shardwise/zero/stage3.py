@@ -108,6 +108,7 @@ class Stage3Runtime:
                 self._by_param[id(t)] = unit
         self._live: dict[int, tuple[ShardedUnit, int]] = {}  # storage ptr -> (unit, shard)
         self._live_numel = 0
+        self._live_bytes = 0
         self.gathered_peak = 0  # bytes of gathered (non-resident) buffers, high-water mark
         self._order: list[ShardedUnit] = []
         self._recording = True
@@ -147,7 +148,8 @@ class Stage3Runtime:
             for i, flat in enumerate(unit._flats or ()):
                 self._live[flat.untyped_storage().data_ptr()] = (unit, i)
             self._live_numel += unit.numel
-            self.gathered_peak = max(self.gathered_peak, sum(u.gathered_bytes() for u in self.units))
+            self._live_bytes += unit.gathered_bytes()
+            self.gathered_peak = max(self.gathered_peak, self._live_bytes)
 
     def ensure(self, unit: ShardedUnit) -> None:
         """``unit`` gathered and shown to its modules."""
@@ -162,6 +164,7 @@ class Stage3Runtime:
         for flat in unit._flats or ():
             self._live.pop(flat.untyped_storage().data_ptr(), None)
         self._live_numel -= unit.numel
+        self._live_bytes -= unit.gathered_bytes()
         unit.free()
 
     def release_all(self) -> None:
