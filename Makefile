@@ -24,7 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet matplotlib
+	# DeepSpeed rows: torch stays pinned in the same command (peers.md); first run JIT-builds its CPU ops (~2 min)
+	$(PY) -m pip install --quiet torch==2.13.0 matplotlib deepspeed==0.19.8
 	$(PY) benchmarks/compare.py --out benchmarks/results.json
 	$(PY) benchmarks/plot.py --json benchmarks/results.json --out benchmarks/results.png
 

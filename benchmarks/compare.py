@@ -49,6 +49,12 @@ for _p in (str(_ROOT), str(_ROOT / "examples" / "gpt")):
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+if not torch.cuda.is_available():
+    # DeepSpeed rows: its CPU accelerator (gloo when oneCCL is absent), and this interpreter's
+    # ninja first on PATH so its JIT-built ops are found in the cache rather than rebuilt
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+
 GLOBAL_BATCH = 8
 LR = 1e-3
 # set explicitly on both sides: torch's AdamW defaults to 0.01, DeepSpeed's (and so shardwise's)
@@ -175,6 +181,7 @@ def _build(system: str, model_name: str, bucket: int, precision: str = "fp32"):
                                   # extra zero_optimization keys for experiments, e.g.
                                   # ZERO_EXTRA='{"stage3_prefetch_bucket_size": 3e6}'
                                   **json.loads(os.environ.get("ZERO_EXTRA", "{}"))},
+            "gradient_clipping": 0.0,  # explicit: no clipping, as the torch peers
             "steps_per_print": 1_000_000,  # (0 is refused by the config validator)
             **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
         })

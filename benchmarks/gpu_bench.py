@@ -70,6 +70,7 @@ def main() -> int:
         model = GPT(cfg)
         engine, *_ = shardwise.initialize(model=model, config={
             "train_batch_size": args.micro, "bf16": {"enabled": True}, "steps_per_print": 10**6,
+            "gradient_clipping": 0.0,  # as the torch rows
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
             "zero_optimization": {"stage": stage, "reduce_bucket_size": 5e7}})
 

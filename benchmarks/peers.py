@@ -117,10 +117,44 @@ def build_plain(model, lr: float, wd: float, precision: str):
     return step, _state(params, opt, keep)
 
 
+def _reachable_tensors(root, max_depth: int = 12) -> list[torch.Tensor]:
+    """Every tensor reachable from ``root`` through DeepSpeed's and torch's own objects
+    (attributes, containers, ``.grad``, a parameter's ``__dict__`` such as ZeRO-3's ``ds_tensor``), for
+    counting what an engine holds without relying on its private attribute names."""
+    out: list[torch.Tensor] = []
+    seen: set[int] = set()
+    stack = [(root, 0)]
+    while stack:
+        obj, depth = stack.pop()
+        if id(obj) in seen or depth > max_depth:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            out.append(obj)
+            if obj.is_leaf and obj.grad is not None:
+                stack.append((obj.grad, depth + 1))
+            if isinstance(obj, torch.nn.Parameter) or obj.__dict__:
+                stack.extend((v, depth + 1) for v in vars(obj).values())
+            continue
+        if isinstance(obj, dict):
+            stack.extend((v, depth + 1) for v in obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in obj)
+        elif type(obj).__module__.split(".")[0] in ("deepspeed", "torch") and hasattr(obj, "__dict__"):
+            if isinstance(obj, torch.nn.Module):
+                stack.extend((t, depth + 1) for t in obj.parameters())
+                stack.extend((t, depth + 1) for t in obj.buffers())
+            else:
+                stack.extend((v, depth + 1) for v in vars(obj).values())
+    return out
+
+
 def build_deepspeed(model, stage: int, bucket: int, lr: float, wd: float, precision: str,
                     global_batch: int):
-    """DeepSpeed ZeRO-``stage`` (UNTESTED here: deepspeed is not installed on the machine this
-    was written on). Needs ``DS_ACCELERATOR=cpu``; see shared/design/peers.md."""
+    """DeepSpeed ZeRO-``stage`` with the same optimizer, batch and bucket sizes as shardwise's
+    rows. Needs ``DS_ACCELERATOR=cpu`` on a machine without a GPU (compare.py sets it); see
+    shared/design/peers.md. ``gradient_clipping`` is set to 0 explicitly: DeepSpeed >= 0.19
+    clips at 1.0 when the key is absent, and the torch peers do not clip."""
     if not HAVE_DEEPSPEED:
         raise RuntimeError("deepspeed is not installed")
     import deepspeed  # noqa: F401  (guarded by HAVE_DEEPSPEED)
@@ -130,23 +164,62 @@ def build_deepspeed(model, stage: int, bucket: int, lr: float, wd: float, precis
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": global_batch // world,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": wd}},
-        "zero_optimization": {"stage": stage, "reduce_bucket_size": int(bucket),
-                              "allgather_bucket_size": int(bucket), "overlap_comm": True},
+        "gradient_clipping": 0.0,
+        # stage 3: reduce_bucket_size sizes DeepSpeed's gradient bucket (its 5e8-element default
+        # allocates 2 GiB per rank); allgather_bucket_size applies to stages 1-2 only
+        "zero_optimization": {"stage": stage, "overlap_comm": True, "reduce_bucket_size": int(bucket),
+                              **({"allgather_bucket_size": int(bucket)} if stage < 3 else {})},
         "steps_per_print": 1_000_000,
     }
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
 
-    step = engine_step(engine)
+    def breakdown() -> dict:
+        """Bytes of every tensor the engine can reach, by role: optimizer state (the inner
+        optimizer's ``state``), parameters (module parameters and ZeRO-3's per-parameter
+        partitions), master weights (the optimizer's own fp32 partitions where they are separate
+        tensors) and the rest (gradients, gradient partitions, reduce buffers), each storage once."""
+        opt = engine.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        counted: set[int] = set()
+
+        def take(tensors) -> int:
+            total = 0
+            for t in tensors:
+                st = _local(t).untyped_storage()
+                if st.nbytes() > 0 and st.data_ptr() not in counted:
+                    counted.add(st.data_ptr())
+                    total += st.nbytes()
+            return total
+
+        state = take(v for st in inner.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+        params = take(list(engine.module.parameters())
+                      + [p.ds_tensor for p in engine.module.parameters() if hasattr(p, "ds_tensor")])
+        master = take(t for g in inner.param_groups for t in g["params"])
+        rest = take(_reachable_tensors(engine))
+        return {"params": params, "grads": rest, "master_params": master, "optimizer_state": state,
+                "total": params + rest + master + state}
+
+    # measured once, between backward and the optimizer step of the second step: gradients are
+    # live then (DeepSpeed frees them after the step) and the optimizer state exists (made lazily
+    # by the first step), as for the DDP row
+    calls = [0]
+    snapshot: dict = {}
+
+    def step(x, y, marks):
+        loss = engine(x, y)
+        marks.append(time.perf_counter())
+        engine.backward(loss)
+        marks.append(time.perf_counter())
+        calls[0] += 1
+        if calls[0] == 2:
+            snapshot.update(breakdown())
+        engine.step()
+        return loss
 
     def state_bytes() -> dict:
-        opt = engine.optimizer
-        p = _nbytes(engine.module.parameters())
-        s = _nbytes(v for st in getattr(opt, "state", {}).values() for v in st.values())
-        master = _nbytes(t for g in getattr(opt, "single_partition_of_fp32_groups", []) for t in [g])
-        return {"params": p, "grads": 0, "master_params": master, "optimizer_state": s,
-                "total": p + master + s}
+        return dict(snapshot) if snapshot else breakdown()
     return step, state_bytes
 
 

@@ -22,7 +22,7 @@ def config(stage: int, world: int, *, micro: int = 2, gas: int = 1, scheduler: b
            keep_last: int | None = None, bf16: bool = False, optimizer: str = "AdamW") -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": gas,
+        "gradient_accumulation_steps": gas, "gradient_clipping": 0.0,
         "optimizer": {"type": optimizer, "params": {"lr": 1e-3, "weight_decay": 0.01}},
         "zero_optimization": {"stage": stage, "reduce_bucket_size": 6000},
         "steps_per_print": 1000,

@@ -53,7 +53,7 @@ def reference(kind: str, steps: int) -> dict:
 
 
 def config() -> dict:
-    return {"train_batch_size": BATCH, "steps_per_print": 1000,
+    return {"train_batch_size": BATCH, "steps_per_print": 1000, "gradient_clipping": 0.0,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.0}},
             "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 2000}}
 

@@ -129,7 +129,7 @@ def zoo_shardwise(config: dict, steps: int) -> dict:
 
 def zoo_config(**zero) -> dict:
     return {
-        "train_batch_size": BATCH,
+        "train_batch_size": BATCH, "gradient_clipping": 0.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0}},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, **zero},
         "steps_per_print": 1000,

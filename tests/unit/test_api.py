@@ -22,7 +22,7 @@ def model() -> GPT:
 
 
 def base(**extra) -> dict:
-    return {"train_batch_size": 4, "steps_per_print": 1000, **extra}
+    return {"train_batch_size": 4, "steps_per_print": 1000, "gradient_clipping": 0.0, **extra}
 
 
 def test_plain_process_returns_the_four_tuple():

@@ -341,6 +341,12 @@ def test_fp16_plan_carries_the_loss_scaler_settings():
     assert ok(BASE).precision.compute == "fp32" and ok(BASE).precision.loss_scale is None
 
 
+def test_gradient_clipping_defaults_to_deepspeeds_1_0():
+    # DeepSpeed >= 0.19 clips at 1.0 when the key is absent: the same document clips here
+    assert ok(BASE).gradient_clipping == 1.0
+    assert ok({**BASE, "gradient_clipping": 0}).gradient_clipping == 0.0
+
+
 def test_plan_is_frozen_and_holds_sorted_tuples():
     plan = ok({**BASE, "gradient_clipping": 1, "wall_clock_breakdown": True,
                "zero_optimization": {"stage": 1},

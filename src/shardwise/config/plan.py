@@ -107,7 +107,7 @@ class Plan:
     precision: PrecisionPlan = field(default_factory=PrecisionPlan)
     optimizer: OptimizerPlan | None = None
     scheduler: SchedulerPlan | None = None
-    gradient_clipping: float = 0.0  # 0 disables clipping
+    gradient_clipping: float = 1.0  # 0 disables clipping (the schema's default, as DeepSpeed's)
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
     checkpoint: CheckpointPlan = field(default_factory=CheckpointPlan)

@@ -229,7 +229,9 @@ class _TopLevel(_Model):
     bf16: BF16Section = Field(default_factory=BF16Section)
     zero_optimization: ZeroSection = Field(default_factory=ZeroSection)  # type: ignore[valid-type]
     checkpoint: Optional[CheckpointSection] = None  # type: ignore[valid-type]
-    gradient_clipping: NonNegFloat = 0.0  # 0 disables clipping
+    # 0 disables clipping. Default 1.0 as DeepSpeed's since 0.19 (its PR #8068): the same config
+    # that clips there clips here
+    gradient_clipping: NonNegFloat = 1.0
     steps_per_print: PosInt = 10
     wall_clock_breakdown: Bool = False
     # shardwise: process-group timeout in seconds (None: torch's default); SHARDWISE_TIMEOUT wins
