@@ -226,15 +226,14 @@ def build_deepspeed(model, stage: int, bucket: int, lr: float, wd: float, precis
 def ideal_bytes(system: str, n_params: int, world: int, precision: str = "fp32") -> float:
     """Ideal model-state bytes per rank. fp32: 4 params + 4 grads + 8 AdamW per element (16Ψ),
     sharded per stage. bf16 applies to shardwise/DeepSpeed only (the torch peers autocast and
-    keep fp32 state): 2 bf16 params + 4 fp32 gradients + 4 fp32 master + 8 AdamW (18Ψ), the
-    gradients kept in fp32 as DeepSpeed's bf16 optimizer does (grad_accum_dtype fp32)."""
+    keep fp32 state): 2 bf16 params + 2 bf16 gradients + 4 fp32 master + 8 AdamW (16Ψ), the
+    ZeRO paper's mixed-precision figures; both keep 16-bit gradients by default."""
     psi = n_params
     if system in ("ddp", "plain"):
         return 16 * psi
-    if system == "fsdp2" or (system in ("ds3", "zero3") and precision == "fp32"):
+    if system == "fsdp2" or system in ("ds3", "zero3"):
         return 16 * psi / world
     stage = int(system[-1])
     if precision == "bf16":
-        return {0: 18 * psi, 1: 6 * psi + 12 * psi / world, 2: 2 * psi + 16 * psi / world,
-                3: 18 * psi / world}[stage]
-    return {0: 16 * psi, 1: 8 * psi + 8 * psi / world, 2: 4 * psi + 12 * psi / world, 3: 16 * psi / world}[stage]
+        return {0: 16 * psi, 1: 4 * psi + 12 * psi / world, 2: 2 * psi + 14 * psi / world}[stage]
+    return {0: 16 * psi, 1: 8 * psi + 8 * psi / world, 2: 4 * psi + 12 * psi / world}[stage]

@@ -4,21 +4,24 @@
 The figures are what :meth:`shardwise.Engine.memory_report` measures after a step, per rank,
 in bytes (stage 3, not implemented yet, is planned the same way):
 
-| stage | params (compute dtype)        | grads                | master (bf16/fp16 only) | optimizer state        |
+| stage | params (compute dtype)        | grads (grad dtype)   | master (bf16/fp16 only) | optimizer state        |
 |-------|-------------------------------|----------------------|-------------------------|------------------------|
-| 0     | all buckets, padded           | all, fp32            | all, fp32               | k x 4 B per element    |
-| 1     | all buckets, padded           | all, fp32            | own chunk, fp32         | own chunk              |
-| 2     | all buckets, padded           | own chunk, fp32      | own chunk, fp32         | own chunk              |
-| 3     | own chunk + persistent params | own chunk, compute   | own chunk, fp32         | own chunk              |
+| 0     | all buckets, padded           | all                  | all, fp32               | k x 4 B per element    |
+| 1     | all buckets, padded           | all                  | own chunk, fp32         | own chunk              |
+| 2     | all buckets, padded           | own chunk            | own chunk, fp32         | own chunk              |
+| 3     | own chunk + persistent params | own chunk            | own chunk, fp32         | own chunk              |
+
+The gradient dtype (``grad_precision``) is the compute dtype unless the config's
+``data_types.grad_accum_dtype`` asks for fp32, so mixed-precision Adam costs DeepSpeed's
+16Ψ / 4Ψ+12Ψ/N / 2Ψ+14Ψ/N / 16Ψ/N at stages 0-3.
 
 With fp32 the parameters are the master weights (no copy). k is 2 for Adam/AdamW (plus a 4-byte
 ``step`` per optimizer tensor), 1 for SGD with momentum and Adagrad. Given a model, the
 layout is shardwise's own (:func:`shardwise.comm.buckets.assign_buckets`: reverse order,
 per-bucket padding to ``world_size * 16`` elements), so stages 0-2 match the engine exactly;
 given only a parameter count, padding and step scalars are left out. Stage 3 shards each fetch
-unit (:func:`shardwise.zero.units.fetch_units`) in one flat buffer padded the same way and
-follows DeepSpeed's accounting (gradient shard in the compute dtype), so mixed-precision or
-fp32 Adam costs 16 bytes per parameter / N, plus the parameters below
+unit (:func:`shardwise.zero.units.fetch_units`) in one flat buffer padded the same way, so
+mixed-precision or fp32 Adam costs 16 bytes per parameter / N, plus the parameters below
 ``stage3_param_persistence_threshold`` held whole on every rank.
 
 [Note: activation estimate]
@@ -144,13 +147,15 @@ def sharded_numel(numel: int, world_size: int) -> int:
 
 
 def layout_states(layouts: list[BucketLayout], frozen_numel: int, world_size: int, stage: int, precision: str,
-                  optimizer: str = "adamw", rank: int = 0, activations: int | None = None) -> dict[str, int | None]:
+                  optimizer: str = "adamw", rank: int = 0, activations: int | None = None,
+                  grad_precision: str | None = None) -> dict[str, int | None]:
     """Stage 0-2 bytes of ``rank`` from the real bucket layout (matches ``memory_report()``)."""
     pb, (k, step) = DTYPE_BYTES[precision], _states_per_element(optimizer)
+    gb = DTYPE_BYTES[grad_precision or precision]
     padded = sum(lay.padded_numel for lay in layouts)
     chunk = sum(hi - lo for lo, hi in (lay.chunk_range(rank, world_size) for lay in layouts))
     opt = padded if stage == 0 else chunk
-    grads = 4 * (chunk if stage == 2 else padded)
+    grads = gb * (chunk if stage == 2 else padded)
     master = 4 * opt if precision != "fp32" else 0
     state = 4 * k * opt + (4 * len(layouts) if step and k else 0)
     return _result(pb * (padded + frozen_numel), grads, master, state, activations)
@@ -169,12 +174,13 @@ def unit_padded_numel(param_numels: list[int] | int, world_size: int) -> int:
 
 def stage3_states(unit_numels: list[list[int]] | list[int], persistent_numel: int | list[int], frozen_numel: int,
                   world_size: int, precision: str, optimizer: str = "adamw",
-                  activations: int | None = None) -> dict[str, int | None]:
+                  activations: int | None = None, grad_precision: str | None = None) -> dict[str, int | None]:
     """Stage 3 bytes per rank: every fetch unit one flat buffer sharded like a bucket; the
     persistent (small) parameters one more buffer kept whole, its gradients and optimizer
-    state sharded. Gradients are fp32 (as at stages 0-2). Per-unit parameter lists give the
-    exact layout; plain element counts ignore alignment."""
+    state sharded. Per-unit parameter lists give the exact layout; plain element counts
+    ignore alignment."""
     pb, (k, step) = DTYPE_BYTES[precision], _states_per_element(optimizer)
+    gb = DTYPE_BYTES[grad_precision or precision]
     chunk = sum(unit_padded_numel(n, world_size) // world_size for n in unit_numels)
     n_buffers = len(unit_numels)
     persistent = persistent_numel if isinstance(persistent_numel, list) else (
@@ -185,37 +191,42 @@ def stage3_states(unit_numels: list[list[int]] | list[int], persistent_numel: in
     params = pb * (chunk + p_chunk * world_size + -(-frozen_numel // world_size))
     master = 4 * trained if precision != "fp32" else 0
     state = 4 * k * trained + (4 * n_buffers if step and k else 0)
-    return _result(params, 4 * trained, master, state, activations)
+    return _result(params, gb * trained, master, state, activations)
 
 
 def model_states(model: ModelLike, world_size: int, stage: int, precision: str = "fp32", optimizer: str = "adamw",
                  bucket_numel: int = 2_000_000, *, micro_batch: int | None = None, seq_len: int | None = None,
                  shape: TransformerShape | None = None, persistence_threshold: int = PERSISTENCE_THRESHOLD,
-                 persistent_numel: int = 0) -> dict[str, int | None]:
+                 persistent_numel: int = 0, grad_precision: str | None = None) -> dict[str, int | None]:
     """Per-rank bytes ``{"params", "grads", "master_params", "optimizer_state", "activations",
     "total"}`` of one ZeRO stage (see [Note: estimate semantics]).
 
     ``model``: a parameter count (analytic), an ``nn.Module`` (ideally on the meta device) or a
     zero-argument factory (built on the meta device). ``activations`` needs ``micro_batch``,
     ``seq_len`` and a transformer ``shape`` (read from the model when not given); else None.
-    ``persistent_numel`` (count only) is the stage-3 replicated part.
+    ``persistent_numel`` (count only) is the stage-3 replicated part. ``grad_precision``: the
+    gradient dtype (default: ``precision``; "fp32" for ``data_types.grad_accum_dtype: "fp32"``).
     """
     _check(world_size, stage, precision)
+    if grad_precision is not None and grad_precision not in (precision, "fp32"):
+        raise UsageError(f"grad_precision {grad_precision!r} with {precision} parameters: use {precision!r} or 'fp32'")
     if isinstance(model, (int, float)) and not isinstance(model, bool):
         return _analytic(int(model), world_size, stage, precision, optimizer,
-                         activation_bytes(shape, micro_batch, seq_len, precision), persistent_numel)
+                         activation_bytes(shape, micro_batch, seq_len, precision), persistent_numel,
+                         grad_precision)
     if not isinstance(model, nn.Module):
         model = build_on_meta(model)
     act = activation_bytes(shape or transformer_shape(model), micro_batch, seq_len, precision)
     trainable, frozen = trainable_params(model)
     if stage == 3:
-        return _stage3_exact(model, persistence_threshold, frozen, world_size, precision, optimizer, act)
+        return _stage3_exact(model, persistence_threshold, frozen, world_size, precision, optimizer, act,
+                             grad_precision)
     return layout_states(bucket_layouts(model, world_size, bucket_numel), frozen, world_size, stage, precision,
-                         optimizer, activations=act)
+                         optimizer, activations=act, grad_precision=grad_precision)
 
 
 def _stage3_exact(model: nn.Module, threshold: int, frozen: int, world_size: int, precision: str,
-                  optimizer: str, act: int | None) -> dict[str, int | None]:
+                  optimizer: str, act: int | None, grad_precision: str | None) -> dict[str, int | None]:
     numel = {n: p.numel() for n, p in model.named_parameters()}
     units, persistent = [], []
     for u in fetch_units(model, persistence_threshold=threshold, trainable_only=True):
@@ -224,16 +235,17 @@ def _stage3_exact(model: nn.Module, threshold: int, frozen: int, world_size: int
         if big or u.name == "":
             units.append(big)
     units = [u for u in units if u]
-    return stage3_states(units, persistent, frozen, world_size, precision, optimizer, act)
+    return stage3_states(units, persistent, frozen, world_size, precision, optimizer, act, grad_precision)
 
 
 def _analytic(n: int, world: int, stage: int, precision: str, optimizer: str, act: int | None,
-              persistent: int) -> dict[str, int | None]:
+              persistent: int, grad_precision: str | None) -> dict[str, int | None]:
     pb, (k, _) = DTYPE_BYTES[precision], _states_per_element(optimizer)
+    gb = DTYPE_BYTES[grad_precision or precision]
     shard = -(-n // world)
     opt = n if stage == 0 else shard
     params = pb * (shard + persistent) if stage == 3 else pb * n
-    grads = 4 * (shard if stage in (2, 3) else n)
+    grads = gb * (shard if stage in (2, 3) else n)
     return _result(params, grads, 4 * opt if precision != "fp32" else 0, 4 * k * opt, act)
 
 
@@ -313,6 +325,7 @@ class PlanningConfig:
 
     stage: int
     precision: str
+    grad_precision: str
     optimizer: str
     bucket_numel: int
     micro_batch: int
@@ -335,7 +348,7 @@ def planning_config(path: str, world_size: int) -> PlanningConfig:
     opt = plan.optimizer.type if plan.optimizer is not None else "adamw"
     if opt.lower() == "sgd" and not dict(plan.optimizer.params).get("momentum"):
         opt = "sgd-nomomentum"
-    return PlanningConfig(stage, plan.precision.compute, opt, plan.zero.reduce_bucket_size,
+    return PlanningConfig(stage, plan.precision.compute, plan.precision.grads or plan.precision.compute, opt, plan.zero.reduce_bucket_size,
                           plan.batch.micro_batch_size, plan.batch.gradient_accumulation_steps, int(threshold))
 
 
@@ -383,6 +396,8 @@ def main(argv: list[str]) -> int:
     if cfg:
         kwargs |= {"optimizer": cfg.optimizer, "bucket_numel": cfg.bucket_numel,
                    "persistence_threshold": cfg.persistence_threshold}
+        if cfg.grad_precision == "fp32":  # data_types.grad_accum_dtype: "fp32"; else the compute dtype
+            kwargs["grad_precision"] = "fp32"
     if args.layers and args.hidden and args.heads:
         kwargs["shape"] = TransformerShape(args.layers, args.hidden, args.heads, args.vocab)
     if args.params is not None:
@@ -396,7 +411,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(out))
         return 0
     n = model if isinstance(model, int) else sum(q.numel() for q in model.parameters())
-    print(f"{n / 1e9:.3f} B parameters, {world} ranks, {kwargs['precision']}, "
+    grads = kwargs.get("grad_precision") or kwargs["precision"]
+    print(f"{n / 1e9:.3f} B parameters, {world} ranks, {kwargs['precision']} (gradients {grads}), "
           f"optimizer {kwargs.get('optimizer', 'adamw')}; bytes per rank")
     cols = ("stage",) + FIELDS + (("fits",) if mem else ())
     rows = [[s] + [fmt_bytes(v[f]) for f in FIELDS] + ([str(v["total"] <= mem).lower()] if mem else [])
@@ -404,8 +420,8 @@ def main(argv: list[str]) -> int:
     widths = [max(len(str(c)), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
     for line in [list(cols)] + rows:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
-    print(("fits: total <= " + fmt_bytes(mem) + "; " if mem else "")
-          + "stage 3 is not implemented yet (estimated with DeepSpeed's accounting)")
+    if mem:
+        print("fits: total <= " + fmt_bytes(mem))
     return 0
 
 

@@ -13,14 +13,15 @@ max/min (equal by construction: every buffer is padded to a multiple of ``N * 16
 - ``comm_bytes_per_step``: bytes of the buffers the collectives operate on, summed over one
   optimizer step (``gradient_accumulation_steps`` micro-steps) as seen by one rank. On the wire
   a ring all-reduce sends about ``2 (N-1)/N`` times that, a reduce-scatter or all-gather
-  ``(N-1)/N`` times. Stage 0: one fp32 gradient all-reduce per step. Stage 1: reduce-to-shard
-  (fp32) at the boundary + parameter all-gather (compute dtype). Stage 2: reduce-to-shard every
-  micro-step + all-gather. Stage 3: parameter all-gather in forward and again in backward and a
-  gradient reduce-scatter (compute dtype), every micro-step.
+  ``(N-1)/N`` times. Gradients travel in the gradient dtype (the compute dtype, or fp32 with
+  ``data_types.grad_accum_dtype: "fp32"``). Stage 0: one gradient all-reduce per step. Stage
+  1: reduce-to-shard at the boundary + parameter all-gather (compute dtype). Stage 2:
+  reduce-to-shard every micro-step + all-gather. Stage 3: parameter all-gather in forward and
+  again in backward and a gradient reduce-scatter, every micro-step.
 - working memory beyond the model states: stage 2's staging pool (up to
-  ``ShardGradSync.POOL_SIZE`` full fp32 buckets during backward); stage 3's gathered units
-  (the running and the prefetched unit's parameters plus the running unit's full gradient,
-  compute dtype).
+  ``ShardGradSync.POOL_SIZE`` full buckets in the gradient dtype during backward); stage 3's
+  gathered units (the running and the prefetched unit's parameters plus the running unit's
+  full gradient, compute dtype).
 - ``fits``: model states + working memory + activations (when ``--seq`` is given) <= device
   memory; null without ``--device-memory``. Stage 3 raises :class:`UnitTooLargeError` when even
   one unit's gathered parameters and gradient do not fit next to the sharded states.
@@ -93,10 +94,14 @@ def _model_state_total(states: dict[str, Any]) -> int:
 def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str = "fp32", optimizer: str = "adamw",
                bucket_numel: int = 2_000_000, gradient_accumulation_steps: int = 1, micro_batch: int | None = None,
                seq_len: int | None = None, persistence_threshold: int = 0,
-               unit_classes: Sequence[type | str] | None = None, device_memory: int | None = None) -> PlanReport:
-    """Plan ``model`` (build it on the meta device) at ``world_size`` ranks; see [Note: plan figures]."""
+               unit_classes: Sequence[type | str] | None = None, device_memory: int | None = None,
+               grad_precision: str | None = None) -> PlanReport:
+    """Plan ``model`` (build it on the meta device) at ``world_size`` ranks; see [Note: plan figures].
+    ``grad_precision``: the gradient dtype (default ``precision``)."""
     t0 = time.perf_counter()
     pb, gas = DTYPE_BYTES[precision], gradient_accumulation_steps
+    grad_precision = grad_precision or precision
+    gb = DTYPE_BYTES[grad_precision]
     act = activation_bytes(transformer_shape(model), micro_batch, seq_len, precision)
     trainable, frozen = trainable_params(model)
     n_params = sum(p.numel() for p in trainable) + frozen
@@ -105,12 +110,12 @@ def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str 
                             trainable_only=True)
         numels = [u.numel for u in units]
         states = stage3_states(numels, sum(u.persistent_numel for u in units), frozen, world_size, precision,
-                               optimizer)
+                               optimizer, grad_precision=grad_precision)
         per_rank = [_model_state_total(states)] * 2
         padded = sum(sharded_numel(n, world_size) * world_size for n in numels)
         collectives = [Collective("all_gather params (forward)", gas * len(units), gas * padded * pb),
                        Collective("all_gather params (backward)", gas * len(units), gas * padded * pb),
-                       Collective("reduce_scatter grads (fp32)", gas * len(units), gas * padded * 4)]
+                       Collective(f"reduce_scatter grads ({grad_precision})", gas * len(units), gas * padded * gb)]
         largest = max(units, key=lambda u: u.numel)
         working = 3 * largest.numel * pb
         if device_memory is not None and per_rank[0] + 2 * largest.numel * pb > device_memory:
@@ -123,20 +128,22 @@ def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str 
         unit_rows = [(u.name, u.numel) for u in units]
     else:
         layouts = bucket_layouts(model, world_size, bucket_numel)
-        per_rank_states = [layout_states(layouts, frozen, world_size, stage, precision, optimizer, rank=r)
+        per_rank_states = [layout_states(layouts, frozen, world_size, stage, precision, optimizer, rank=r,
+                                         grad_precision=grad_precision)
                            for r in sorted({0, world_size - 1})]
         states = per_rank_states[0]
         per_rank = [_model_state_total(s) for s in per_rank_states]
         padded = sum(lay.padded_numel for lay in layouts)
         nb = len(layouts)
         if stage == 0:
-            collectives = [Collective("all_reduce grads (fp32)", nb, padded * 4)]
+            collectives = [Collective(f"all_reduce grads ({grad_precision})", nb, padded * gb)]
         else:
             reductions = nb * (gas if stage == 2 else 1)
-            collectives = [Collective("reduce_to_shard grads (fp32)", reductions, reductions // nb * padded * 4),
+            collectives = [Collective(f"reduce_to_shard grads ({grad_precision})", reductions,
+                                      reductions // nb * padded * gb),
                            Collective(f"all_gather params ({precision})", nb, padded * pb)]
         pool = ShardGradSync.POOL_SIZE  # stage 2's staging buffers alive during backward
-        working = pool * max(lay.padded_numel for lay in layouts) * 4 if stage == 2 and layouts else 0
+        working = pool * max(lay.padded_numel for lay in layouts) * gb if stage == 2 and layouts else 0
         unit_rows = [(f"bucket{i}", lay.numel) for i, lay in enumerate(layouts)]
     states = {**states, "activations": act, "total": _model_state_total(states) + (act or 0)}
     fits = None if device_memory is None else max(per_rank) + working + (act or 0) <= device_memory
@@ -154,7 +161,7 @@ def plan_job(config_path: str, model_spec: str, world_size: int, *, stage: int |
     if unit_classes and stage != 3:
         raise UsageError("fetch unit classes apply to ZeRO stage 3 (add --stage 3)")
     model = build_on_meta(load_factory(model_spec))
-    report = plan_model(model, world_size, stage, precision=cfg.precision,
+    report = plan_model(model, world_size, stage, precision=cfg.precision, grad_precision=cfg.grad_precision,
                         optimizer=cfg.optimizer, bucket_numel=cfg.bucket_numel,
                         gradient_accumulation_steps=cfg.gradient_accumulation_steps, micro_batch=cfg.micro_batch,
                         seq_len=seq_len, persistence_threshold=cfg.persistence_threshold,

@@ -2,10 +2,13 @@
 
 | stage | optimizer sees         | gradients kept per rank  | reduction                   | after step |
 |-------|------------------------|--------------------------|-----------------------------|------------|
-| 0     | whole buckets          | full (fp32)              | all-reduce at the boundary  | -          |
-| 1     | this rank's chunk      | full (fp32)              | reduce-to-shard at boundary | all-gather |
-| 2     | this rank's chunk      | own chunk (fp32) + pool  | reduce-to-shard per micro   | all-gather |
-| 3     | this rank's chunk      | own chunk (fp32)         | reduce-to-shard per unit    | -          |
+| 0     | whole buckets          | full                     | all-reduce at the boundary  | -          |
+| 1     | this rank's chunk      | full                     | reduce-to-shard at boundary | all-gather |
+| 2     | this rank's chunk      | own chunk + pool         | reduce-to-shard per micro   | all-gather |
+| 3     | this rank's chunk      | own chunk                | reduce-to-shard per unit    | -          |
+
+Gradients are kept and reduced in the gradient dtype (``plan.precision.grads``: the compute
+dtype unless the config asks for fp32).
 
 The engine calls ``before_backward`` / ``after_backward`` / ``step`` / ``zero_grad`` and never
 looks at the stage.
@@ -22,7 +25,7 @@ from shardwise.comm.buckets import assign_buckets
 from shardwise.comm.context import CommContext
 from shardwise.config.plan import Plan
 from shardwise.precision.loss_scaler import make_loss_scaler
-from shardwise.precision.policy import compute_dtype
+from shardwise.precision.policy import compute_dtype, grad_dtype
 from shardwise.zero.flat_bucket import FlatBucket
 from shardwise.zero.grad_sync import FullGradSync, ShardGradSync, all_reduce_async, reduce_to_shard_async
 from shardwise.zero.sharded_optimizer import ShardedStep, StepResult
@@ -104,6 +107,7 @@ class DataParallelStrategy:
             self.optimizer,
             ctx,
             self.scaler,
+            self.grad_sync.opt_grads(),
             grads_sharded=sharded,
             params_sharded=sharded,
             clip=plan.gradient_clipping,
@@ -115,6 +119,7 @@ class DataParallelStrategy:
             ctx = replace(ctx, reduce_scatter_via_all_reduce=True)
         self.ctx = ctx
         self.dtype = compute_dtype(plan.precision)
+        self.grad_dtype = grad_dtype(plan.precision)
         self.scaler = make_loss_scaler(plan.precision)
         if not any(isinstance(p, ShardedParameter) for p in module.parameters()):  # zero.Init: stage 3 casts
             module.to(device=ctx.device, dtype=self.dtype) if self.dtype != torch.float32 else module.to(ctx.device)
@@ -188,7 +193,8 @@ class ReplicatedStrategy(DataParallelStrategy):
     stage = 0
 
     def _make_grad_sync(self, plan: Plan):
-        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=all_reduce_async)
+        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=all_reduce_async,
+                            grad_dtype=self.grad_dtype)
 
 
 class OptimizerShardedStrategy(DataParallelStrategy):
@@ -198,7 +204,8 @@ class OptimizerShardedStrategy(DataParallelStrategy):
     params_sharded = True
 
     def _make_grad_sync(self, plan: Plan):
-        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=reduce_to_shard_async)
+        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=reduce_to_shard_async,
+                            grad_dtype=self.grad_dtype)
 
 
 class GradientShardedStrategy(DataParallelStrategy):
@@ -208,7 +215,7 @@ class GradientShardedStrategy(DataParallelStrategy):
     params_sharded = True
 
     def _make_grad_sync(self, plan: Plan):
-        return ShardGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm)
+        return ShardGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, grad_dtype=self.grad_dtype)
 
 
 class ParamShardedStrategy(DataParallelStrategy):
@@ -230,12 +237,13 @@ class ParamShardedStrategy(DataParallelStrategy):
                               param_persistence_threshold=z.param_persistence_threshold,
                               max_live_parameters=z.max_live_parameters, max_reuse_distance=z.max_reuse_distance,
                               overlap_comm=z.overlap_comm)
-        self.runtime = apply_stage3(module, groups.params, policy, ctx, self.dtype)
+        self.runtime = apply_stage3(module, groups.params, policy, ctx, self.dtype, self.grad_dtype)
         self.buckets = [s for s in self.runtime.shards() if s.trainable]
         opt_groups = [{**opts, "params": [s.opt_param for s in self.buckets if s.group == gi]}
                       for gi, opts in enumerate(groups.options)]
         self.optimizer = make_optimizer(opt_groups)
-        self._step = ShardedStep(self.buckets, self.optimizer, ctx, self.scaler, grads_sharded=True,
+        self._step = ShardedStep(self.buckets, self.optimizer, ctx, self.scaler, [s.grad for s in self.buckets],
+                                 grads_sharded=True,
                                  params_sharded=False, clip=plan.gradient_clipping)
 
     def before_backward(self, sync: bool) -> None:

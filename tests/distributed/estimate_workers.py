@@ -20,13 +20,15 @@ def measure(cases: list[tuple[int, str]]) -> list[dict]:
     rank = dist.get_rank()
     cfg = GPTConfig.preset(PRESET)
     out = []
-    for stage, precision in cases:
+    for stage, precision in cases:  # precision "bf16/fp32-grads": data_types.grad_accum_dtype fp32
         torch.manual_seed(0)
         model = tiny_gpt()
         config = {"train_micro_batch_size_per_gpu": 2,
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
                   "zero_optimization": {"stage": stage, "reduce_bucket_size": BUCKET},
-                  "bf16": {"enabled": precision == "bf16"}, "steps_per_print": 1000}
+                  "bf16": {"enabled": precision.startswith("bf16")}, "steps_per_print": 1000}
+        if precision.endswith("fp32-grads"):
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
         engine, *_ = shardwise.initialize(model=model, config=config)
         g = torch.Generator().manual_seed(rank)
         x = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len + 1), generator=g)

@@ -48,6 +48,20 @@ def test_mixed_precision_matches_reference(compute, stage, world):
         torch.testing.assert_close(out["params"][k], ref["params"][k], rtol=0, atol=2e-2)
 
 
+def test_bf16_with_fp32_gradients_matches_reference():
+    """data_types.grad_accum_dtype "fp32": gradients reduced and kept in fp32 (twice the bytes
+    of the default bf16 gradients), same training within the mixed-precision tolerance."""
+    ref = reference_run(6, STEPS, compute="bf16")
+    runs = {grads: run_distributed(shardwise_run, 2, config(2, bf16={"enabled": True}, **extra), STEPS)[0]
+            for grads, extra in (("bf16", {}), ("fp32", {"data_types": {"grad_accum_dtype": "fp32"}}))}
+    assert runs["fp32"]["memory"]["grads"] == 2 * runs["bf16"]["memory"]["grads"]
+    for out in runs.values():
+        assert all(out["applied"])
+        torch.testing.assert_close(out["losses"], ref["losses"], rtol=2e-2, atol=0)
+        for k in ref["params"]:
+            torch.testing.assert_close(out["params"][k], ref["params"][k], rtol=0, atol=2e-2)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_fp16_overflow_on_one_rank_skips_everywhere(stage):
     cfg = config(stage, fp16={"enabled": True, "initial_scale_power": 10, "hysteresis": 1})

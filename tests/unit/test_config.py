@@ -347,6 +347,26 @@ def test_gradient_clipping_defaults_to_deepspeeds_1_0():
     assert ok({**BASE, "gradient_clipping": 0}).gradient_clipping == 0.0
 
 
+def test_gradient_dtype_follows_compute_unless_fp32_is_asked_for():
+    # DeepSpeed keeps 16-bit gradients in mixed precision; data_types.grad_accum_dtype "fp32" keeps fp32
+    assert ok({**BASE, "bf16": {"enabled": True}}).precision.grads == "bf16"
+    assert ok({**BASE, "fp16": {"enabled": True}}).precision.grads == "fp16"
+    assert ok(BASE).precision.grads == "fp32"
+    plan = ok({**BASE, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}})
+    assert plan.precision.grads == "fp32"
+    problem = only_problem({**BASE, "bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp16"}})
+    assert problem.path == "data_types.grad_accum_dtype" and "fp32" in problem.message
+    problem = only_problem({**BASE, "data_types": {"grad_accum_dtype": "float32"}})
+    assert problem.path == "data_types.grad_accum_dtype"
+    problem = only_problem({**BASE, "data_types": {"grad_acum_dtype": "fp32"}})
+    assert problem.hint == "did you mean 'grad_accum_dtype'?"
+    # the old top-level spelling is read as data_types.grad_accum_dtype
+    with pytest.warns(ConfigDeprecationWarning):
+        plan = load_config({**BASE, "bf16": {"enabled": True}, "gradient_accumulation_dtype": "fp32"}, 2)
+    assert plan.precision.grads == "fp32"
+    assert only_problem({**BASE, "data_types": {"param_dtype": "bf16"}}).path == "data_types.param_dtype"
+
+
 def test_plan_is_frozen_and_holds_sorted_tuples():
     plan = ok({**BASE, "gradient_clipping": 1, "wall_clock_breakdown": True,
                "zero_optimization": {"stage": 1},

@@ -59,7 +59,9 @@ class PrecisionPlan:
 
     ``compute`` is the dtype of the model's parameters during forward/backward. With
     ``"fp32"`` the parameters *are* the master weights. With ``"bf16"``/``"fp16"`` an fp32
-    master copy (sharded per the ZeRO stage) is kept and gradients are reduced in fp32.
+    master copy (sharded per the ZeRO stage) is kept. ``grads`` is the dtype gradients are
+    reduced, accumulated and kept in (config ``data_types.grad_accum_dtype``): the compute
+    dtype by default, as DeepSpeed's, or fp32.
     """
 
     compute: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -67,6 +69,7 @@ class PrecisionPlan:
     # fp32/bf16: what a NaN/inf loss or gradient norm does ("error" raises, "skip" skips the
     # step on every rank); fp16 always skips and backs the loss scale off
     nonfinite: Literal["error", "skip"] = "error"
+    grads: Literal["fp32", "bf16", "fp16"] | None = None  # None: the compute dtype
 
 
 @dataclass(frozen=True)

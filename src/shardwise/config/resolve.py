@@ -64,7 +64,7 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optiona
     results: dict[str, Any] = {}
     steps: list[tuple[frozenset[str], str, Callable[[], Any]]] = [
         (_BATCH_KEYS, "batch", lambda: _batch(cfg, world_size, problems)),
-        (frozenset({"fp16", "bf16", "nonfinite"}), "precision", lambda: _precision(cfg, problems)),
+        (frozenset({"fp16", "bf16", "nonfinite", "data_types"}), "precision", lambda: _precision(cfg, problems)),
         (frozenset({"zero_optimization"}), "zero", lambda: _zero(cfg.zero_optimization, problems)),
         (frozenset({"optimizer"}), "optimizer",
          lambda: _spec(cfg.optimizer, "optimizer", problems)),
@@ -155,11 +155,19 @@ def _precision(cfg: Any, problems: list[ConfigProblem]) -> Optional[PrecisionPla
         problems.append(ConfigProblem("fp16.enabled", "fp16 and bf16 are both enabled; enable at "
                                       "most one", "set fp16.enabled or bf16.enabled to false"))
         return None
+    compute = "bf16" if bf16.enabled else "fp16" if fp16.enabled else "fp32"
+    grads = cfg.data_types.grad_accum_dtype or compute
+    if grads not in (compute, "fp32"):
+        problems.append(ConfigProblem(
+            "data_types.grad_accum_dtype", f"{grads!r} gradients with {compute} parameters: gradients "
+            f"can be kept in the compute dtype ({compute}) or in fp32",
+            f'remove the key (gradients in {compute}) or set "fp32"'))
+        return None
     if bf16.enabled:
-        return PrecisionPlan(compute="bf16", nonfinite=cfg.nonfinite)
+        return PrecisionPlan(compute="bf16", grads=grads, nonfinite=cfg.nonfinite)
     if not fp16.enabled:
-        return PrecisionPlan(compute="fp32", nonfinite=cfg.nonfinite)
-    return PrecisionPlan(compute="fp16", nonfinite=cfg.nonfinite, loss_scale=LossScalePlan(
+        return PrecisionPlan(compute="fp32", grads=grads, nonfinite=cfg.nonfinite)
+    return PrecisionPlan(compute="fp16", grads=grads, nonfinite=cfg.nonfinite, loss_scale=LossScalePlan(
         static_scale=float(fp16.loss_scale), initial_scale_power=fp16.initial_scale_power,
         loss_scale_window=fp16.loss_scale_window, hysteresis=fp16.hysteresis,
         consecutive_hysteresis=fp16.consecutive_hysteresis,

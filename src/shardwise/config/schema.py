@@ -219,6 +219,17 @@ CheckpointSection = create_model("CheckpointSection", __base__=_CheckpointBase, 
     k: _catalogue_field(f"checkpoint_{k}", e) for k, e in K.CHECKPOINT.items()})
 
 
+_OptStr = _annotation("str?")
+
+
+class DataTypesSection(_Model):
+    # the dtype gradients are reduced, accumulated and kept in; null: the compute dtype, as
+    # DeepSpeed does (bf16 training keeps bf16 gradients); "fp32" keeps them in fp32
+    grad_accum_dtype: Optional[Annotated[Literal["fp32", "fp16", "bf16"], BeforeValidator(_check_str)]] = None
+    param_dtype: _OptStr = _default_only(None)
+    buffer_dtype: _OptStr = _default_only(None)
+
+
 class _TopLevel(_Model):
     train_batch_size: _typed("int", Gt(0), nullable=True) = None
     train_micro_batch_size_per_gpu: _typed("int", Gt(0), nullable=True) = None
@@ -229,6 +240,7 @@ class _TopLevel(_Model):
     bf16: BF16Section = Field(default_factory=BF16Section)
     zero_optimization: ZeroSection = Field(default_factory=ZeroSection)  # type: ignore[valid-type]
     checkpoint: Optional[CheckpointSection] = None  # type: ignore[valid-type]
+    data_types: DataTypesSection = Field(default_factory=DataTypesSection)
     # 0 disables clipping. Default 1.0 as DeepSpeed's since 0.19 (its PR #8068): the same config
     # that clips there clips here
     gradient_clipping: NonNegFloat = 1.0

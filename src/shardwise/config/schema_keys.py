@@ -176,8 +176,7 @@ TOP_LEVEL: dict[str, tuple] = {
     "disable_allgather": ("bool", False),
     "fp32_allreduce": ("bool", False),
     "managed_gradient_accumulation": ("bool", True),
-    "data_types": (Section({"grad_accum_dtype": ("str?", None), "param_dtype": ("str?", None),
-                            "buffer_dtype": ("str?", None)}), None),
+    # data_types: hand-written in schema.py (grad_accum_dtype is implemented)
     # logging and debugging
     "dump_state": ("bool", False),
     "memory_breakdown": ("bool", False),

@@ -14,6 +14,11 @@ def compute_dtype(plan: PrecisionPlan) -> torch.dtype:
     return _DTYPES[plan.compute]
 
 
+def grad_dtype(plan: PrecisionPlan) -> torch.dtype:
+    """The dtype gradients are reduced, accumulated and kept in."""
+    return _DTYPES[plan.grads or plan.compute]
+
+
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply ``fn`` to every tensor nested in tuples, namedtuples, lists and dicts."""
     if isinstance(obj, torch.Tensor):

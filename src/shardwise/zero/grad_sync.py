@@ -2,13 +2,14 @@
 
 Two ways of holding gradients, picked once by the strategy:
 
-- :class:`FullGradSync` (stages 0 and 1): each bucket has a persistent fp32 gradient buffer
-  the size of the bucket. With fp32 parameters ``p.grad`` *is* a view into it, so autograd
-  accumulates in place across micro-steps (nothing to copy); with bf16/fp16 parameters the
-  hook adds ``p.grad`` into it in fp32 and frees ``p.grad``. Reductions run only on the
-  accumulation-boundary micro-step: stage 0 all-reduces the bucket, stage 1 reduces it to its
-  owner's chunk.
-- :class:`ShardGradSync` (stage 2): a rank keeps only the fp32 gradient of its own chunk. The
+- :class:`FullGradSync` (stages 0 and 1): each bucket has a persistent gradient buffer the
+  size of the bucket, in the gradient dtype (the compute dtype, or fp32 when the config's
+  ``data_types.grad_accum_dtype`` says so). When it equals the parameters' dtype ``p.grad``
+  *is* a view into it, so autograd accumulates in place across micro-steps (nothing to copy);
+  otherwise (bf16/fp16 parameters, fp32 gradients) the hook adds ``p.grad`` into it and frees
+  ``p.grad``. Reductions run only on the accumulation-boundary micro-step: stage 0
+  all-reduces the bucket, stage 1 reduces it to its owner's chunk.
+- :class:`ShardGradSync` (stage 2): a rank keeps only the gradient of its own chunk. The
   hook adds ``p.grad`` into a pooled staging buffer and frees it; a full bucket is reduced to
   its owner's chunk on *every* micro-step and accumulated into the persistent shard.
 
@@ -107,17 +108,21 @@ class _GradSyncBase:
 
 
 class FullGradSync(_GradSyncBase):
-    """Stages 0 and 1: a full fp32 gradient buffer per bucket, reduced at the boundary."""
+    """Stages 0 and 1: a full gradient buffer per bucket, reduced at the boundary."""
 
-    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool, reduce_fn: ReduceFn):
-        self.grad_flats = [torch.zeros(b.layout.padded_numel, dtype=torch.float32, device=b.param_flat.device) for b in buckets]
+    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool, reduce_fn: ReduceFn,
+                 grad_dtype: torch.dtype = torch.float32):
+        self.grad_flats = [torch.zeros(b.layout.padded_numel, dtype=grad_dtype, device=b.param_flat.device)
+                           for b in buckets]
         self._reduce_fn = reduce_fn
         self._handles: list[Handle] = []
-        self._views = [not b.mixed for b in buckets]  # fp32 params: p.grad is a view
+        self._views = [b.param_flat.dtype == grad_dtype for b in buckets]  # p.grad is a view
         super().__init__(buckets, ctx, overlap=overlap)
-        for bucket, flat in zip(self.buckets, self.grad_flats):
-            bucket.opt_param.grad = bucket.own(flat)
         self.attach_grad_views()
+
+    def opt_grads(self) -> list[torch.Tensor]:
+        """Per bucket, the gradient of what the optimizer steps (this rank's chunk at stage 1)."""
+        return [bucket.own(flat) for bucket, flat in zip(self.buckets, self.grad_flats)]
 
     def attach_grad_views(self) -> None:
         """(Re)point fp32 parameters' ``.grad`` at their bucket buffer (idempotent)."""
@@ -167,7 +172,7 @@ class FullGradSync(_GradSyncBase):
 
 
 class ShardGradSync(_GradSyncBase):
-    """Stage 2: only this rank's fp32 gradient chunk persists; buckets reduce every micro-step.
+    """Stage 2: only this rank's gradient chunk persists; buckets reduce every micro-step.
 
     [Note: transient staging]
     Full-bucket staging buffers exist only during backward: at most ``POOL_SIZE`` are reused
@@ -177,16 +182,19 @@ class ShardGradSync(_GradSyncBase):
 
     POOL_SIZE = 4
 
-    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool):
-        self.grad_shards = [torch.zeros(b.numel, dtype=torch.float32, device=b.param_flat.device) for b in buckets]
+    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool,
+                 grad_dtype: torch.dtype = torch.float32):
+        self.grad_dtype = grad_dtype
+        self.grad_shards = [torch.zeros(b.numel, dtype=grad_dtype, device=b.param_flat.device) for b in buckets]
         self._pool: list[torch.Tensor] = []
         self._allocated = 0  # staging buffers alive in this backward
         self._gaps = [self._uncovered(b) for b in buckets]
         self._staging: dict[int, torch.Tensor] = {}  # bucket index -> staging buffer in use
         self._in_flight: deque[tuple[FlatBucket, torch.Tensor, Handle]] = deque()
         super().__init__(buckets, ctx, overlap=overlap)
-        for bucket, shard in zip(self.buckets, self.grad_shards):
-            bucket.opt_param.grad = shard
+
+    def opt_grads(self) -> list[torch.Tensor]:
+        return list(self.grad_shards)
 
     @staticmethod
     def _uncovered(bucket: FlatBucket) -> list[tuple[int, int]]:
@@ -216,7 +224,7 @@ class ShardGradSync(_GradSyncBase):
                 buf = self._pool.pop(fits[0])
             else:
                 self._allocated += 1
-                buf = torch.empty(need, dtype=torch.float32, device=bucket.param_flat.device)
+                buf = torch.empty(need, dtype=self.grad_dtype, device=bucket.param_flat.device)
             for a, z in self._gaps[bucket.index]:
                 buf[a:z].zero_()
             self._staging[bucket.index] = buf

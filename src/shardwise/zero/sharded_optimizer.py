@@ -9,6 +9,12 @@ global norm ``sqrt(sumsq) / scale``, and then multiplies the gradients once by
 clipping inactive).
 The clip coefficient follows ``torch.nn.utils.clip_grad_norm_``:
 ``min(1, max_norm / (norm + 1e-6))``.
+
+[Note: 16-bit gradients]
+When gradients are kept in bf16/fp16 (the default for mixed precision) and the master weights
+are fp32, the optimizer needs fp32 gradients: each chunk is upcast for the step only (a
+transient 4 bytes per element this rank owns) and the unscale/clip multiply runs on the fp32
+copy. The norm is always accumulated in fp32.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ class ShardedStep:
         optimizer: torch.optim.Optimizer,
         ctx: CommContext,
         scaler: LossScaler,
+        grads: Sequence[torch.Tensor],
         *,
         grads_sharded: bool,
         params_sharded: bool,
@@ -51,13 +58,13 @@ class ShardedStep:
         self.grads_sharded = grads_sharded
         self.params_sharded = params_sharded
         self.clip = clip
-        self._grads = [b.opt_param.grad for b in self.buckets]
+        self._grads = list(grads)  # per bucket: the gradient of its opt_param, in the gradient dtype
 
     def _squared_norm(self) -> float:
         if not self._grads:
             local = 0.0
         else:
-            norms = torch._foreach_norm(self._grads, 2.0)
+            norms = torch._foreach_norm(self._grads, 2.0, dtype=torch.float32)
             local = float(torch.stack(norms).double().pow(2).sum())
         return all_reduce_scalar(local, self.ctx) if self.grads_sharded else local
 
@@ -70,11 +77,18 @@ class ShardedStep:
         coef = 1.0 / denom
         if self.clip > 0:
             coef *= min(1.0, self.clip / (norm + 1e-6))
-        if coef != 1.0 and self._grads:
-            torch._foreach_mul_(self._grads, coef)
-        for b, g in zip(self.buckets, self._grads):
-            b.opt_param.grad = g  # in case someone called optimizer.zero_grad(set_to_none=True)
+        # [Note: 16-bit gradients]; same dtype: the buffer itself (re-attached in case someone
+        # called optimizer.zero_grad(set_to_none=True))
+        opt_grads = [g if g.dtype == b.opt_param.dtype else g.to(b.opt_param.dtype)
+                     for b, g in zip(self.buckets, self._grads)]
+        if coef != 1.0 and opt_grads:
+            torch._foreach_mul_(opt_grads, coef)
+        for b, g in zip(self.buckets, opt_grads):
+            b.opt_param.grad = g
         self.optimizer.step()
+        for b, g, own in zip(self.buckets, opt_grads, self._grads):
+            if g is not own:
+                b.opt_param.grad = None  # the transient fp32 copy
         for b in self.buckets:
             b.copy_master_to_params()
         if self.params_sharded:

@@ -126,7 +126,7 @@ class FlatShard:
 
     def __init__(self, index: int, layout: BucketLayout, values: Sequence[torch.Tensor | None], ctx: CommContext,
                  *, dtype: torch.dtype, device: torch.device, trainable: bool, resident: bool,
-                 master_dtype: torch.dtype = torch.float32):
+                 master_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype = torch.float32):
         self.index = index
         self.layout = layout
         self.ctx = ctx
@@ -151,8 +151,9 @@ class FlatShard:
         if trainable:
             master = self.shard.detach().to(master_dtype).clone() if self.mixed else self.shard
             self.opt_param = nn.Parameter(master, requires_grad=True)
-            self.grad = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=device)
-            self.opt_param.grad = self.grad
+            self.grad = torch.zeros(self.hi - self.lo, dtype=grad_dtype, device=device)
+            if grad_dtype == master_dtype:  # else upcast for each step ([Note: 16-bit gradients])
+                self.opt_param.grad = self.grad
         else:
             self.opt_param = None
             self.grad = None

@@ -17,7 +17,7 @@ one-element expanded tensor while freed (see [Note: three objects per parameter]
 
 [Note: gradient completion]
 Each trainable full parameter has a post-accumulate-grad hook that copies its gradient into
-the flat fp32 staging buffer of its shard and drops it. When every parameter of a shard has
+the flat staging buffer (gradient dtype) of its shard and drops it. When every parameter of a shard has
 reported, the staging buffer is reduced to its owners (async) and the unit is freed; autograd
 runs each parameter's accumulation once per backward, after all of its uses, so this is exact
 for reused modules and tied weights. What is still partial at the end of backward (parameters
@@ -310,7 +310,7 @@ class Stage3Runtime:
         r = unit.records[ri]
         shard = unit.shards[r.shard]
         if shard.staging is None:
-            shard.staging = torch.empty(shard.layout.padded_numel, dtype=torch.float32, device=g.device)
+            shard.staging = torch.empty(shard.layout.padded_numel, dtype=shard.grad.dtype, device=g.device)
         view = shard.slot_view(shard.staging, r.slot, r.shape)
         if shard.fired[r.slot]:
             view.add_(g)
@@ -360,7 +360,8 @@ class Stage3Runtime:
         for shard in self.shards():
             if shard.grad is not None:
                 shard.grad.zero_()
-                shard.opt_param.grad = shard.grad
+                if shard.grad.dtype == shard.opt_param.dtype:
+                    shard.opt_param.grad = shard.grad
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -404,8 +405,8 @@ def _registrations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tuple[str, nn.Parameter]],
-                group_of: dict[int, int], regs: dict[int, list], ctx: CommContext, dtype: torch.dtype, *,
-                resident: bool) -> ShardedUnit:
+                group_of: dict[int, int], regs: dict[int, list], ctx: CommContext, dtype: torch.dtype,
+                grad_dtype: torch.dtype, *, resident: bool) -> ShardedUnit:
     keys = [(group_of.get(id(p), -1) if p.requires_grad else -1, dtype if p.is_floating_point() else p.dtype,
              ctx.device) for _, p in params]
     layouts = assign_buckets([p.numel() for _, p in params], keys, _NO_SPLIT, ctx.world_size) if params else []
@@ -414,7 +415,8 @@ def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tu
         members = [params[s.param_index] for s in lay.slots]
         group, shard_dtype, device = lay.group_key
         shard = FlatShard(si, lay, [p for _, p in members], ctx, dtype=shard_dtype, device=device,
-                          trainable=group >= 0, resident=resident)
+                          trainable=group >= 0, resident=resident,
+                          grad_dtype=torch.float32 if grad_dtype == torch.float32 else shard_dtype)
         shard.group = group
         shards.append(shard)
         for slot_index, (pname, p) in enumerate(members):
@@ -428,9 +430,11 @@ def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tu
 
 
 def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]], policy: Stage3Policy,
-                 ctx: CommContext, dtype: torch.dtype = torch.float32) -> Stage3Runtime:
+                 ctx: CommContext, dtype: torch.dtype = torch.float32,
+                 grad_dtype: torch.dtype = torch.float32) -> Stage3Runtime:
     """Shard ``model``'s parameters into fetch units in place and install the stage-3 hooks.
-    Floating-point parameters are kept in ``dtype``. Parameters built under ``zero.Init`` are
+    Floating-point parameters are kept in ``dtype``, their gradients in ``grad_dtype`` (fp32, or
+    the parameter's own dtype). Parameters built under ``zero.Init`` are
     gathered one at a time while their unit's chunk is filled."""
     threshold = policy.param_persistence_threshold
     group_of = {id(p): gi for gi, plist in enumerate(param_groups) for p in plist}
@@ -449,8 +453,8 @@ def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]
         if spec.name != ROOT and not big:
             continue
         units.append(_build_unit(len(units), spec.name, modules[spec.name], big, group_of, regs, ctx, dtype,
-                                 resident=False))
-    resident = _build_unit(len(units), "<persistent>", None, small, group_of, regs, ctx, dtype,
+                                 grad_dtype, resident=False))
+    resident = _build_unit(len(units), "<persistent>", None, small, group_of, regs, ctx, dtype, grad_dtype,
                            resident=True) if small else None
     for i, shard in enumerate(s for u in units + ([resident] if resident else []) for s in u.shards):
         shard.index = i  # unique across the model (the checkpoint keys buckets by it)
