@@ -125,7 +125,7 @@ class FullGradSync(_GradSyncBase):
         return [bucket.own(flat) for bucket, flat in zip(self.buckets, self.grad_flats)]
 
     def attach_grad_views(self) -> None:
-        """(Re)point fp32 parameters' ``.grad`` at their bucket buffer (idempotent)."""
+        """(Re)point ``.grad`` at the bucket buffer where the dtypes match (idempotent)."""
         for bucket, flat, is_view in zip(self.buckets, self.grad_flats, self._views):
             if is_view:
                 for i, p in enumerate(bucket.params):
