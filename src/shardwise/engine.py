@@ -49,6 +49,7 @@ class Engine:
         self._timings: dict[str, float] = {"forward": 0.0, "backward": 0.0, "step": 0.0}
         self._time = plan.wall_clock_breakdown
         self._loss_finite: torch.Tensor | None = None  # this rank's losses since the last step
+        self._backward_since_step = False  # engine.backward() ran since the last engine.step()
         self.training_dataloader = None  # set by initialize(training_data=...); checkpointed
 
     # -- batch triangle -------------------------------------------------------------------
@@ -98,11 +99,24 @@ class Engine:
                              torch.tensor(float("nan"), dtype=torch.float32, device=loss32.device))
         (loss32 * factor).backward(retain_graph=retain_graph)
         self.strategy.after_backward(sync)
+        self._backward_since_step = True
         if self._time:
             self._timings["backward"] += time.perf_counter() - t0
         return loss
 
     def step(self) -> None:
+        if not self._backward_since_step:
+            # loss.backward() instead of engine.backward(loss) would train silently wrong: no loss
+            # scale or 1/world averaging, and reductions still pending (every rank runs the same
+            # code, so every rank gets here and discards alike)
+            self.strategy.discard_gradients()
+            self._loss_finite = None
+            raise UsageError(
+                f"engine.step() at micro-step {self.micro_steps} without engine.backward(loss) since the "
+                "previous step. Call engine.backward(loss) instead of loss.backward(): it scales and "
+                "averages the loss and completes the gradient reductions; then engine.step(). The "
+                "gradients gathered so far were discarded and no step was taken.")
+        self._backward_since_step = False
         if self.is_gradient_accumulation_boundary():
             t0 = time.perf_counter()
             try:

@@ -163,6 +163,13 @@ class DataParallelStrategy:
     def zero_grad(self) -> None:
         self.grad_sync.zero_grads()
 
+    def discard_gradients(self) -> None:
+        """Finish whatever reductions a backward outside ``engine.backward`` started (every rank
+        ran the same code) and drop all gradients, so that training can go on."""
+        self.grad_sync.after_backward(True)
+        self.grad_sync.wait()
+        self.grad_sync.zero_grads()
+
     def after_load(self) -> None:
         """A checkpoint was written into the parameters / master weights."""
 
@@ -260,6 +267,10 @@ class ParamShardedStrategy(DataParallelStrategy):
         return result
 
     def zero_grad(self) -> None:
+        self.runtime.zero_grads()
+
+    def discard_gradients(self) -> None:
+        self.runtime.finish_backward()
         self.runtime.zero_grads()
 
     def after_load(self) -> None:

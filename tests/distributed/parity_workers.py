@@ -194,3 +194,36 @@ def partly_used_run(config: dict | None, steps: int) -> dict:
         dist.all_reduce(t)
         losses.append(t.item() / world)
     return {"losses": losses, "params": _snapshot(model)}
+
+
+def misuse_run(stages: list[int]) -> dict:
+    """Per stage: ``loss.backward()`` then ``engine.step()`` must raise UsageError on every rank
+    and discard what that backward started; a proper step afterwards must give exactly what a
+    fresh engine's first proper step gives."""
+    from shardwise.errors import UsageError
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = batches(2 * world, 1)[0][2 * rank:2 * rank + 2]
+    out = {}
+    for stage in stages:
+        config = {"train_batch_size": 2 * world, "gradient_clipping": 0.0, "steps_per_print": 1000,
+                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+                  "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000}}
+        params = []
+        for misuse in (True, False):
+            model = make_model()
+            engine, *_ = shardwise.initialize(model=model, config=config)
+            raised = None
+            if misuse:
+                engine(x[:, :-1], x[:, 1:]).backward()
+                try:
+                    engine.step()
+                except UsageError as exc:
+                    raised = str(exc)
+            engine.backward(engine(x[:, :-1], x[:, 1:]))
+            engine.step()
+            params.append(_snapshot(model))
+            if misuse:
+                out[stage] = {"raised": raised, "steps": engine.global_steps}
+        out[stage]["same"] = all(torch.equal(params[0][k], params[1][k]) for k in params[0])
+    return out

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import shardwise
+from shardwise.errors import UsageError
 from model import GPT, GPTConfig
 
 CFG = GPTConfig.preset("tiny")
@@ -149,6 +150,22 @@ def test_gradient_accumulation_boundary_counts_micro_steps():
         engine.step()
     assert boundaries == [False, False, False, True] * 2
     assert engine.global_steps == 2 and engine.micro_steps == 8
+
+
+def test_step_after_loss_backward_instead_of_engine_backward_is_a_named_error():
+    m = model()
+    engine, *_ = shardwise.initialize(model=m, config=base(optimizer={"type": "SGD", "params": {"lr": 0.1}}))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = data(4)
+    engine(x[:, :-1], x[:, 1:]).backward()  # not engine.backward(loss)
+    with pytest.raises(UsageError, match=r"engine\.backward\(loss\) instead of loss\.backward\(\)"):
+        engine.step()
+    assert engine.global_steps == 0
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # nothing was applied
+    engine.zero_grad()
+    engine.backward(engine(x[:, :-1], x[:, 1:]))  # the right way still works afterwards
+    engine.step()
+    assert engine.global_steps == 1
 
 
 class _SharedAcrossCheckpoint(torch.nn.Module):
