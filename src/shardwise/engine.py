@@ -221,6 +221,16 @@ class Engine:
 
         return save_checkpoint(self, save_dir, tag, client_state, save_latest)
 
+    def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """DeepSpeed's call: the module's whole state dict in its own dtype, written by rank 0 to
+        ``<save_dir>/<save_filename>`` (``.safetensors``: that format). Call on every rank; works
+        at every stage (stage 3 gathers one module at a time). Not a resumable checkpoint."""
+        from shardwise.checkpoint.model_file import save_model_file
+
+        save_model_file(self.module, self.ctx, save_dir, save_filename, exclude_frozen_parameters)
+        return True
+
     def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
                         load_lr_scheduler_states: bool = True, load_module_only: bool = False):
         """Load ``<load_dir>/<tag>`` (``tag=None``: the one ``latest`` names); call on every rank.

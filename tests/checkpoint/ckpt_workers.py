@@ -231,3 +231,19 @@ def killed_during_write(ckpt: str) -> None:
 
         ckfiles.write_bytes = die
     engine.save_checkpoint(ckpt, tag="second")
+
+
+def save_16bit_run(out_dir: str, stage: int, bf16: bool, filename: str) -> dict:
+    """Two steps at ``stage``, then ``engine.save_16bit_model``; returns the whole parameters
+    as the engine sees them (compute dtype) for comparison with the file."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    model = make_model()
+    engine, *_ = shardwise.initialize(model=model, config=config(stage, world, bf16=bf16))
+    for x in global_batches(2, 2 * world):
+        mine = x[2 * rank:2 * rank + 2]
+        engine.backward(engine(mine[:, :-1], mine[:, 1:]))
+        engine.step()
+    assert engine.save_16bit_model(out_dir, filename) is True
+    assert os.path.exists(os.path.join(out_dir, filename))  # on every rank once the call returns
+    with shardwise.zero.GatheredParameters(list(model.parameters())):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}

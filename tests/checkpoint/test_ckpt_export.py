@@ -57,3 +57,24 @@ def test_info_lists_and_verifies(tmp_path, capsys):
     shard.write_bytes(bytes(data))
     assert main(["checkpoint", "info", str(tmp_path / "ckpt")]) == 1
     assert "BAD: checksum mismatch in shard file" in capsys.readouterr().out
+
+
+def test_save_16bit_model_at_every_stage(tmp_path):
+    """DeepSpeed's save_16bit_model: the whole state dict in the compute dtype, tied weights under
+    both names, loadable into a plain model; at stage 3 gathered module by module."""
+    from safetensors.torch import load_file as load_st
+
+    from model import GPT, GPTConfig
+    from shardwise.testing import run_distributed
+
+    for stage, bf16, name in ((1, False, "pytorch_model.bin"), (3, True, "model.safetensors"),
+                              (3, False, "pytorch_model.bin")):
+        out = tmp_path / f"s{stage}{bf16}"
+        want = run_distributed(W.save_16bit_run, 2, str(out), stage, bf16, name)[0]
+        got = load_st(str(out / name)) if name.endswith(".safetensors") else torch.load(out / name)
+        assert sorted(got) == sorted(GPT(GPTConfig.preset("tiny")).state_dict())  # safetensors sorts keys
+        for k, v in want.items():
+            assert got[k].dtype == (torch.bfloat16 if bf16 else torch.float32), k
+            assert torch.equal(got[k], v), k
+        plain = GPT(GPTConfig.preset("tiny")).to(torch.bfloat16 if bf16 else torch.float32)
+        plain.load_state_dict(got, strict=True)
