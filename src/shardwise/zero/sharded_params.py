@@ -151,9 +151,8 @@ class FlatShard:
         if trainable:
             master = self.shard.detach().to(master_dtype).clone() if self.mixed else self.shard
             self.opt_param = nn.Parameter(master, requires_grad=True)
+            # attached to opt_param (or upcast) by ShardedStep at each step ([Note: 16-bit gradients])
             self.grad = torch.zeros(self.hi - self.lo, dtype=grad_dtype, device=device)
-            if grad_dtype == master_dtype:  # else upcast for each step ([Note: 16-bit gradients])
-                self.opt_param.grad = self.grad
         else:
             self.opt_param = None
             self.grad = None

@@ -360,8 +360,6 @@ class Stage3Runtime:
         for shard in self.shards():
             if shard.grad is not None:
                 shard.grad.zero_()
-                if shard.grad.dtype == shard.opt_param.dtype:
-                    shard.opt_param.grad = shard.grad
 
     @torch.no_grad()
     def after_step(self) -> None:
