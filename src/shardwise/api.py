@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -69,6 +70,45 @@ def _build_scheduler(plan, lr_scheduler: Any, optimizer: torch.optim.Optimizer |
     raise UsageError(f"lr_scheduler= must be a scheduler or a callable(optimizer); got {type(lr_scheduler).__name__}")
 
 
+# modules an engine owns (weakly: a module that is garbage-collected drops out). Its parameters
+# were re-laid into the engine's buffers and carry its hooks, so a second engine over the same
+# module would train it twice over.
+_OWNED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def check_model(model: Any) -> None:
+    """Named errors for models ``initialize`` cannot train (before any communication)."""
+    if model is None:
+        raise UsageError("initialize() needs model=")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"initialize(model=...) must be a torch.nn.Module; got {type(model).__name__}. "
+                         "Wrap a function in an nn.Module whose forward calls it.")
+    if model in _OWNED:
+        raise UsageError(
+            f"this {type(model).__name__} was already passed to shardwise.initialize() ({_OWNED[model]}); its "
+            "parameters now live in that engine's buffers. Keep using the engine it returned, or build a "
+            "fresh model for a second engine.")
+    from shardwise.zero.sharded_params import ShardedParameter
+
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in named:
+            if t is not None and t.is_meta and not isinstance(t, ShardedParameter):
+                raise UsageError(
+                    f"{kind} '{name}' of the model is on the meta device (it has a shape but no values). "
+                    "Materialise the model first (model.to_empty(device='cpu') and initialise its "
+                    "weights, or load a state dict with assign=True), or build it under "
+                    "`with shardwise.zero.Init():` to create it sharded.")
+
+
+def _check_trainable(groups: ParamGroups, model: nn.Module) -> None:
+    if not any(p.requires_grad for plist in groups.params for p in plist):
+        n = sum(1 for _ in model.parameters())
+        raise UsageError(
+            f"no parameter given to initialize() requires grad ({n} parameters in the model, all frozen or "
+            "none passed): there is nothing to train. Unfreeze the parameters to train "
+            "(p.requires_grad_(True)) before initialize(), or pass them as model_parameters=.")
+
+
 def _default_logging(rank: int) -> None:
     """Like DeepSpeed, show shardwise's INFO lines unless the application configured logging."""
     log = logging.getLogger("shardwise")
@@ -98,8 +138,7 @@ def initialize(
     items that are not configured are ``None``."""
     if unsupported:
         raise UsageError(f"initialize() got arguments shardwise does not support: {sorted(unsupported)}")
-    if model is None:
-        raise UsageError("initialize() needs model=")
+    check_model(model)
     if config is None:
         config = config_params if config_params is not None else getattr(args, "deepspeed_config", None)
     if config is None:
@@ -115,6 +154,7 @@ def initialize(
         model_parameters if not isinstance(optimizer, torch.optim.Optimizer) else optimizer.param_groups,
         model,
     )
+    _check_trainable(groups, model)
     make_optimizer = _optimizer_factory(plan, optimizer)
     if make_optimizer is None:
         raise ConfigError(
@@ -123,6 +163,7 @@ def initialize(
     strategy = create_strategy(model, groups, plan, ctx, make_optimizer)
     scheduler = _build_scheduler(plan, lr_scheduler, strategy.optimizer)
     engine = Engine(model, strategy, plan, ctx, scheduler)
+    _OWNED[model] = f"ZeRO stage {plan.zero.stage}, engine {id(engine):#x}"
     loader = None
     if training_data is not None:
         sampler = ResumableDistributedSampler(training_data, num_replicas=ctx.world_size, rank=ctx.rank)

@@ -83,6 +83,15 @@ class Engine:
                 "engine.backward(loss) needs a scalar loss tensor; got "
                 f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}."
             )
+        if self._backward_since_step:
+            # the reductions of this micro-step were launched by the first backward; a second
+            # one would add gradients to buckets already sent (stages 0-2) or reduced (stage 3)
+            raise UsageError(
+                f"engine.backward() called twice in micro-step {self.micro_steps} without engine.step() "
+                "between them. Add the losses and call engine.backward(loss_a + loss_b) once, or call "
+                "engine.step() after each backward (with gradient_accumulation_steps set to the number "
+                "of backward calls per optimizer step). Nothing was changed: the first backward's "
+                "gradients are intact, and engine.step() applies them.")
         t0 = time.perf_counter()
         sync = self.is_gradient_accumulation_boundary()
         scale = self.strategy.backward_scale / self.gradient_accumulation_steps()

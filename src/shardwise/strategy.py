@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from shardwise.comm.buckets import assign_buckets
 from shardwise.comm.context import CommContext
+from shardwise.comm.replicate import broadcast_module_state
 from shardwise.config.plan import Plan
 from shardwise.precision.loss_scaler import make_loss_scaler
 from shardwise.precision.policy import compute_dtype, grad_dtype
@@ -114,7 +115,8 @@ class DataParallelStrategy:
         )
 
     def _setup(self, module: nn.Module, plan: Plan, ctx: CommContext) -> CommContext:
-        """Context, compute dtype, loss scaler; the module moved to the device and dtype."""
+        """Context, compute dtype, loss scaler; the module moved to the device and dtype, with
+        rank 0's parameters and buffers on every rank."""
         if not plan.zero.reduce_scatter:  # DeepSpeed's "reduce_scatter": false -> plain all-reduce
             ctx = replace(ctx, reduce_scatter_via_all_reduce=True)
         self.ctx = ctx
@@ -123,6 +125,7 @@ class DataParallelStrategy:
         self.scaler = make_loss_scaler(plan.precision)
         if not any(isinstance(p, ShardedParameter) for p in module.parameters()):  # zero.Init: stage 3 casts
             module.to(device=ctx.device, dtype=self.dtype) if self.dtype != torch.float32 else module.to(ctx.device)
+        broadcast_module_state(module, ctx)  # [Note: one starting point]
         return ctx
 
     @staticmethod

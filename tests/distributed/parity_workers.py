@@ -62,12 +62,13 @@ def reference_run(global_batch: int, steps: int, lr: float = 1e-3, weight_decay:
     return {"losses": losses, "norms": norms, "params": _snapshot(model)}
 
 
-def shardwise_run(config: dict, steps: int, unit_classes: list | None = None) -> dict:
+def shardwise_run(config: dict, steps: int, unit_classes: list | None = None, seed_per_rank: bool = False) -> dict:
     """Train with shardwise on this rank; losses are averaged over ranks for comparison.
-    ``unit_classes``: stage-3 fetch units by module class name (``set_fetch_units``)."""
+    ``unit_classes``: stage-3 fetch units by module class name (``set_fetch_units``).
+    ``seed_per_rank``: each rank builds its model from its own seed (rank 0's is the reference's)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     compute = "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get("enabled") else "fp32"
-    model = make_model()
+    model = make_model(seed=1000 * rank if seed_per_rank else 0)
     if unit_classes is not None:
         shardwise.zero.set_fetch_units(model, unit_classes)
     engine, optimizer, _, _ = shardwise.initialize(model=model, model_parameters=model.parameters(), config=config)
