@@ -398,5 +398,7 @@ def test_build_optimizer_errors():
         build_optimizer(opt_plan("AdamW", **bad), p)
     assert [f"{q.message} ({q.hint})" if q.hint else q.message
             for q in info.value.problems] == check_optimizer_spec("AdamW", bad)
-    with pytest.raises(ConfigError, match="rejected"):  # torch's own range check
-        build_optimizer(opt_plan("AdamW", lr=-1.0), p)
+    with pytest.raises(ConfigError, match="'lr' must be greater than or equal to 0"):
+        build_optimizer(opt_plan("AdamW", lr=-1.0), p)  # refused before torch sees it
+    with pytest.raises(ConfigError, match="rejected"):  # torch's own check: beta2 < 1
+        build_optimizer(opt_plan("AdamW", betas=[0.9, 1.0]), p)

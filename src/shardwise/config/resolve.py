@@ -10,7 +10,7 @@ import importlib
 import os
 import re
 import warnings
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 from shardwise.config.plan import (BatchPlan, CheckpointPlan, LossScalePlan, OptimizerPlan, Plan,
                                    PrecisionPlan, SchedulerPlan, ZeroPlan)
@@ -20,7 +20,6 @@ from shardwise.errors import ConfigError, ConfigProblem, UsageError
 
 Source = Union[str, "os.PathLike[str]", dict]
 _TB, _MB, _GAS = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
-_BATCH_KEYS = frozenset({_TB, _MB, _GAS})
 
 
 def load_config(source: Source, world_size: int) -> Plan:
@@ -57,40 +56,52 @@ def resolve_config(config: Any, world_size: int) -> Plan:
     return plan
 
 
+def _hit(broken: frozenset[str], *paths: str) -> bool:
+    """Whether any of ``paths`` is broken: the key itself, a section above it, or a part of
+    it (``optimizer.params.betas[0]`` hits ``optimizer.params.betas``)."""
+    for b in broken:
+        for p in paths:
+            if b == p or b.startswith((p + ".", p + "[")) or p.startswith(b + "."):
+                return True
+    return False
+
+
+def _lost(broken: frozenset[str], path: str) -> bool:
+    """Whether ``path`` itself, or a section above it, is broken."""
+    return any(b == path or path.startswith((b + ".", b + "[")) for b in broken)
+
+
 def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optional[Plan], list]:
-    """Run each resolver whose inputs are healthy; ``broken`` top-level keys are skipped
-    (their problems are already reported, and a guess from defaults would only add noise)."""
+    """Run every check whose inputs are healthy; a check that reads a ``broken`` key (one
+    already reported, now at its default in ``cfg``) is skipped: a verdict on a default the
+    user did not write would only add noise. Everything else is still checked, so that one
+    error lists every problem of the document (see [Note: one pass, every problem])."""
     problems: list[ConfigProblem] = []
-    results: dict[str, Any] = {}
-    steps: list[tuple[frozenset[str], str, Callable[[], Any]]] = [
-        (_BATCH_KEYS, "batch", lambda: _batch(cfg, world_size, problems)),
-        (frozenset({"fp16", "bf16", "nonfinite", "data_types"}), "precision", lambda: _precision(cfg, problems)),
-        (frozenset({"zero_optimization"}), "zero", lambda: _zero(cfg.zero_optimization, problems)),
-        (frozenset({"optimizer"}), "optimizer",
-         lambda: _spec(cfg.optimizer, "optimizer", problems)),
-        (frozenset({"scheduler"}), "scheduler",
-         lambda: _spec(cfg.scheduler, "scheduler", problems)),
-    ]
-    for needs, name, step in steps:
-        if not needs & broken:
-            results[name] = step()
-    if problems or len(results) < len(steps):
+    results: dict[str, Any] = {
+        "batch": None if _hit(broken, _TB, _MB, _GAS) else _batch(cfg, world_size, problems),
+        "precision": _precision(cfg, problems, broken),
+        "zero": _zero(cfg.zero_optimization, problems),
+        "optimizer": _spec(cfg.optimizer, "optimizer", problems, broken),
+        "scheduler": _spec(cfg.scheduler, "scheduler", problems, broken),
+        "checkpoint": _checkpoint(cfg.checkpoint, problems, broken),
+    }
+    if problems or broken or any(results[k] is None for k in ("batch", "precision", "zero")):
         return None, problems
     plan = Plan(world_size=world_size, batch=results["batch"], zero=results["zero"],
                 precision=results["precision"], optimizer=results["optimizer"],
                 scheduler=results["scheduler"], gradient_clipping=float(cfg.gradient_clipping),
                 steps_per_print=cfg.steps_per_print,
                 wall_clock_breakdown=cfg.wall_clock_breakdown,
-                checkpoint=_checkpoint(cfg.checkpoint, problems),
-                comms_timeout_s=cfg.comms_timeout)
-    return (None if problems else plan), problems
+                checkpoint=results["checkpoint"], comms_timeout_s=cfg.comms_timeout)
+    return plan, problems
 
 
-def _checkpoint(ck: Any, problems: list[ConfigProblem]) -> CheckpointPlan:
+def _checkpoint(ck: Any, problems: list[ConfigProblem], broken: frozenset[str]
+                ) -> CheckpointPlan:
     if ck is None:
         return CheckpointPlan()
     for key in ("auto_resume", "save_interval"):
-        if getattr(ck, key) and not ck.dir:
+        if getattr(ck, key) and not ck.dir and not _hit(broken, "checkpoint.dir"):
             problems.append(ConfigProblem(f"checkpoint.{key}", f"needs checkpoint.dir (where "
                                           "checkpoints are saved and resumed from)",
                                           'add "dir": "path/to/checkpoints"'))
@@ -149,15 +160,17 @@ def _batch(cfg: Any, ws: int, problems: list[ConfigProblem]) -> Optional[BatchPl
     return BatchPlan(train_batch_size=tb, micro_batch_size=mb, gradient_accumulation_steps=gas)
 
 
-def _precision(cfg: Any, problems: list[ConfigProblem]) -> Optional[PrecisionPlan]:
+def _precision(cfg: Any, problems: list[ConfigProblem], broken: frozenset[str]
+               ) -> Optional[PrecisionPlan]:
     fp16, bf16 = cfg.fp16, cfg.bf16
-    if fp16.enabled and bf16.enabled:
+    switches = _hit(broken, "fp16.enabled", "bf16.enabled")
+    if fp16.enabled and bf16.enabled and not switches:
         problems.append(ConfigProblem("fp16.enabled", "fp16 and bf16 are both enabled; enable at "
                                       "most one", "set fp16.enabled or bf16.enabled to false"))
         return None
     compute = "bf16" if bf16.enabled else "fp16" if fp16.enabled else "fp32"
     grads = cfg.data_types.grad_accum_dtype or compute
-    if grads not in (compute, "fp32"):
+    if grads not in (compute, "fp32") and not _hit(broken, "data_types.grad_accum_dtype"):
         problems.append(ConfigProblem(
             "data_types.grad_accum_dtype", f"{grads!r} gradients with {compute} parameters: gradients "
             f"can be kept in the compute dtype ({compute}) or in fp32",
@@ -215,13 +228,18 @@ def _frozen(value: Any) -> Any:
     return value
 
 
-def _spec(section: Any, name: str, problems: list[ConfigProblem]) -> Any:
-    """OptimizerPlan/SchedulerPlan, after ``shardwise.optim`` checked the type and params."""
+def _spec(section: Any, name: str, problems: list[ConfigProblem], broken: frozenset[str]) -> Any:
+    """OptimizerPlan/SchedulerPlan, after ``shardwise.optim`` checked the type and params
+    (a message about a broken key is dropped: that key's problem is already listed)."""
     if section is None:
         return None
     params = dict(section.params or {})
-    for message in _spec_messages(name, section.type, params):
-        problems.append(ConfigProblem(_spec_path(name, message, params), message))
+    prefix = f"{name}.params."
+    lost = {re.split(r"[.\[]", b[len(prefix):])[0] for b in broken if b.startswith(prefix)}
+    if not _lost(broken, f"{name}.type") and not _lost(broken, f"{name}.params"):
+        for message in _spec_messages(name, section.type, params):
+            if not any(_names(key, message) for key in lost):
+                problems.append(ConfigProblem(_spec_path(name, message, params), message))
     cls = OptimizerPlan if name == "optimizer" else SchedulerPlan
     return cls(type=section.type, params=tuple(sorted((k, _frozen(v)) for k, v in params.items())))
 
@@ -243,9 +261,16 @@ def _spec_messages(name: str, type_: str, params: dict) -> list[str]:
 def _spec_path(name: str, message: str, params: dict) -> str:
     """Best JSON path for a message from ``shardwise.optim`` (its messages carry none)."""
     for key in sorted(params, key=len, reverse=True):
-        if re.search(rf"(?<![\w.]){re.escape(str(key))}(?!\w)", message):
+        if _names(key, message):
             return f"{name}.params.{key}"
+    missing = re.search(r"needs parameter '(\w+)'", message)
+    if missing:
+        return f"{name}.params.{missing.group(1)}"
     return f"{name}.type"
+
+
+def _names(key: Any, message: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(str(key))}(?!\w)", message) is not None
 
 
 __all__ = ["load_config", "resolve_config"]

@@ -4,10 +4,14 @@
 ``parse_document`` never stops at the first problem. It runs, in order: load (file or dict,
 duplicate keys), ``"auto"`` detection, old-spelling normalisation, pydantic validation of
 the whole document (``extra="forbid"`` at every level: unknown keys are errors), and the
-not-implemented walk. Each step records :class:`ConfigProblem` s and the *top-level* keys it
-found broken; the document is then validated again without those keys so that
-``resolve.py`` can still run the cross-field checks of every healthy section. The caller
-raises one :class:`ConfigError` with everything.
+not-implemented walk. Each step records :class:`ConfigProblem` s and the JSON paths it
+found broken; the document is then validated again without just those keys (a whole
+section only when the section itself is broken), so that ``resolve.py`` still runs every
+cross-field check whose inputs are healthy, inside a broken section too. An unreadable
+switch of an implemented section (``fp16.enabled: "true"``) is read as "on" for the
+not-implemented walk. The caller raises one :class:`ConfigError` with everything: fixing
+one problem never reveals the next. Numbers have ranges (``ranges.py``) and every section
+is closed (``schema_keys.Section``); loading never raises (``load.py``).
 
 [Note: known, accepted, refused]
 Every DeepSpeed key is known (here or in ``schema_keys.py``). A key shardwise implements is
@@ -17,102 +21,43 @@ does not implement yet". Defaults are written once, here and in ``schema_keys.py
 """
 import copy
 import difflib
-import json
-import math
-import os
 import warnings
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional
 
-from annotated_types import Ge, Gt
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
-from pydantic_core import PydanticCustomError
 
+from shardwise.config import ranges as R
 from shardwise.config import schema_keys as K
+from shardwise.config.load import join as _join
+from shardwise.config.load import load as _load
+from shardwise.config.load import report_duplicates as _duplicates
+from shardwise.config.ranges import check_int, check_str, got, show, typed
 from shardwise.config.schema_keys import (ConfigDeprecationWarning, ConfigWarning, Warn,
                                           normalise)
-from shardwise.errors import ConfigError, ConfigProblem, UsageError
+from shardwise.errors import ConfigError, ConfigProblem
 
 NOT_IMPLEMENTED = "shardwise does not implement yet"
 AUTO_UNRESOLVED = 'shardwise does not fill in "auto" values'
 UNKNOWN_KEY = "unknown key"
 
 
-# --- strict JSON scalar types ----------------------------------------------------------
-
-
-def _got(v: Any) -> str:
-    if v is None or isinstance(v, bool):
-        return json.dumps(v)
-    if isinstance(v, str):
-        text = json.dumps(v if len(v) < 40 else v[:36] + "...")
-        return f"the string {text}"
-    if isinstance(v, (int, float)):
-        return f"the number {v!r}"
-    return {dict: "an object", list: "a list"}.get(type(v), f"a {type(v).__name__}")
-
-
-def _fail(expected: str, v: Any) -> PydanticCustomError:
-    return PydanticCustomError("sw_type", "expected {expected}, got {got}",
-                               {"expected": expected, "got": _got(v)})
-
-
-def _check_int(v: Any) -> int:
-    # DeepSpeed configs write sizes as 5e8: an integral JSON float is an integer.
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-        return int(v)
-    raise _fail("an integer", v)
-
-
-def _check_float(v: Any) -> float:
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-        return float(v)
-    raise _fail("a finite number", v)
-
-
-def _check_bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    raise _fail("true or false", v)
-
-
-def _check_str(v: Any) -> str:
-    if isinstance(v, str):
-        return v
-    raise _fail("a string", v)
-
-
-_CHECKS = {"int": (_check_int, int), "float": (_check_float, float),
-           "bool": (_check_bool, bool), "str": (_check_str, str)}
-
-
-def _typed(kind: str, *constraints: Any, nullable: bool = False) -> Any:
-    """``Annotated`` type for a JSON scalar ``kind`` ("int", ...), optionally ``null``-able."""
-    check, base = _CHECKS[kind]
-    inner = Annotated[(base, *constraints)] if constraints else base
-    if not nullable:
-        return Annotated[inner, BeforeValidator(check)]
-    return Annotated[Optional[inner], BeforeValidator(lambda v: None if v is None else check(v))]
-
-
 def _annotation(spec: Any) -> Any:
     """Annotation for a catalogue type spec (see ``schema_keys``)."""
     if isinstance(spec, tuple):  # literal choices
-        kind = "str" if isinstance(spec[0], str) else "int"
-        return Annotated[Literal[spec], BeforeValidator(_CHECKS[kind][0])]
+        check = check_str if isinstance(spec[0], str) else check_int
+        return Annotated[Literal[spec], BeforeValidator(check)]
     nullable, name = spec.endswith("?"), spec.rstrip("?")
-    if name in _CHECKS:
-        return _typed(name, nullable=nullable)
+    if name in R.KINDS:
+        return R.catalogue_type(spec)
     base = {"list": list[Any], "dict": dict[str, Any], "any": Any}[name]
     return Optional[base] if nullable else base
 
 
-Int, NonNegInt, PosInt = _typed("int"), _typed("int", Ge(0)), _typed("int", Gt(0))
-Bool, NonNegFloat, PosFloat = _typed("bool"), _typed("float", Ge(0)), _typed("float", Gt(0))
-Str = _typed("str")
+Bool, Str = typed("bool"), typed("str")
+_Batch = typed("int", R.BATCH, nullable=True)
+_Steps, _OptSteps = typed("int", R.STEPS), typed("int", R.STEPS, nullable=True)
+_Elements = typed("int", R.ELEMENTS)
+_OptPath = typed("path", nullable=True)  # a non-empty string without NUL bytes
 
 
 def _default_only(default: Any, accept: tuple | None = None) -> Any:
@@ -134,15 +79,11 @@ class _Model(BaseModel):
     sw_gate: ClassVar[Optional[str]] = None  # key that switches the section on (see K.Section)
 
 
-class _OpenModel(_Model):
-    model_config = ConfigDict(extra="allow")
-
-
 def _section_model(name: str, section: K.Section) -> type[_Model]:
     fields = {key: _catalogue_field(f"{name}_{key}", entry)
               for key, entry in section.fields.items()}
     model = create_model("".join(p.title() for p in name.split("_")),
-                         __base__=_OpenModel if section.open else _Model, **fields)
+                         __base__=_Model, **fields)
     model.sw_gate = section.gate
     return model
 
@@ -171,12 +112,12 @@ class SchedulerSection(_Model):
 class FP16Section(_Model):
     sw_gate = "enabled"
     enabled: Bool = False
-    loss_scale: NonNegFloat = 0.0  # 0 selects dynamic loss scaling
-    initial_scale_power: NonNegInt = 16
-    loss_scale_window: PosInt = 1000
-    hysteresis: PosInt = 2
+    loss_scale: typed("float", R.SCALE) = 0.0  # 0 selects dynamic loss scaling
+    initial_scale_power: typed("int", R.SCALE_POWER) = 16
+    loss_scale_window: _Steps = 1000
+    hysteresis: _Steps = 2
     consecutive_hysteresis: Bool = False
-    min_loss_scale: PosFloat = 1.0
+    min_loss_scale: typed("float", R.POS_SCALE) = 1.0
     auto_cast: Bool = _default_only(False)
     fp16_master_weights_and_grads: Bool = _default_only(False)
     fused_mode: Bool = _inert(True)  # old key: picked DeepSpeed's fused/unfused fp16 optimizer
@@ -192,13 +133,13 @@ class BF16Section(_Model):
 
 
 class _ZeroBase(_Model):
-    stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_check_int)] = 0
+    stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(check_int)] = 0
     # [Note: bucket default] DeepSpeed's default is 5e8 elements; for shardwise the bucket is
     # the unit of overlap, and one 5e8 bucket would hold a whole small model and reduce only
     # after backward. 2e6 elements (8 MB fp32) measured best at 1M and 25M (benchmarks/README.md).
-    reduce_bucket_size: NonNegInt = 2_000_000  # elements
-    allgather_bucket_size: NonNegInt = 500_000_000  # elements
-    overlap_comm: _typed("bool", nullable=True) = None  # None: DeepSpeed's stage default
+    reduce_bucket_size: _Elements = 2_000_000  # elements
+    allgather_bucket_size: _Elements = 500_000_000  # elements
+    overlap_comm: typed("bool", nullable=True) = None  # None: DeepSpeed's stage default
     contiguous_gradients: Bool = True
     reduce_scatter: Bool = True
 
@@ -208,11 +149,11 @@ ZeroSection = create_model("ZeroSection", __base__=_ZeroBase, **{
 
 
 class _CheckpointBase(_Model):
-    keep_last: _typed("int", Gt(0), nullable=True) = None  # shardwise: retain the newest N
+    keep_last: _OptSteps = None  # shardwise: retain the newest N
     # shardwise: where automatic saves go / resume comes from (see checkpoint.dir in README)
-    dir: _typed("str", nullable=True) = None
+    dir: _OptPath = None
     auto_resume: Bool = False  # shardwise: initialize() loads the latest commit in `dir`
-    save_interval: _typed("int", Gt(0), nullable=True) = None  # shardwise: save every N steps
+    save_interval: _OptSteps = None  # shardwise: save every N steps
 
 
 CheckpointSection = create_model("CheckpointSection", __base__=_CheckpointBase, **{
@@ -225,15 +166,15 @@ _OptStr = _annotation("str?")
 class DataTypesSection(_Model):
     # the dtype gradients are reduced, accumulated and kept in; null: the compute dtype, as
     # DeepSpeed does (bf16 training keeps bf16 gradients); "fp32" keeps them in fp32
-    grad_accum_dtype: Optional[Annotated[Literal["fp32", "fp16", "bf16"], BeforeValidator(_check_str)]] = None
+    grad_accum_dtype: Optional[Annotated[Literal["fp32", "fp16", "bf16"], BeforeValidator(check_str)]] = None
     param_dtype: _OptStr = _default_only(None)
     buffer_dtype: _OptStr = _default_only(None)
 
 
 class _TopLevel(_Model):
-    train_batch_size: _typed("int", Gt(0), nullable=True) = None
-    train_micro_batch_size_per_gpu: _typed("int", Gt(0), nullable=True) = None
-    gradient_accumulation_steps: _typed("int", Gt(0), nullable=True) = None
+    train_batch_size: _Batch = None
+    train_micro_batch_size_per_gpu: _Batch = None
+    gradient_accumulation_steps: _Batch = None
     optimizer: Optional[OptimizerSection] = None
     scheduler: Optional[SchedulerSection] = None
     fp16: FP16Section = Field(default_factory=FP16Section)
@@ -243,13 +184,13 @@ class _TopLevel(_Model):
     data_types: DataTypesSection = Field(default_factory=DataTypesSection)
     # 0 disables clipping. Default 1.0 as DeepSpeed's since 0.19 (its PR #8068): the same config
     # that clips there clips here
-    gradient_clipping: NonNegFloat = 1.0
-    steps_per_print: PosInt = 10
+    gradient_clipping: typed("float", R.NON_NEG) = 1.0
+    steps_per_print: _Steps = 10
     wall_clock_breakdown: Bool = False
     # shardwise: process-group timeout in seconds (None: torch's default); SHARDWISE_TIMEOUT wins
-    comms_timeout: _typed("float", Gt(0), nullable=True) = None
+    comms_timeout: typed("float", R.TIMEOUT, nullable=True) = None
     # shardwise: a NaN/inf loss or gradient norm outside fp16: "error" (raise) or "skip" the step
-    nonfinite: Annotated[Literal["error", "skip"], BeforeValidator(_check_str)] = "error"
+    nonfinite: Annotated[Literal["error", "skip"], BeforeValidator(check_str)] = "error"
 
 
 DeepSpeedConfig = create_model("DeepSpeedConfig", __base__=_TopLevel, **{
@@ -274,59 +215,6 @@ def _submodel(field: Any) -> Optional[type[_Model]]:
 
 
 # --- loading -------------------------------------------------------------------------------
-
-
-class _JSONObject(dict):
-    """A parsed JSON object that remembers keys it saw more than once."""
-
-    duplicates: tuple[str, ...] = ()
-
-
-def _pairs(pairs: list[tuple[str, Any]]) -> dict:
-    obj = _JSONObject(pairs)
-    if len(obj) != len(pairs):
-        seen: list[str] = [k for k, _ in pairs]
-        obj.duplicates = tuple(sorted({k for k in seen if seen.count(k) > 1}))
-    return obj
-
-
-def _load(source: Any) -> tuple[Optional[dict], list[ConfigProblem]]:
-    if isinstance(source, Mapping):
-        return copy.deepcopy(dict(source)), []
-    if not isinstance(source, (str, os.PathLike)):
-        raise UsageError("config must be a path to a JSON file or a dict, got "
-                         f"{type(source).__name__}")
-    path = Path(source)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_pairs)
-    except FileNotFoundError:
-        return None, [ConfigProblem("", f"config file not found: {path}")]
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, [ConfigProblem("", f"cannot read config file {path}: {exc}")]
-    except json.JSONDecodeError as exc:
-        return None, [ConfigProblem("", f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} "
-                                        f"column {exc.colno}", "write strict JSON: no comments, "
-                                        "no trailing commas, keys in double quotes")]
-    if not isinstance(doc, dict):
-        return None, [ConfigProblem("", "the config must be a JSON object {...}, got "
-                                        f"{_got(doc)}")]
-    return doc, []
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}[{key}]" if isinstance(key, int) else (f"{path}.{key}" if path else str(key))
-
-
-def _duplicates(value: Any, path: str, out: list[ConfigProblem]) -> None:
-    if isinstance(value, dict):
-        for key in getattr(value, "duplicates", ()):
-            out.append(ConfigProblem(_join(path, key), "key appears more than once; JSON keeps "
-                                     "only the last value", "remove the duplicates"))
-        for key, item in value.items():
-            _duplicates(item, _join(path, key), out)
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _duplicates(item, _join(path, i), out)
 
 
 # --- "auto" ---------------------------------------------------------------------------------
@@ -397,6 +285,16 @@ def _where_else(key: str) -> list[str]:
     return sorted(found)
 
 
+def closest(key: str, known: list[str]) -> Optional[str]:
+    """The known key ``key`` most likely meant: same letters in another case first
+    (``TRAIN_BATCH_SIZE``), else the closest spelling, compared case-insensitively."""
+    folded = {k.lower(): k for k in sorted(known, reverse=True)}
+    if key.lower() in folded:
+        return folded[key.lower()]
+    close = difflib.get_close_matches(key.lower(), list(folded), n=1, cutoff=0.6)
+    return folded[close[0]] if close else None
+
+
 def _unknown_key_hint(loc: tuple) -> str:
     key, model = str(loc[-1]), _model_at(loc[:-1])
     known = list(model.model_fields) if model is not None else []
@@ -404,9 +302,9 @@ def _unknown_key_hint(loc: tuple) -> str:
         known += [k for s, k in K.RENAMED if not s] + list(K.TOP_LEVEL_MOVED)
     elif loc[0] == "zero_optimization" and len(loc) == 2:
         known += list(K.ZERO_SYNONYMS) + ["cpu_offload", "cpu_offload_param"]
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    close = closest(key, known)
     if close:
-        return f"did you mean '{close[0]}'?"
+        return f"did you mean '{close}'?"
     if loc[0] in ("optimizer", "scheduler") and len(loc) == 2:
         return f"{loc[0]} settings go inside '{loc[0]}.params'"
     elsewhere = [p for p in _where_else(key) if p != _loc_path(loc[:-1])]
@@ -426,13 +324,13 @@ def _schema_problems(err: ValidationError) -> list[ConfigProblem]:
         elif kind == "missing":
             message = "required key is missing"
         elif kind in ("model_type", "dict_type", "model_attributes_type"):
-            message = f"expected an object {{...}}, got {_got(given)}"
+            message = f"expected an object {{...}}, got {got(given)}"
         elif kind == "list_type":
-            message = f"expected a list, got {_got(given)}"
+            message = f"expected a list, got {got(given)}"
         elif kind.startswith("sw_"):
             message = e["msg"]
         else:
-            message = f"{e['msg'].replace('Input should be', 'must be')}, got {_got(given)}"
+            message = f"{e['msg'].replace('Input should be', 'must be')}, got {got(given)}"
         out.append(ConfigProblem(path, message, hint))
     return out
 
@@ -448,15 +346,9 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _show(v: Any) -> str:
-    if isinstance(v, float) and v.is_integer() and abs(v) >= 1e3:
-        v = int(v)
-    return json.dumps(v) if not isinstance(v, (dict, list)) or len(json.dumps(v)) < 30 else _got(v)
-
-
 def _refuse(path: str, value: Any, default: Any) -> ConfigProblem:
-    fix = "remove it" if default is None else f"remove it or set it to {_show(default)}"
-    what = "this section" if isinstance(value, dict) else _show(value)
+    fix = "remove it" if default is None else f"remove it or set it to {show(default)}"
+    what = "this section" if isinstance(value, dict) else show(value)
     return ConfigProblem(path, f"{what} asks for a DeepSpeed option {NOT_IMPLEMENTED}; {fix}")
 
 
@@ -466,9 +358,14 @@ def _unimplemented(model: type[_Model], raw: dict, path: str, skip: set[str],
     if model.sw_gate is not None:
         gate = fields[model.sw_gate]
         value = raw.get(model.sw_gate, gate.default)
-        if _join(path, model.sw_gate) in skip or _same(value, gate.default):
-            return  # switched off (or unreadable): the other keys have no effect
-        if _field_kind(gate) == "default":
+        refused_gate = _field_kind(gate) == "default"
+        if _join(path, model.sw_gate) in skip:
+            if refused_gate:
+                return  # unreadable, and refused whenever it is on: nothing more to say
+            # unreadable but implemented: check the rest as if on (see [Note: one pass...])
+        elif _same(value, gate.default):
+            return  # switched off: the other keys have no effect
+        elif refused_gate:
             out.append(_refuse(_join(path, model.sw_gate), value, gate.default))
             return
     for key, value in raw.items():
@@ -489,9 +386,9 @@ def _unimplemented(model: type[_Model], raw: dict, path: str, skip: set[str],
 
 
 class ParsedDocument(NamedTuple):
-    """What the document alone says: the config (broken top-level keys left at their
-    defaults; None if nothing could be read), every problem, the broken top-level keys, and
-    the warnings to emit."""
+    """What the document alone says: the config (broken keys left at their defaults; None if
+    nothing could be read), every problem, the JSON paths of the broken keys, and the
+    warnings to emit."""
 
     config: Optional[Any]  # a DeepSpeedConfig
     problems: list[ConfigProblem]
@@ -499,15 +396,13 @@ class ParsedDocument(NamedTuple):
     warnings: Warn
 
 
-def _top(path: str) -> str:
-    return path.split(".")[0].split("[")[0]
-
-
 def parse_document(source: Any) -> ParsedDocument:
     """Run every document-level check (see [Note: one pass, every problem])."""
-    doc, problems = _load(source)
+    problems: list[ConfigProblem] = []
+    doc = _load(source, problems)
     if doc is None:
         return ParsedDocument(None, problems, frozenset(), [])
+    unreadable = {p.path for p in problems}
     _duplicates(doc, "", problems)
     found_auto: list[ConfigProblem] = []
     _remove_auto(doc, DeepSpeedConfig, "", found_auto)
@@ -518,17 +413,38 @@ def parse_document(source: Any) -> ParsedDocument:
     except ValidationError as err:
         schema = _schema_problems(err)
     _unimplemented(DeepSpeedConfig, doc, "", {p.path for p in schema}, problems)
-    broken = {_top(p.path) for p in found_auto + schema if p.path}
-    config = None
-    for _ in range(3):  # validate what is left, so resolve can check the healthy sections
-        try:
-            healthy = {k: v for k, v in doc.items() if k not in broken}
-            config = DeepSpeedConfig.model_validate(healthy)
-            break
-        except ValidationError as err:
-            broken |= {str(e["loc"][0]) for e in err.errors() if e["loc"]}
+    config, removed = _healthy(doc)
+    broken = unreadable | removed | {p.path for p in found_auto + schema}
     everything = [_with_note(p, notes) for p in problems + found_auto + schema]
     return ParsedDocument(config, everything, frozenset(broken), warns)
+
+
+def _healthy(doc: dict) -> tuple[Optional[Any], set[str]]:
+    """The document validated without its broken keys (each falls back to its default), so
+    that ``resolve.py`` can run every cross-field check whose inputs are healthy; and the
+    JSON paths removed. A key is removed where it is broken: its section only when the
+    section itself is (a required key missing, not an object)."""
+    healthy, removed = copy.deepcopy(doc), set()
+    for _ in range(R.MAX_DEPTH):
+        try:
+            return DeepSpeedConfig.model_validate(healthy), removed
+        except ValidationError as err:
+            errors = err.errors(include_url=False)
+        progress = False
+        for e in errors:
+            loc = list(e["loc"])
+            cut = next((i for i, k in enumerate(loc) if not isinstance(k, str)), len(loc))
+            loc = loc[:cut] if cut < len(loc) else (loc[:-1] if e["type"] == "missing" else loc)
+            parent = healthy
+            for key in loc[:-1]:
+                parent = parent.get(key) if isinstance(parent, dict) else None
+            if loc and isinstance(parent, dict) and loc[-1] in parent:
+                del parent[loc[-1]]
+                removed.add(_loc_path(tuple(loc)))
+                progress = True
+        if not progress:
+            break
+    return None, removed
 
 
 def _with_note(problem: ConfigProblem, notes: dict[str, str]) -> ConfigProblem:

@@ -24,9 +24,9 @@ across releases (older spellings are kept so that older configs still parse).
 """
 from __future__ import annotations
 
-import json
 from typing import Any, NamedTuple
 
+from shardwise.config.ranges import got
 from shardwise.errors import ConfigProblem
 
 INERT = "inert"
@@ -46,15 +46,19 @@ class Section(NamedTuple):
     ``gate``: the key that switches the section on; while it holds its default the other
     keys have no effect and are accepted as they are. ``presence``: the section switches a
     feature on just by being there (DeepSpeed's ``sparse_attention``); its default is
-    ``null``. ``open``: further keys are allowed unchecked, because DeepSpeed passes them
-    to a third-party library (apex ``amp`` options) or the section is a fast-moving one
-    whose switch alone is listed (``tensor_parallel``, ``expert_parallel``).
+    ``null``. Every section is closed: a key it does not list is an unknown key (with a
+    "did you mean"), so a typo cannot leave a feature silently off.
+
+    [Note: opaque payloads]
+    The only unchecked objects are ``("dict?", None)`` payloads (``_OPAQUE``) whose keys
+    belong to a third-party library or a DeepSpeed feature shardwise refuses: they are
+    accepted only as ``null``, or inside a section that is switched off. Whatever is in
+    them then has no effect, so no typo in them can change what shardwise does.
     """
 
     fields: dict[str, tuple]
     gate: str | None = None
     presence: bool = False
-    open: bool = False
 
 
 def _enabled(**fields: tuple) -> Section:
@@ -101,13 +105,13 @@ ZERO: dict[str, tuple] = {
     "offload_optimizer": (OFFLOAD_OPTIMIZER, None),
     "zenflow": _OPAQUE,
     "sub_group_size": ("int", 1_000_000_000, (1_000_000_000, 1_000_000_000_000)),
-    "stage3_prefetch_bucket_size": ("int", 50_000_000, INERT),  # implemented (stage 3)
+    "stage3_prefetch_bucket_size": ("elements", 50_000_000, INERT),  # implemented (stage 3)
     # DeepSpeed: 100_000. shardwise: 0 -- small parameters share their unit's one all-gather, so
     # keeping them whole saves no collective and costs memory (README "ZeRO stage 3")
-    "stage3_param_persistence_threshold": ("int", 0, INERT),
+    "stage3_param_persistence_threshold": ("elements", 0, INERT),
     "stage3_model_persistence_threshold": ("int", 2**63 - 1),
-    "stage3_max_live_parameters": ("int", 1_000_000_000, INERT),  # implemented (stage 3)
-    "stage3_max_reuse_distance": ("int", 1_000_000_000, INERT),  # implemented (stage 3)
+    "stage3_max_live_parameters": ("elements", 1_000_000_000, INERT),  # implemented (stage 3)
+    "stage3_max_reuse_distance": ("elements", 1_000_000_000, INERT),  # implemented (stage 3)
     "stage3_gather_16bit_weights_on_model_save": ("bool", False, INERT),  # checkpoints always hold whole tensors
     "stage3_module_granularity_threshold": ("int", 0),
     "stage3_use_all_reduce_for_fetch_params": ("bool", False),
@@ -121,7 +125,7 @@ ZERO: dict[str, tuple] = {
     "zero_quantized_nontrainable_weights": ("bool", False),
     "zero_quantized_gradients": ("bool", False),
     "zeropp_loco_param": _OPAQUE,
-    "mics_shard_size": ("int", -1),
+    "mics_shard_size": ("int-1", -1),
     "mics_hierarchical_params_gather": ("bool", False),
     "memory_efficient_linear": ("bool", True, INERT),
     "pipeline_loading_checkpoint": ("bool", False),
@@ -196,7 +200,7 @@ TOP_LEVEL: dict[str, tuple] = {
     "comms_logger": (_enabled(verbose=("bool", False), prof_all=("bool", True),
                               debug=("bool", False), prof_ops=("list", [])), None),
     "flops_profiler": (_enabled(recompute_fwd_factor=("float", 0.0), profile_step=("int", 1),
-                                module_depth=("int", -1), top_modules=("int", 1),
+                                module_depth=("int-1", -1), top_modules=("int", 1),
                                 detailed=("bool", True), output_file=("str?", None)), None),
     "autotuning": (_enabled(
         start_step=("int?", None), end_step=("int?", None), metric_path=("str?", None),
@@ -211,7 +215,12 @@ TOP_LEVEL: dict[str, tuple] = {
         min_train_micro_batch_size_per_gpu=("int", 1),
         num_tuning_micro_batch_sizes=("int", 3)), None),
     # precision features other than fp16/bf16
-    "amp": (Section({"enabled": ("bool", False)}, gate="enabled", open=True), None),
+    "amp": (_enabled(  # the other keys are apex amp.initialize()'s options
+        opt_level=("str?", None), cast_model_type=("any", None),
+        patch_torch_functions=("bool?", None), keep_batchnorm_fp32=("any", None),
+        master_weights=("bool?", None), loss_scale=("any", None),
+        cast_model_outputs=("any", None), num_losses=("int", 1), verbosity=("int", 1),
+        min_loss_scale=("float?", None), max_loss_scale=("float", 2.0**24)), None),
     "torch_autocast": (_enabled(dtype=("str?", None), lower_precision_safe_modules=("list?", None)),
                        None),
     # memory and parallelism features
@@ -224,8 +233,27 @@ TOP_LEVEL: dict[str, tuple] = {
         "activation_checkpoint_interval": ("int", 0), "pipe_partitioned": ("bool", True),
         "grad_partitioned": ("bool", True), "use_reentrant": ("bool", True)}), None),
     "sequence_parallel_size": ("int", 1),
-    "tensor_parallel": (Section({"autotp_size": ("int", 0)}, gate="autotp_size", open=True), None),
-    "expert_parallel": (Section({"enabled": ("bool", False)}, gate="enabled", open=True), None),
+    "tensor_parallel": (Section({
+        "autotp_size": ("int", 0), "enabled": ("bool", False), "dtype": ("any", None),
+        "tp_overlap_comm": ("bool", False), "vocab_parallel_lm_head": ("bool", False),
+        "vocab_parallel_ce_backend": (("torch", "liger"), "torch"),
+        "tp": (Section({"tp_size": ("int", 1), "tp_grain_size": ("int", 1),
+                        "mpu": ("any", None), "tp_group": ("any", None)}), None),
+        "injection_policy_tuple": ("any", None), "partition_config": _OPAQUE,
+        "preset_model": ("str?", None), "keep_module_on_host": ("bool", False),
+        "replace_with_kernel_inject": ("bool", False), "kernel_inject": ("bool", False),
+        "tp_grain_size": ("int", 1)}, gate="autotp_size"), None),
+    "expert_parallel": (_enabled(  # DeepSpeed's AutoEP
+        autoep_size=("int", 1), preset_model=("str?", None), moe_layer_pattern=("str?", None),
+        expert_pattern=("str?", None), router_pattern=("str?", None),
+        use_grouped_mm=("bool", True), grouped_mm_backend=("str", "auto"),
+        route_norm=("bool?", None), route_scale=("float", 1.0), score_apply=("str", "auto"),
+        num_expert_groups=("int?", None), num_limited_groups=("int?", None),
+        score_func=("str", "auto"), top_k=("any", "auto"), load_balance_coeff=("float?", 1e-3),
+        routed_scaling_factor=("any", "auto"), expert_w1=("str?", None),
+        expert_w2=("str?", None), expert_w3=("str?", None), num_experts_attr=("str?", None),
+        top_k_attr=("str?", None), has_shared_experts=("bool?", None),
+        shared_experts_pattern=("str?", None)), None),
     "use_data_before_expert_parallelism": ("bool", False),
     "hybrid_engine": (_enabled(
         max_out_tokens=("int", 512), inference_tp_size=("int", 1),
@@ -285,7 +313,7 @@ TOP_LEVEL: dict[str, tuple] = {
         persistent_storage_path=("str?", None), persistent_time_interval=("int", 100),
         num_of_version_in_retention=("int", 2), enable_nebula_load=("bool", True),
         load_path=("str?", None)), None),
-    "datastates_ckpt": (Section({}, presence=True, open=True), None),
+    "datastates_ckpt": _OPAQUE,  # options of the DataStates library (see [Note: opaque...])
 }
 
 # --- inside "checkpoint" (implemented keys live in schema.CheckpointSection) ----------
@@ -382,8 +410,7 @@ def _normalise_zero(zero: dict, ctx: _Ctx) -> None:
             continue
         value, old_path = zero.pop(old), f"{z}.{old}"
         if not isinstance(value, bool):
-            ctx.problems.append(ConfigProblem(old_path, "expected true or false, got "
-                                              f"{json.dumps(value, default=repr)}"))
+            ctx.problems.append(ConfigProblem(old_path, f"expected true or false, got {got(value)}"))
             continue
         _deprecated(old_path, f'{z}.{new}: {{"device": "cpu"}}', ctx.warns)
         if value and zero.get(new) is not None:

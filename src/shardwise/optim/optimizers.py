@@ -23,7 +23,6 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 
 from shardwise.config.plan import OptimizerPlan
 from shardwise.errors import ConfigError, ConfigProblem
+from shardwise.optim.params import describe, is_number, value_problem
 
 # --- helpers shared with schedulers.py ------------------------------------------------
 
@@ -59,8 +59,7 @@ def _raise_if_any(problems: list[ConfigProblem]) -> None:
         raise ConfigError(problems)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+_is_number = is_number  # shared with schedulers.py
 
 
 def _constructor_params(cls: type, skip: tuple[str, ...]) -> dict[str, inspect.Parameter]:
@@ -73,27 +72,6 @@ def _constructor_params(cls: type, skip: tuple[str, ...]) -> dict[str, inspect.P
         and n not in skip
         and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }
-
-
-def _check_against_default(owner: str, path: str, name: str, value: Any, default: Any
-                           ) -> ConfigProblem | None:
-    """Type check a value against the type of a torch constructor default (None: unchecked)."""
-    if default is inspect.Parameter.empty or default is None:
-        return None
-    if isinstance(default, bool):
-        ok, want = isinstance(value, bool), "true or false"
-    elif isinstance(default, numbers.Real):
-        ok, want = _is_number(value), "a number"
-    elif isinstance(default, tuple):
-        ok = isinstance(value, (list, tuple)) and len(value) == len(default)
-        want = f"a list of {len(default)} values"
-    elif isinstance(default, str):
-        ok, want = isinstance(value, str), "a string"
-    else:
-        return None
-    if ok:
-        return None
-    return _problem(path, f"{owner} parameter {name!r} must be {want}, got {value!r}")
 
 
 def _check_torch_kwargs(owner: str, path: str, cls: type, params: Mapping[str, Any],
@@ -113,9 +91,9 @@ def _check_torch_kwargs(owner: str, path: str, cls: type, params: Mapping[str, A
             problems.append(_problem(f"{path}.{name}", f"{owner} parameter {name!r} takes a "
                                      "Python callable, which a JSON config cannot express"))
             continue
-        bad = _check_against_default(owner, f"{path}.{name}", name, value, known[name].default)
+        bad = value_problem(name, value, annotation, known[name].default)
         if bad:
-            problems.append(bad)
+            problems.append(_problem(f"{path}.{name}", f"{owner} parameter {name!r} {bad}"))
     for name, p in known.items():
         if p.default is inspect.Parameter.empty and name not in params:
             problems.append(_problem(f"{path}.{name}",
@@ -205,7 +183,7 @@ def _adam_problems(owner: str, params: Mapping[str, Any]) -> list[ConfigProblem]
     for name in _ADAM_EXTRAS:
         if name in rest and not isinstance(rest[name], bool):
             problems.append(_problem(f"{path}.{name}", f"{owner} parameter {name!r} must be "
-                                     f"true or false, got {rest[name]!r}"))
+                                     f"true or false, got {describe(rest[name])}"))
     if rest.get("bias_correction") is False:
         problems.append(_problem(f"{path}.bias_correction", "'bias_correction': false (Adam "
                                  "without bias correction) is not available in torch.optim",
@@ -218,10 +196,10 @@ def _adam_problems(owner: str, params: Mapping[str, Any]) -> list[ConfigProblem]
 def _optimizer_problems(type_: Any, params: Any) -> list[ConfigProblem]:
     if not isinstance(type_, str) or not type_:
         return [_problem("optimizer.type", f"optimizer type must be a non-empty string, "
-                         f"got {type_!r}")]
+                         f"got {describe(type_)}")]
     if not isinstance(params, Mapping):
         return [_problem("optimizer.params", f"optimizer params must be an object, got "
-                         f"{params!r}")]
+                         f"{describe(params)}")]
     kind, what = _resolve(type_)
     owner = f"optimizer {type_!r}"
     if kind == "unknown":
@@ -360,6 +338,6 @@ def build_optimizer(plan: OptimizerPlan, params: Any) -> torch.optim.Optimizer:
                 raise
             # This torch lacks the kernel option for this optimizer/device: torch's default.
             return cls(items, **kwargs)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OverflowError, ZeroDivisionError) as e:
         raise ConfigError([_problem("optimizer.params", f"torch.optim.{cls.__name__} "
                                     f"rejected the parameters: {e}")]) from e

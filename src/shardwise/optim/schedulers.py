@@ -28,13 +28,15 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from shardwise.config.plan import SchedulerPlan
 from shardwise.errors import ConfigError, UsageError
-from shardwise.optim.optimizers import (_check_torch_kwargs, _did_you_mean, _is_number,
+from shardwise.optim.optimizers import (_check_torch_kwargs, _did_you_mean,
                                         _messages, _problem, _raise_if_any,
                                         _tuples_for_tuple_defaults)
+from shardwise.optim.params import COUNT, NON_NEG, POS_COUNT, POSITIVE, describe, number_problem
 
 # DeepSpeed schedule parameters -> kind: "lr" (number >= 0 or per-group list), "count"
-# (integer > 0), "size" (number > 0), "int" (integer), "ratio" (number), "bool",
-# "warmup_type"; a trailing "?" also allows null, a trailing "!" marks it required.
+# (integer > 0), "size" (number > 0), "int" (integer >= 0), "ratio" (number >= 0), "bool",
+# "warmup_type"; a trailing "?" also allows null, a trailing "!" marks it required. Every
+# number must also be finite (see [Note: torch parameters are checked by their signature]).
 _WARMUP = {"warmup_min_lr": "lr", "warmup_num_steps": "count", "warmup_type": "warmup_type"}
 _SPECS: dict[str, dict[str, str]] = {
     "WarmupLR": {**_WARMUP, "warmup_max_lr": "lr?"},
@@ -51,9 +53,13 @@ _SPECS: dict[str, dict[str, str]] = {
                     "lr_range_test_step_rate": "ratio", "lr_range_test_staircase": "bool"},
 }
 
-_KIND_TEXT = {"lr": "a number >= 0 or a list of them (one per param group)",
-              "count": "a positive integer", "size": "a number > 0", "int": "an integer",
-              "ratio": "a number", "bool": "true or false", "warmup_type": "'log' or 'linear'"}
+_KIND_TEXT = {"lr": "a finite number >= 0 or a list of them (one per param group)",
+              "count": "a positive integer (at most 2**63-1)",
+              "size": "a finite number > 0", "int": "an integer >= 0 (at most 2**63-1)",
+              "ratio": "a finite number >= 0", "bool": "true or false",
+              "warmup_type": "'log' or 'linear'"}
+_KIND_RANGE = {"lr": NON_NEG, "count": POS_COUNT, "size": POSITIVE, "int": COUNT,
+               "ratio": NON_NEG}
 
 _RESUME_HINT = "resume by loading the scheduler's state_dict"
 # torch.optim.lr_scheduler classes a JSON config cannot drive.
@@ -69,15 +75,12 @@ def _value_ok(kind: str, v: Any) -> bool:
     if v is None:
         return kind.endswith("?")
     kind = kind.rstrip("?!")
-    if kind == "lr":
-        values = v if isinstance(v, (list, tuple)) else [v]
-        return bool(values) and all(_is_number(x) and x >= 0 for x in values)
-    if kind in ("count", "int"):
-        return isinstance(v, int) and not isinstance(v, bool) and (kind == "int" or v > 0)
-    if kind == "size":
-        return _is_number(v) and v > 0
-    if kind == "ratio":
-        return _is_number(v)
+    if kind in _KIND_RANGE:
+        values = v if kind == "lr" and isinstance(v, (list, tuple)) and v else [v]
+        integer = kind in ("count", "int")
+        return all((isinstance(x, int) or not integer)
+                   and number_problem("", x, integer=integer) is None
+                   and _KIND_RANGE[kind].problem(x) is None for x in values)
     if kind == "bool":
         return isinstance(v, bool)
     return v in ("log", "linear")  # warmup_type
@@ -98,7 +101,7 @@ def _deepspeed_problems(name: str, params: Mapping[str, Any]) -> list:
         elif not _value_ok(spec[key], value):
             want = _KIND_TEXT[spec[key].rstrip("?!")]
             problems.append(_problem(f"{path}.{key}", f"{owner} parameter {key!r} must be "
-                                     f"{want}, got {value!r}"))
+                                     f"{want}, got {describe(value)}"))
     for key, kind in spec.items():
         if kind.endswith("!") and key not in params:
             problems.append(_problem(f"{path}.{key}", f"{owner} needs parameter {key!r}, "
@@ -116,10 +119,10 @@ def _torch_schedulers() -> dict[str, type]:
 def _scheduler_problems(type_: Any, params: Any) -> list:
     if not isinstance(type_, str) or not type_:
         return [_problem("scheduler.type", "scheduler type must be a non-empty string, got "
-                         f"{type_!r}")]
+                         f"{describe(type_)}")]
     if not isinstance(params, Mapping):
         return [_problem("scheduler.params", f"scheduler params must be an object, got "
-                         f"{params!r}")]
+                         f"{describe(params)}")]
     if type_ in _SPECS:
         return _deepspeed_problems(type_, params)
     if type_ in _REFUSED_TORCH:
@@ -428,6 +431,6 @@ def build_scheduler(plan: SchedulerPlan, optimizer: Any) -> LRScheduler:
     kwargs = _tuples_for_tuple_defaults(cls, raw, ("optimizer",))
     try:
         return cls(optimizer, **kwargs)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError, ZeroDivisionError) as e:
         raise ConfigError([_problem("scheduler.params", f"torch.optim.lr_scheduler."
                                     f"{plan.type} rejected the parameters: {e}")]) from e
