@@ -20,10 +20,13 @@ def test_reverse_order_padding_and_alignment():
 
 
 def test_groups_never_mix_and_large_param_gets_own_bucket():
-    buckets = assign_buckets([100, 3, 3], [0, 1, 0], bucket_numel=50, world_size=2)
+    sizes, keys = [100, 3, 3, 4, 2, 5], [0, 1, 0, 1, 0, 1]
+    buckets = assign_buckets(sizes, keys, bucket_numel=50, world_size=2)
+    # every parameter is in exactly one bucket, and each bucket holds one group's parameters only
+    assert sorted(s.param_index for b in buckets for s in b.slots) == list(range(len(sizes)))
     for b in buckets:
-        keys = {k for k in [b.group_key]}
-        assert len(keys) == 1
+        assert {keys[s.param_index] for s in b.slots} == {b.group_key}
+    assert {b.group_key for b in buckets} == {0, 1}
     big = [b for b in buckets if any(s.param_index == 0 for s in b.slots)][0]
     assert len(big.slots) == 1 and big.numel == 100
 

@@ -36,9 +36,19 @@ def test_nonfinite_without_fp16_is_named_error():
 
 
 def test_state_round_trip():
-    a = DynamicLossScaler(LossScalePlan(initial_scale_power=5))
-    a.update(False, 0)
-    a.update(False, 1)
-    b = DynamicLossScaler(LossScalePlan(initial_scale_power=5))
-    b.load_state_dict(a.state_dict())
-    assert b.state_dict() == a.state_dict()
+    """Every field survives (scale, hysteresis left, good steps): the loaded scaler then grows
+    and backs off exactly when the original does."""
+    plan = LossScalePlan(initial_scale_power=5, hysteresis=3, loss_scale_window=4)
+    a = DynamicLossScaler(plan)
+    for i, finite in enumerate([False, True, True, True]):  # hysteresis 2 left, 3 good steps
+        a.update(finite, i)
+    state = a.state_dict()
+    assert state == {"scale": 32.0, "hysteresis_left": 2, "good_steps": 3}
+    b = DynamicLossScaler(plan)
+    b.load_state_dict(state)
+    assert b.state_dict() == state
+    assert b.update(True, 4) and b.scale == 64.0  # the 4th good step completes the window
+    c = DynamicLossScaler(plan)
+    c.load_state_dict(state)
+    c.update(False, 4)
+    assert c.update(False, 5) is False and c.scale == 16.0  # hysteresis_left=2 was kept
