@@ -247,3 +247,106 @@ def save_16bit_run(out_dir: str, stage: int, bf16: bool, filename: str) -> dict:
     assert os.path.exists(os.path.join(out_dir, filename))  # on every rank once the call returns
     with shardwise.zero.GatheredParameters(list(model.parameters())):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- (4) a very small model for the fuzz test and the format-1 fixture -------------------------
+
+
+class Small(torch.nn.Module):
+    """Every kind of entry a checkpoint holds, in ~150 numbers: a tied weight (emb = head), a
+    frozen parameter, a persistent buffer. ``extra`` adds a 64-element parameter alone in its
+    bucket, so that at world 2 it has two pieces of equal length (the format-1 fixture has none)."""
+
+    def __init__(self, extra: bool = False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 6)
+        self.lin = torch.nn.Linear(6, 5)
+        self.out = torch.nn.Linear(5, 6)
+        self.head = torch.nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+        self.frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 5))
+        self.gate = torch.nn.Parameter(torch.randn(64)) if extra else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x[:, :-1])
+        h = self.out(torch.tanh(self.lin(h)) * self.scale) + self.frozen.sum()
+        logits = self.head(h)
+        if self.gate is not None:
+            logits = logits + (self.gate * self.gate).mean()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 11), x[:, 1:].reshape(-1))
+
+
+def small_config(stage: int = 0, world: int = 1) -> dict:
+    return {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "gradient_clipping": 0.0, "steps_per_print": 1000,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
+                                                         "warmup_num_steps": 5}},
+            "zero_optimization": {"stage": stage, "reduce_bucket_size": 40}}
+
+
+def small_engine(seed: int = 0, steps: int = 2, stage: int = 0, extra: bool = False):
+    torch.manual_seed(seed)
+    model = Small(extra)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    engine, *_ = shardwise.initialize(model=model, config=small_config(stage, world))
+    small_steps(engine, steps, seed)
+    return engine, model
+
+
+def small_steps(engine, steps: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(1000 + seed + engine.global_steps)
+    rank, world = engine.ctx.rank, engine.ctx.world_size
+    for _ in range(steps):
+        x = torch.randint(0, 11, (2 * world, 5), generator=g)
+        engine.backward(engine(x[2 * rank:2 * rank + 2]))
+        engine.step()
+
+
+# -- (5) failed loads at 2 ranks: every rank raises the same error, no rank changed anything ----
+
+
+def two_rank_cases(root: str) -> dict:
+    """Save the small model at world 2 / ZeRO-1 (kept as ``root/pristine`` for the fuzz test),
+    then load damaged copies of it on both ranks."""
+    import shutil
+
+    import ckpt_corrupt as C
+
+    rank = dist.get_rank()
+    engine, _ = small_engine(stage=1, extra=True)
+    ckpt = engine.save_checkpoint(os.path.join(root, "save"), tag="global_step2")
+    small_steps(engine, 1)  # the live state now differs from the checkpoint
+    if rank == 0:
+        shutil.copytree(os.path.dirname(ckpt), os.path.join(root, "pristine"), symlinks=True)
+
+    def drop_global_steps(doc):
+        del doc["counters"]["global_steps"]
+
+    def empty_rank1(doc):
+        doc["ranks"][1] = {}
+
+    def bad_rng_rank1(doc):
+        doc["ranks"][1]["rng"]["torch"] = "AAAA"
+
+    def lr_string(doc):
+        doc["param_groups"][0]["lr"] = "0.1"
+
+    cases = {"missing global_steps": drop_global_steps, "empty ranks[1]": empty_rank1,
+             "rank 1's torch RNG state garbage": bad_rng_rank1, "lr a string": lr_string}
+    out = {}
+    for name, edit in cases.items():
+        d = os.path.join(root, name.replace(" ", "_").replace("'", ""))
+        if rank == 0:
+            shutil.copytree(os.path.dirname(ckpt), d, symlinks=True)
+            C.edit_doc(os.path.join(d, "global_step2"), edit)
+        dist.barrier()
+        before = C.snapshot(engine)
+        try:
+            engine.load_checkpoint(d)
+            result = "loaded"
+        except Exception as exc:  # noqa: BLE001 - the test checks the type
+            result = f"{type(exc).__name__}: {exc}"
+        out[name] = {"result": result, "unchanged": C.same(before, C.snapshot(engine))}
+    return out

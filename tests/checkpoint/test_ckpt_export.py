@@ -78,3 +78,31 @@ def test_save_16bit_model_at_every_stage(tmp_path):
             assert torch.equal(got[k], v), k
         plain = GPT(GPTConfig.preset("tiny")).to(torch.bfloat16 if bf16 else torch.float32)
         plain.load_state_dict(got, strict=True)
+
+
+def test_export_hf_gpt2_loads_with_from_pretrained(tmp_path):
+    """A transformers GPT-2 trained one step: the export has config.json (recorded in the
+    manifest at save) and from_pretrained(export_dir) gives the engine's logits."""
+    import transformers as T
+
+    from shardwise.checkpoint import export_hf
+
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = T.GPT2LMHeadModel(cfg)
+    engine, *_ = shardwise.initialize(model=model, config=W.config(1, 1))
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()
+    engine.save_checkpoint(tmp_path / "ckpt")
+    files = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert str(tmp_path / "hf" / "config.json") in files
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    loaded = T.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    auto = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, want)
+        assert torch.equal(auto(input_ids=x).logits, want)

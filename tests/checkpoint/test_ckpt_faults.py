@@ -69,7 +69,10 @@ def test_missing_and_garbage_manifest(saved):
     open(manifest, "w").write(text[: len(text) // 2])
     assert manifest in _load_fails(d, "not valid JSON")
     os.unlink(manifest)
-    _load_fails(d, "missing")  # not committed any more: `latest` names no committed tag
+    msg = _load_fails(d, "its manifest .* is missing")  # `latest` names a tag whose manifest is gone
+    assert manifest in msg
+    msg = _load_fails(d, "the manifest .* is missing", tag="global_step1")
+    assert manifest in msg
 
 
 def test_bit_flip_names_file_and_tensor(saved):
@@ -104,7 +107,7 @@ def test_unknown_format_version(saved):
     doc = json.load(open(manifest))
     doc["format_version"] = 99
     json.dump(doc, open(manifest, "w"))
-    assert "reads versions [1]" in _load_fails(d, "format version 99")
+    assert "reads versions [1, 2]" in _load_fails(d, "format version 99")
 
 
 def test_other_model_is_a_named_error(saved):

@@ -18,7 +18,7 @@ import torch
 
 from shardwise.checkpoint import manifest as M
 from shardwise.checkpoint.files import atomic_write_text, dtype_from_name, file_crc32, write_safetensors
-from shardwise.checkpoint.reader import PieceReader
+from shardwise.checkpoint.reader import PieceReader, verify_files
 from shardwise.errors import CheckpointError
 
 
@@ -30,6 +30,7 @@ def _open(ckpt_dir, tag: str | None) -> tuple[str, dict]:
         _, path = M.resolve(ckpt_dir, tag)
     m = M.read_manifest(path)
     M.check_files(path, m)
+    verify_files(path, m)
     return path, m
 
 
@@ -106,12 +107,37 @@ def parse_size(text) -> int:
     return int(float(m.group(1)) * base ** power)
 
 
+def _config_json(config, m: dict, dtype: torch.dtype | None) -> dict | None:
+    """``config.json``'s content: ``config`` (a Hugging Face config or a dict) if given, else
+    the one the checkpoint recorded (the model had a ``config`` with ``to_json_string``)."""
+    if config is None:
+        doc = m.get("hf_config")
+    elif isinstance(config, dict):
+        doc = dict(config)
+    elif callable(getattr(config, "to_json_string", None)):
+        doc = json.loads(config.to_json_string(use_diff=False))
+    else:
+        raise CheckpointError(f"export_hf(config=...) takes a Hugging Face config (with to_json_string) or a "
+                              f"dict, not {type(config).__name__}")
+    if doc is None:
+        return None
+    doc = dict(doc)
+    if dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in doc:
+                doc[key] = str(dtype).removeprefix("torch.")
+    return doc
+
+
 def export_hf(ckpt_dir, out_dir, tag: str | None = None, dtype: torch.dtype | None = torch.float32,
-              max_shard_size="5GB") -> list[str]:
+              max_shard_size="5GB", config=None) -> list[str]:
     """Write the model in Hugging Face layout: ``model.safetensors``, or
-    ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``. Tied
-    names are written once (as Hugging Face does). Returns the files written."""
+    ``model-0000k-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``, and
+    ``config.json`` when the saved model had a Hugging Face config (or ``config=`` gives one),
+    so ``transformers``' ``from_pretrained(out_dir)`` loads it. Tied names are written once (as
+    Hugging Face does). Returns the files written."""
     path, m = _open(ckpt_dir, tag)
+    config_doc = _config_json(config, m, dtype)
     limit = parse_size(max_shard_size)
     shards: list[list[str]] = [[]]
     used = 0
@@ -145,6 +171,9 @@ def export_hf(ckpt_dir, out_dir, tag: str | None = None, dtype: torch.dtype | No
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         atomic_write_text(os.path.join(out_dir, "model.safetensors.index.json"), json.dumps(index, indent=2))
         names.append("model.safetensors.index.json")
+    if config_doc is not None:
+        atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(config_doc, indent=2, sort_keys=True) + "\n")
+        names.append("config.json")
     return [os.path.join(out_dir, n) for n in names]
 
 
@@ -172,6 +201,7 @@ def info(save_dir, verify: bool = True) -> dict:
                     "zero_stage": m["zero_stage"], "dtype": m["compute_dtype"],
                     "bytes": sum(f["size"] for f in m["files"].values()), "files": len(m["files"])}
             M.check_files(path, m)
+            verify_files(path, m)
             if verify:
                 for file, spec in m["files"].items():
                     if file_crc32(os.path.join(path, file)) != spec["crc32"]:

@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import struct
 import zlib
 from typing import Iterable
@@ -36,6 +37,60 @@ _ST_DTYPES = {
 _DTYPE_NAMES = {getattr(torch, n): n for n in (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")}
 _CHUNK = 64 << 20  # bytes written per call: bounds what one write() holds
+
+
+def open_regular(path: str, what: str, max_bytes: int | None = None):
+    """Open ``path`` for binary reading only if it is a regular file (a symlink to one is fine)
+    of at most ``max_bytes``: a FIFO, a device (``/dev/zero``), a socket or a directory is a
+    :class:`CheckpointError` naming it, never a blocking or unbounded read. ``O_NONBLOCK``
+    makes opening a FIFO return at once; the type is checked on the opened descriptor."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {path} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot open {what} {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            raise CheckpointError(f"{what} {path} is {kind}, not a regular file: checkpoints only read "
+                                  "regular files; replace it with the file the save wrote")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise CheckpointError(f"{what} {path} has {st.st_size} bytes, more than the {max_bytes} such "
+                                  "a file can have: it is not the file a save wrote")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str, what: str, max_bytes: int) -> bytes:
+    """The whole content of regular file ``path`` (see :func:`open_regular`), at most
+    ``max_bytes`` even if it grows while being read."""
+    with open_regular(path, what, max_bytes) as f:
+        parts, left = [], max_bytes + 1
+        while left > 0:
+            block = f.read(min(left, _CHUNK))
+            if not block:
+                break
+            parts.append(block)
+            left -= len(block)
+    data = b"".join(parts)
+    if len(data) > max_bytes:
+        raise CheckpointError(f"{what} {path} has more than {max_bytes} bytes: it is not the file a save wrote")
+    return data
+
+
+def is_regular(path: str) -> bool:
+    """``path`` is (or links to) a regular file; never opens it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -65,9 +120,9 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
 
 
-def crc32_of(t: torch.Tensor) -> int:
+def crc32_of(t: torch.Tensor, seed: bytes = b"") -> int:
     t = cpu_contiguous(t)
-    return zlib.crc32(tensor_bytes(t)) & 0xFFFFFFFF
+    return zlib.crc32(tensor_bytes(t), zlib.crc32(seed)) & 0xFFFFFFFF
 
 
 def write_bytes(f, data, path: str, written: int, total: int, rank: int) -> None:
@@ -89,11 +144,12 @@ def _write_error(exc: OSError, path: str, written: int, total: int, rank: int) -
 
 
 def write_safetensors(path: str, tensors: dict[str, torch.Tensor], rank: int,
-                      metadata: dict[str, str] | None = None) -> dict:
+                      metadata: dict[str, str] | None = None, seeds: dict[str, bytes] | None = None) -> dict:
     """Write ``tensors`` to ``path`` (safetensors layout), fsync it. A value may be a tensor or
     an object with ``dtype``, ``shape``, ``numel()``, ``element_size()`` and ``load()`` (called
     when the writer reaches it, so only one such tensor is in memory at a time). Returns
-    ``{"size", "crc32", "header_bytes", "header_crc32", "tensors": {key: crc32}}``."""
+    ``{"size", "crc32", "header_bytes", "header_crc32", "tensors": {key: crc32}}``; a tensor's
+    crc32 starts from ``seeds[key]`` (its identity, see [Note: piece identity]) when given."""
     header: dict = {"__metadata__": dict(metadata or {})}
     offset = 0
     for key, t in tensors.items():
@@ -117,7 +173,7 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], rank: int,
                     t = t.load()
                 t = cpu_contiguous(t)
                 view = tensor_bytes(t)
-                tcrc = 0
+                tcrc = zlib.crc32(seeds[key]) if seeds and key in seeds else 0
                 for i in range(0, len(view), _CHUNK):
                     part = view[i:i + _CHUNK]
                     write_bytes(f, part, path, written, total, rank)
@@ -136,7 +192,7 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], rank: int,
 def file_crc32(path: str, limit: int | None = None) -> int:
     crc = 0
     left = limit
-    with open(path, "rb") as f:
+    with open_regular(path, "shard file") as f:
         while left is None or left > 0:
             block = f.read(_CHUNK if left is None else min(_CHUNK, left))
             if not block:

@@ -2,17 +2,25 @@
 
 [Note: load in two phases]
 Phase 1 (every rank, nothing touched): resolve the tag (rank 0 reads ``latest``, every rank
-gets its answer), check the manifest (format version, own checksum), every shard file's size,
-that the saved tensors match the model (names, shapes) and, for the parts this rank needs,
-each piece's crc32; the new state is assembled in fresh buffers. The outcome of every rank is
-all-gathered: if any rank failed, *every* rank raises the same :class:`CheckpointError` and
-no rank has changed anything. Phase 2 copies the buffers into the live parameters, master
-weights and optimizer state and restores counters, loss scaler, LR scheduler, RNG and the
-data loader's position.
+gets its answer), check the manifest (format version, own checksum, every field: [Note:
+manifest validation]), every shard file's size and header against the manifest ([Note: files
+agree with the manifest]), that the saved tensors match the model (names, shapes) and, for the
+parts this rank needs, each piece's crc32; the new state is assembled in fresh buffers, and
+everything phase 2 will hand to the loss scaler, LR scheduler, param groups, RNGs and data
+loader is checked against what they hold now (same keys, types and lengths; RNG states tried
+on scratch generators). The outcome of every rank is all-gathered: if any rank failed, *every*
+rank raises the same :class:`CheckpointError` and no rank has changed anything. Phase 2 copies
+the buffers into the live parameters, master weights and optimizer state and restores
+counters, loss scaler, LR scheduler, RNG and the data loader's position; it cannot meet bad
+input, and its outcome is all-gathered too, so no rank reports success while another failed.
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import copy
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +29,7 @@ import torch
 from shardwise.checkpoint import manifest as M
 from shardwise.checkpoint import rng
 from shardwise.checkpoint.layout import Region, other_tensors, regions, scalar_value, state_names, whole_others
-from shardwise.checkpoint.reader import PieceReader
+from shardwise.checkpoint.reader import PieceReader, verify_files
 from shardwise.checkpoint.agree import outcome, raise_failed
 from shardwise.checkpoint.save import join_timeout
 from shardwise.comm.collectives import all_gather_object, broadcast_object, require_all_ranks
@@ -80,13 +88,110 @@ def _check_compatible(engine, m: dict, regs: list[Region], others: dict, with_op
                                   f"({(frozen_diff + moved)[:8]}); pass load_optimizer_states=False")
 
 
-def _stage(engine, path: str, with_optimizer: bool) -> _Staged:
+def _same_shape(saved: Any, current: Any, where: str, out: list[str]) -> None:
+    """Problems (appended to ``out``) if ``saved`` (JSON) cannot stand in for ``current``."""
+    if isinstance(current, torch.Tensor) and current.numel() == 1:
+        current = current.item()
+    if isinstance(current, bool) or current is None or isinstance(current, str):
+        if type(saved) is not type(current):
+            out.append(f"{where}: saved {saved!r:.40}, expected a {type(current).__name__}")
+    elif isinstance(current, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)) or \
+                (isinstance(current, int) and not isinstance(saved, int)):
+            out.append(f"{where}: saved {saved!r:.40}, expected a number ({type(current).__name__})")
+    elif isinstance(current, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(current):
+            out.append(f"{where}: saved {saved!r:.40}, expected a list of {len(current)}")
+        else:
+            for i, (s, c) in enumerate(zip(saved, current)):
+                _same_shape(s, c, f"{where}[{i}]", out)
+    elif isinstance(current, dict):
+        if not isinstance(saved, dict):
+            out.append(f"{where}: saved {saved!r:.40}, expected a mapping")
+            return
+        for k in current:
+            if k in saved:
+                _same_shape(saved[k], current[k], f"{where}.{k}", out)
+    else:
+        out.append(f"{where}: holds a {type(current).__name__}, which a checkpoint does not restore")
+
+
+def _check_scheduler(sched, saved: dict, out: list[str]) -> None:
+    current = sched.state_dict()
+    public = {k for k in current if not k.startswith("_")}
+    missing = sorted(public - set(saved))
+    unknown = sorted(k for k in set(saved) - set(current) if not k.startswith("_") or hasattr(type(sched), k))
+    if missing or unknown:
+        out.append(f"lr_scheduler: the saved state of {type(sched).__name__} lacks {missing} / has unknown "
+                   f"keys {unknown}")
+    _same_shape(saved, current, "lr_scheduler", out)
+
+
+def _check_rng(state: dict, where: str, out: list[str]) -> None:
+    """Try ``state`` on scratch generators: phase 2's rng.restore cannot then fail."""
+    try:
+        version, py, gauss = state["python"]
+        random.Random().setstate((version, tuple(py), gauss))
+        torch.Generator().set_state(torch.tensor(list(base64.b64decode(state["torch"], validate=True)),
+                                                 dtype=torch.uint8))
+        if state.get("numpy") is not None and rng._has_numpy():
+            import numpy as np
+
+            name, keys, pos, has_gauss, cached = state["numpy"]
+            np.random.RandomState().set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        for s in state.get("cuda") or []:
+            base64.b64decode(s, validate=True)
+    except (TypeError, ValueError, RuntimeError, OverflowError, binascii.Error) as exc:
+        out.append(f"{where}: not a random-number-generator state this process can restore ({exc})")
+
+
+def _check_state(engine, m: dict, with_optimizer: bool, module_only: bool, with_scheduler: bool) -> None:
+    """Everything phase 2 hands over besides tensors, checked against what is live now."""
+    out: list[str] = []
+    if with_optimizer:
+        for i, (group, saved) in enumerate(zip(engine.optimizer.param_groups, m["param_groups"])):
+            for k, v in saved.items():
+                if k != "params" and k in group:
+                    _same_shape(v, group[k], f"param_groups[{i}].{k}", out)
+    if not module_only:
+        if m["loss_scaler"]:
+            try:
+                copy.copy(engine.strategy.scaler).load_state_dict(m["loss_scaler"])
+            except (KeyError, TypeError, ValueError) as exc:
+                out.append(f"loss_scaler: not a state of {type(engine.strategy.scaler).__name__} ({exc})")
+        sched = engine.lr_scheduler
+        if with_scheduler and sched is not None and m["lr_scheduler"] is not None:
+            _check_scheduler(sched, m["lr_scheduler"], out)
+        rank = engine.ctx.rank
+        if rank < len(m["ranks"]):
+            _check_rng(m["ranks"][rank]["rng"], f"ranks[{rank}].rng", out)
+        loader = getattr(engine, "training_dataloader", None)
+        k = min(rank, len(m["ranks"]) - 1)
+        saved_loader = m["ranks"][k]["data_loader"]
+        if loader is not None and saved_loader and hasattr(loader, "state_dict"):
+            _same_shape(saved_loader, loader.state_dict(), f"ranks[{k}].data_loader", out)
+            if saved_loader.get("generator"):
+                try:
+                    raw = base64.b64decode(saved_loader["generator"], validate=True)
+                    torch.Generator().set_state(torch.tensor(list(raw), dtype=torch.uint8))
+                except (ValueError, RuntimeError, binascii.Error) as exc:
+                    out.append(f"ranks[{k}].data_loader.generator: not a generator state ({exc})")
+    if out:
+        raise CheckpointError(f"the checkpoint's training state does not fit this engine: {'; '.join(out[:8])}"
+                              f"{' ...' if len(out) > 8 else ''}. Pass load_module_only=True to load the weights "
+                              "only, or load another checkpoint")
+
+
+def _stage(engine, path: str, with_optimizer: bool, module_only: bool = False,
+           with_scheduler: bool = True) -> _Staged:
     m = M.read_manifest(path)
     M.check_files(path, m)
+    verify_files(path, m)
     strategy = engine.strategy
     regs = regions(engine.module, strategy.buckets)
     others = other_tensors(engine.module, {r.name for r in regs})
     _check_compatible(engine, m, regs, others, with_optimizer)
+    _check_state(engine, m, with_optimizer, module_only, with_scheduler)
     staged = _Staged(m)
     staged.trainable = [r.name for r in regs]
     saved = m["tensors"]
@@ -208,12 +313,15 @@ def load_checkpoint(engine, load_dir, tag: str | None = None, load_optimizer_sta
         raise CheckpointError(resolved[1])
     tag, path = resolved[1]
     with_optimizer = load_optimizer_states and not load_module_only
-    mine = outcome(lambda: _stage(engine, path, with_optimizer))
+    mine = outcome(lambda: _stage(engine, path, with_optimizer, load_module_only, load_lr_scheduler_states))
     agreed = all_gather_object((mine[0], None if mine[0] else mine[1]), ctx)
     if not all(ok for ok, _ in agreed):
         raise_failed(agreed, f"loading checkpoint {path}", "no rank's state was changed")
     staged: _Staged = mine[1]
-    _apply(engine, staged, with_optimizer, load_module_only, load_lr_scheduler_states)
+    applied = outcome(lambda: _apply(engine, staged, with_optimizer, load_module_only, load_lr_scheduler_states))
+    raise_failed(all_gather_object(applied, ctx), f"applying checkpoint {path}",
+                 "this is a bug (phase 1 accepted the checkpoint): the engine's state may be partly loaded; "
+                 "load a checkpoint again before training")
     m = staged.manifest
     if m["world_size"] != ctx.world_size or m["zero_stage"] != engine.strategy.stage:
         log.info("checkpoint %s (%s) re-partitioned for world size %d, ZeRO stage %d", path, _layout(m),

@@ -14,7 +14,21 @@ that has one value per parameter element (Adam's ``exp_avg``, SGD's ``momentum_b
 is stored in the same ranges, so any world size / ZeRO stage (stage 3 included: it only
 changes which ranges a rank holds) can read what it needs. Non-tensor state (counters, loss
 scaler, LR scheduler, param-group hyper-parameters, client state, RNG, data loader) is JSON.
-The manifest carries a crc32 of its own content.
+The manifest carries a crc32 of its own content, and is validated field by field before use
+(schema.py, [Note: manifest validation]).
+
+[Note: piece identity]
+From format version 2 on, a piece's crc32 covers its identity, not only its bytes: the crc
+starts from the crc32 of :func:`piece_identity` (tensor name, kind, safetensors key, dtype, element
+range) and continues over the bytes. A manifest whose pieces were swapped (a weight's piece
+pointing at Adam's first moment, two ranges or files exchanged) therefore fails its checksum
+even when the bytes are intact. Format 1 checkpoints (crc32 over the bytes only) still load.
+
+[Note: bounded reads]
+Only regular files (or symlinks to them) are read anywhere in a checkpoint, each bounded:
+``latest`` at most ``MAX_LATEST_BYTES``, a manifest ``MAX_MANIFEST_BYTES``, a shard header
+``MAX_HEADER_BYTES``, a shard exactly its recorded size. A FIFO, a device or a directory in
+their place is a named error, never a blocking or endless read (files.open_regular).
 """
 from __future__ import annotations
 
@@ -24,16 +38,20 @@ import re
 import zlib
 from typing import Any
 
+from shardwise.checkpoint.files import is_regular, open_regular, read_regular
 from shardwise.errors import CheckpointError
 
 FORMAT = "shardwise-checkpoint"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
+MAX_LATEST_BYTES = 4096
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MANIFEST = "manifest.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=-]*$")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,199}")  # used with fullmatch only
 
 
 def shard_file(rank: int) -> str:
@@ -48,11 +66,18 @@ def state_key(state: str, name: str) -> str:
     return f"optim.{state}:{name}"
 
 
+def piece_identity(name: str, kind: str, key: str, dtype: str, start: int, stop: int) -> bytes:
+    """What a format-2 piece checksum covers besides the bytes (see [Note: piece identity])."""
+    return json.dumps([name, kind, key, dtype, start, stop], separators=(",", ":")).encode()
+
+
 def check_tag(tag: Any) -> str | None:
-    """The problem with ``tag`` as a directory name, or None."""
-    if not isinstance(tag, str) or not _TAG_RE.match(tag) or tag == LATEST or len(tag) > 200:
-        return (f"checkpoint tag {tag!r} is not usable as a directory name: use letters, digits "
-                f"and _ . + = - (not starting with '.', not {LATEST!r})")
+    """The problem with ``tag`` as a directory name, or None. The whole tag must match
+    (``re.fullmatch``: a trailing newline is refused, not ignored)."""
+    if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag) or tag == LATEST:
+        return (f"checkpoint tag {tag!r} is not usable as a directory name: use 1-200 letters, digits "
+                f"and _ . + = - (not starting with '.', '+', '=' or '-'; no spaces or newlines; not "
+                f"{LATEST!r})")
     return None
 
 
@@ -66,47 +91,57 @@ def encode(body: dict) -> str:
 
 
 def read_manifest(ckpt_path: str) -> dict:
-    """Parse and check ``<ckpt_path>/manifest.json``; every problem is a :class:`CheckpointError`
-    naming the file."""
+    """Parse and check ``<ckpt_path>/manifest.json`` (format, version, own checksum, then every
+    field: [Note: manifest validation]); every problem is a :class:`CheckpointError` naming the
+    file."""
+    from shardwise.checkpoint.schema import validate
+
     path = os.path.join(ckpt_path, MANIFEST)
+    if not os.path.lexists(path):
+        raise CheckpointError(f"the manifest {path} is missing: {ckpt_path} is not a committed checkpoint "
+                              "(the save did not finish, or the manifest was deleted); load another tag")
+    raw = read_regular(path, "checkpoint manifest", MAX_MANIFEST_BYTES)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: {ckpt_path} is not a committed checkpoint "
-                              "(the save did not finish, or the manifest was deleted)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from exc
-    try:
+        text = raw.decode("utf-8")
         doc = json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {exc.start}): the manifest is corrupt") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at byte {exc.pos} of "
                               f"{len(text)}): the manifest is truncated or corrupt") from None
+    except ValueError as exc:  # a number with too many digits
+        raise CheckpointError(f"{path} is not a shardwise manifest: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} nests too deeply to be a shardwise manifest") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a shardwise checkpoint manifest (format "
                               f"{doc.get('format') if isinstance(doc, dict) else None!r})")
     version = doc.get("format_version")
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise CheckpointError(
             f"{path} has checkpoint format version {version!r}; this shardwise "
             f"reads versions {list(SUPPORTED_VERSIONS)}. Load it with the shardwise that wrote it "
             "(or a newer one)")
     body = {k: v for k, v in doc.items() if k not in ("format", "format_version", "crc32")}
-    if doc.get("crc32") != _digest(body):
+    try:
+        digest = _digest(body)
+    except ValueError as exc:  # e.g. a number too large to print
+        raise CheckpointError(f"{path} cannot be checksummed ({exc}): the manifest is corrupt") from None
+    if doc.get("crc32") != digest:
         raise CheckpointError(f"{path}: checksum mismatch (stored {doc.get('crc32')}, computed "
-                              f"{_digest(body)}): the manifest was modified or corrupted")
+                              f"{digest}): the manifest was modified or corrupted")
+    validate(doc, path)
     return doc
 
 
 def check_files(ckpt_path: str, manifest: dict) -> None:
-    """Every shard file exists with its recorded size (before any state is touched)."""
+    """Every shard file is a regular file with its recorded size (before any state is touched);
+    the headers are checked by reader.verify_files."""
     for name, info in manifest["files"].items():
         path = os.path.join(ckpt_path, name)
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            raise CheckpointError(f"shard file {path} is missing (expected {info['size']} bytes, "
-                                  f"written by rank {info['rank']})") from None
+        what = f"shard file (written by rank {info['rank']}, expected {info['size']} bytes)"
+        with open_regular(path, what) as f:
+            size = os.fstat(f.fileno()).st_size
         if size != info["size"]:
             raise CheckpointError(f"shard file {path} has {size} bytes, expected {info['size']} "
                                   f"(written by rank {info['rank']}): the file is "
@@ -120,12 +155,13 @@ def committed_tags(save_dir: str) -> list[str]:
     found = []
     for name in os.listdir(save_dir):
         path = os.path.join(save_dir, name)
-        if name.startswith(".") or not os.path.isfile(os.path.join(path, MANIFEST)):
+        if name.startswith(".") or check_tag(name) or not is_regular(os.path.join(path, MANIFEST)):
             continue
         try:
-            with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
-                created = json.load(f).get("created_ns", 0)
-        except (OSError, ValueError, AttributeError):
+            created = json.loads(read_regular(os.path.join(path, MANIFEST), "manifest", MAX_MANIFEST_BYTES))
+            created = created.get("created_ns", 0) if isinstance(created, dict) else 0
+            created = created if type(created) is int else 0
+        except (CheckpointError, ValueError, RecursionError):
             created = 0
         found.append((created, name))
     return [name for _, name in sorted(found)]
@@ -140,17 +176,23 @@ def read_latest(save_dir: str) -> str:
     fix = "; pass tag=... to load_checkpoint to pick one" if tags else ""
     if not os.path.isdir(save_dir):
         raise CheckpointError(f"cannot resume: checkpoint directory {save_dir} does not exist")
+    if not os.path.lexists(path):
+        raise CheckpointError(f"cannot resume: {path} does not exist; {listing}{fix}")
     try:
-        with open(path, encoding="utf-8") as f:
-            tag = f.read().strip()
-    except FileNotFoundError:
-        raise CheckpointError(f"cannot resume: {path} does not exist; {listing}{fix}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"cannot resume: {path} is unreadable ({exc}); {listing}{fix}") from None
+        tag = read_regular(path, "the `latest` pointer", MAX_LATEST_BYTES).decode("utf-8").strip()
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume: {exc}; {listing}{fix}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"cannot resume: {path} is not UTF-8 text; {listing}{fix}") from None
     if not tag:
         raise CheckpointError(f"cannot resume: {path} is empty; {listing}{fix}")
+    shown = tag if len(tag) < 80 else tag[:77] + "..."
+    if check_tag(tag) is None and tag not in tags and os.path.isdir(os.path.join(save_dir, tag)):
+        manifest = os.path.join(save_dir, tag, MANIFEST)
+        why = "is missing" if not os.path.lexists(manifest) else "is not a regular file"
+        raise CheckpointError(f"cannot resume: {path} names {shown!r}, but its manifest {manifest} {why} "
+                              f"(the save did not finish, or the manifest was deleted); {listing}{fix}")
     if check_tag(tag) is not None or tag not in tags:
-        shown = tag if len(tag) < 80 else tag[:77] + "..."
         raise CheckpointError(f"cannot resume: {path} names {shown!r}, which is not a committed "
                               f"checkpoint; {listing}{fix}")
     return tag

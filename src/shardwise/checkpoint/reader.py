@@ -1,4 +1,15 @@
-"""Reading element ranges of saved tensors from whichever shard files hold them, verified."""
+"""Reading element ranges of saved tensors from whichever shard files hold them, verified.
+
+[Note: files agree with the manifest]
+Before anything is read, :func:`verify_files` opens every shard file the manifest lists (regular
+files only, [Note: bounded reads]), checks its size and its header's crc32, parses the
+safetensors header strictly (every entry's dtype, shape and byte range; the ranges tile the data
+exactly) and cross-checks it with the manifest: each piece's key is in its file with the dtype
+the manifest records for it and shape ``[stop - start]``, and the file holds nothing else. A
+header edited by hand (``F32`` -> ``I32``), two keys or ranges exchanged, or files swapped is a
+:class:`CheckpointError` naming file and tensor; the piece checksums then cover the bytes and,
+from format 2 on, their identity ([Note: piece identity]).
+"""
 from __future__ import annotations
 
 import json
@@ -9,34 +20,144 @@ from contextlib import ExitStack
 
 import torch
 
-from shardwise.checkpoint.files import crc32_of, dtype_from_name, tensor_bytes
+from shardwise.checkpoint import manifest as M
+from shardwise.checkpoint.files import dtype_from_name, open_regular, tensor_bytes
 from shardwise.errors import CheckpointError
 
 _FROM_ST = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
             "U8": torch.uint8, "BOOL": torch.bool}
+_TO_ST = {v: k for k, v in _FROM_ST.items()}
+_SIZE = {k: torch.empty((), dtype=v).element_size() for k, v in _FROM_ST.items()}
+
+
+def _bad(path: str, why: str) -> CheckpointError:
+    return CheckpointError(f"shard file {path} has a corrupt safetensors header: {why}; the file was "
+                           "modified or written by something else. Load another checkpoint (tag=...)")
+
+
+def parse_header(head: bytes, path: str, data_bytes: int) -> dict[str, tuple[str, list[int], int, int]]:
+    """``{key: (st dtype, shape, start, stop)}`` of a safetensors header ``head`` (the 8-byte
+    length included), every entry checked; the byte ranges must tile ``[0, data_bytes)``."""
+    if len(head) < 8:
+        raise _bad(path, "shorter than 8 bytes")
+    (n,) = struct.unpack("<Q", head[:8])
+    if 8 + n != len(head):
+        raise _bad(path, f"it says {n} header bytes, the manifest {len(head) - 8}")
+    try:
+        header = json.loads(head[8:].decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise _bad(path, f"not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _bad(path, "__metadata__ is not a map of strings")
+    out, spans = {}, []
+    for key, spec in header.items():
+        ok = isinstance(spec, dict) and set(spec) == {"dtype", "shape", "data_offsets"}
+        dtype, shape, offs = (spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")) if ok else (None,) * 3
+        if not (ok and dtype in _FROM_ST and isinstance(shape, list) and isinstance(offs, list) and len(offs) == 2
+                and all(type(d) is int and d >= 0 for d in shape + offs) and offs[0] <= offs[1]):
+            raise _bad(path, f"entry {key!r} is not {{dtype, shape, data_offsets}} with a known dtype and "
+                       f"non-negative integers (it is {str(spec)[:120]})")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * _SIZE[dtype] != offs[1] - offs[0]:
+            raise _bad(path, f"entry {key!r}: {dtype} of shape {shape} is {numel * _SIZE[dtype]} bytes, its "
+                       f"data_offsets span {offs[1] - offs[0]}")
+        out[key] = (dtype, shape, offs[0], offs[1])
+        spans.append((offs[0], offs[1], key))
+    end = 0
+    for a, b, key in sorted(spans):
+        if a != end:
+            raise _bad(path, f"entry {key!r} starts at byte {a}, expected {end} (entries overlap or leave gaps)")
+        end = b
+    if end != data_bytes:
+        raise _bad(path, f"its entries cover {end} data bytes, the file has {data_bytes}")
+    return out
+
+
+def kind_dtype(entry: dict, kind: str) -> str:
+    """The dtype (torch name) the manifest records for ``kind`` of tensor ``entry``: format 1
+    recorded none for optimizer state, which every torch optimizer keeps like the parameter."""
+    if kind == "param" or entry.get("state_dtypes") is None:
+        return entry["saved_dtype"]
+    return entry["state_dtypes"][kind]
+
+
+def _expected(m: dict) -> dict[str, dict[str, tuple[str, str, int, int, str]]]:
+    out: dict[str, dict] = {file: {} for file in m["files"]}
+    for name, entry in m["tensors"].items():
+        for piece in entry["pieces"]:
+            for kind, key in piece["keys"].items():
+                keys = out[piece["file"]]
+                if key in keys:
+                    raise CheckpointError(f"the manifest lists tensor {key!r} of {piece['file']} twice")
+                keys[key] = (name, kind, piece["start"], piece["stop"], kind_dtype(entry, kind))
+    return out
+
+
+def _read_head(ckpt_path: str, file: str, info: dict):
+    """Open shard ``file`` (regular, its recorded size), read and check its header."""
+    path = os.path.join(ckpt_path, file)
+    what = f"shard file (written by rank {info['rank']}, expected {info['size']} bytes)"
+    f = open_regular(path, what)
+    try:
+        size = os.fstat(f.fileno()).st_size
+        if size != info["size"]:
+            raise CheckpointError(f"shard file {path} has {size} bytes, expected {info['size']} "
+                                  f"(written by rank {info['rank']}): the file is "
+                                  f"{'truncated' if size < info['size'] else 'longer than written'}")
+        head = f.read(info["header_bytes"])
+        if len(head) != info["header_bytes"] or zlib.crc32(head) & 0xFFFFFFFF != info["header_crc32"]:
+            raise CheckpointError(f"checksum mismatch in the header of shard file {path}: the "
+                                  "file is corrupt (a bit flipped on disk, or it was modified)")
+        return f, path, parse_header(head, path, size - info["header_bytes"])
+    except BaseException:
+        f.close()
+        raise
+
+
+def verify_files(ckpt_path: str, m: dict) -> None:
+    """See [Note: files agree with the manifest]. Reads headers only."""
+    expected = _expected(m)
+    for file, info in m["files"].items():
+        f, path, header = _read_head(ckpt_path, file, info)
+        f.close()
+        want = expected[file]
+        for key, (name, kind, start, stop, dtype) in want.items():
+            got = header.get(key)
+            if got is None:
+                raise CheckpointError(f"shard file {path} has no tensor {key!r} ({kind} of {name!r}, elements "
+                                      f"[{start}, {stop})), which the manifest says it holds")
+            st = _TO_ST[dtype_from_name(dtype)]
+            if got[0] != st or got[1] != [stop - start]:
+                raise CheckpointError(
+                    f"tensor {key!r} in shard file {path} is {got[0]} of shape {got[1]}, the manifest says "
+                    f"{st} of shape [{stop - start}] ({kind} of {name!r}): the file and the manifest disagree")
+        extra = sorted(set(header) - set(want))
+        if extra:
+            raise CheckpointError(f"shard file {path} holds tensors the manifest does not list: {extra[:4]}; the "
+                                  "file and the manifest disagree")
 
 
 class _ShardFile:
     """One safetensors file read with plain ``readinto`` (no mmap: the memory a read costs is
     the tensor it returns, and file pages do not count against the process)."""
 
-    def __init__(self, path: str, head: bytes, f):
-        self.path, self.f = path, f
-        (n,) = struct.unpack("<Q", head[:8])
-        self.header = json.loads(head[8:8 + n])
-        self.data_start = 8 + n
+    def __init__(self, path: str, f, header: dict, data_start: int):
+        self.path, self.f, self.header, self.data_start = path, f, header, data_start
 
     def get_tensor(self, key: str) -> torch.Tensor:
         spec = self.header.get(key)
         if spec is None:
             raise CheckpointError(f"tensor {key!r} is not in shard file {self.path}")
-        a, b = spec["data_offsets"]
-        t = torch.empty(spec["shape"], dtype=_FROM_ST[spec["dtype"]])
-        if b - a != t.numel() * t.element_size():
-            raise CheckpointError(f"tensor {key!r} in {self.path}: header size mismatch")
+        dtype, shape, a, b = spec
+        t = torch.empty(shape, dtype=_FROM_ST[dtype])
         self.f.seek(self.data_start + a)
-        if self.f.readinto(tensor_bytes(t)) != b - a:
+        if b > a and self.f.readinto(tensor_bytes(t)) != b - a:
             raise CheckpointError(f"shard file {self.path} ended inside tensor {key!r}: it is truncated")
         return t
 
@@ -50,8 +171,9 @@ class PieceReader:
     def __init__(self, ckpt_path: str, manifest: dict):
         self.path = ckpt_path
         self.manifest = manifest
+        self.identity = manifest["format_version"] >= 2
         self._stack = ExitStack()
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, _ShardFile] = {}
 
     def __enter__(self) -> "PieceReader":
         return self
@@ -63,52 +185,43 @@ class PieceReader:
         self._handles.clear()
         self._stack.close()
 
-    def _handle(self, file: str):
+    def _handle(self, file: str) -> _ShardFile:
         h = self._handles.get(file)
         if h is None:
-            path = os.path.join(self.path, file)
             info = self.manifest["files"][file]
-            f = self._stack.enter_context(open(path, "rb", buffering=0))
-            head = f.read(info["header_bytes"])
-            if zlib.crc32(head) & 0xFFFFFFFF != info["header_crc32"]:
-                raise CheckpointError(f"checksum mismatch in the header of shard file {path}: the "
-                                      "file is corrupt (a bit flipped on disk, or it was modified)")
-            try:
-                h = _ShardFile(path, head, f)
-            except (ValueError, struct.error) as exc:
-                raise CheckpointError(f"cannot read shard file {path}: {exc}") from exc
-            self._handles[file] = h
+            f, path, header = _read_head(self.path, file, info)
+            self._stack.enter_context(f)
+            h = self._handles[file] = _ShardFile(path, f, header, info["header_bytes"])
         return h
 
-    def _piece(self, name: str, piece: dict, kind: str) -> torch.Tensor:
+    def _piece(self, name: str, entry: dict, piece: dict, kind: str) -> torch.Tensor:
         key = piece["keys"].get(kind)
         path = os.path.join(self.path, piece["file"])
         if key is None:
             raise CheckpointError(f"{path} holds no {kind!r} for {name!r}")
-        try:
-            t = self._handle(piece["file"]).get_tensor(key)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"cannot read tensor {key!r} from {path}: {exc}") from exc
-        if t.numel() != piece["stop"] - piece["start"]:
-            raise CheckpointError(f"tensor {key!r} in {path} has {t.numel()} elements, the manifest "
-                                  f"says {piece['stop'] - piece['start']}")
-        if crc32_of(t) != piece["crc32"][kind]:
+        t = self._handle(piece["file"]).get_tensor(key)
+        dtype = kind_dtype(entry, kind)
+        if t.numel() != piece["stop"] - piece["start"] or t.dtype != dtype_from_name(dtype):
+            raise CheckpointError(f"tensor {key!r} in {path} is {t.numel()} x {t.dtype}, the manifest says "
+                                  f"{piece['stop'] - piece['start']} x {dtype}")
+        seed = M.piece_identity(name, kind, key, dtype, piece["start"], piece["stop"]) if self.identity else b""
+        if zlib.crc32(tensor_bytes(t), zlib.crc32(seed)) & 0xFFFFFFFF != piece["crc32"][kind]:
             raise CheckpointError(f"checksum mismatch for tensor {key!r} in shard file {path}: the "
-                                  "file is corrupt (a bit flipped on disk, or it was modified)")
+                                  "file is corrupt (a bit flipped on disk, or it was modified), or the "
+                                  "manifest names the wrong piece")
         return t.reshape(-1)
 
     def read(self, name: str, kind: str, a: int, b: int) -> torch.Tensor:
         entry = self.manifest["tensors"][name]
-        dtype = dtype_from_name(entry["saved_dtype"])
+        dtype = dtype_from_name(kind_dtype(entry, kind) if kind == "param" or kind in entry["optimizer_state"]
+                                else entry["saved_dtype"])
         out = None
         covered = 0
         for piece in entry["pieces"]:
             s, e = max(a, piece["start"]), min(b, piece["stop"])
             if s >= e:
                 continue
-            t = self._piece(name, piece, kind)
+            t = self._piece(name, entry, piece, kind)
             if out is None:
                 out = torch.empty(b - a, dtype=t.dtype)
             out[s - a:e - a] = t[s - piece["start"]:e - piece["start"]]

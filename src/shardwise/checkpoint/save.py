@@ -79,13 +79,14 @@ def _write_rank_file(engine, tmp: str) -> dict:
     ctx, strategy = engine.ctx, engine.strategy
     rank, world = ctx.rank, ctx.world_size
     regs = regions(engine.module, strategy.buckets)
-    tensors, pieces, scalars, state_keys = {}, [], {}, {}
+    tensors, pieces, scalars, state_keys, state_dtypes = {}, [], {}, {}, {}
     split = {b.index: split_state(engine.optimizer, b) for b in strategy.buckets}
     for reg in regs:
         elementwise, sc = split[reg.bucket.index]
         if sc:
             scalars[reg.name] = sc
         state_keys[reg.name] = sorted(elementwise)
+        state_dtypes[reg.name] = {k: dtype_name(t.dtype) for k, t in elementwise.items()}
         lo, hi = reg.bucket.layout.chunk_range(rank, world)
         a, b = reg.clip(lo, hi)
         if a == b:
@@ -105,7 +106,10 @@ def _write_rank_file(engine, tmp: str) -> dict:
                 extra[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
                 pieces.append({"name": name, "start": 0, "stop": t.numel(), "keys": {"param": M.param_key(name)}})
     file = M.shard_file(rank)
-    info = write_safetensors(os.path.join(tmp, file), tensors, rank, {"format": M.FORMAT, "rank": str(rank)})
+    seeds = {key: M.piece_identity(p["name"], kind, key, dtype_name(tensors[key].dtype), p["start"], p["stop"])
+             for p in pieces for kind, key in p["keys"].items()}  # [Note: piece identity]
+    info = write_safetensors(os.path.join(tmp, file), tensors, rank, {"format": M.FORMAT, "rank": str(rank)},
+                             seeds)
     fsync_dir(tmp)
     crcs = info.pop("tensors")
     for piece in pieces:
@@ -118,6 +122,7 @@ def _write_rank_file(engine, tmp: str) -> dict:
         "pieces": pieces,
         "scalars": scalars,
         "state_keys": state_keys,
+        "state_dtypes": state_dtypes,
         "extra": extra,
         "rank_state": {"rng": rng.capture(),
                        "data_loader": loader.state_dict() if hasattr(loader, "state_dict") else None},
@@ -150,12 +155,13 @@ def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict]) -> dict:
             "shape": list(reg.shape), "dtype": dtype_name(p.dtype),
             "saved_dtype": dtype_name(reg.bucket.opt_param.dtype), "trainable": True,
             "group": reg.group, "optimizer_state": ranks[0]["state_keys"].get(reg.name, []),
-            "optimizer_scalars": ranks[0]["scalars"].get(reg.name, {}), "pieces": [],
+            "optimizer_scalars": ranks[0]["scalars"].get(reg.name, {}),
+            "state_dtypes": ranks[0]["state_dtypes"].get(reg.name, {}), "pieces": [],
         }
     for name, spec in ranks[0]["extra"].items():
         tensors[name] = {"shape": spec["shape"], "dtype": spec["dtype"], "saved_dtype": spec["dtype"],
                          "trainable": False, "group": None, "optimizer_state": [],
-                         "optimizer_scalars": {}, "pieces": []}
+                         "optimizer_scalars": {}, "state_dtypes": {}, "pieces": []}
     order, _ = state_names(engine.module)
     tensors = {name: tensors[name] for name in order if name in tensors}  # model.state_dict() order
     files: dict[str, dict] = {}
@@ -181,7 +187,23 @@ def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict]) -> dict:
         "state_dict_keys": list(engine.module.state_dict().keys()),
         "files": files,
         "tensors": tensors,
+        "hf_config": hf_config(engine.module),
     }
+
+
+def hf_config(module) -> dict | None:
+    """A Hugging Face model's config as ``config.json`` holds it (for export_hf), else None."""
+    cfg = getattr(module, "config", None)
+    if not (callable(getattr(cfg, "to_json_string", None)) and callable(getattr(cfg, "to_dict", None))):
+        return None
+    try:
+        doc = json.loads(cfg.to_json_string(use_diff=False))
+    except (TypeError, ValueError) as exc:
+        log.warning("checkpoint: the model's config is not JSON (%s); export_hf will write no config.json", exc)
+        return None
+    if isinstance(doc, dict) and not doc.get("architectures"):
+        doc["architectures"] = [type(module).__name__]
+    return doc if isinstance(doc, dict) else None
 
 
 def _commit(save_dir: str, tag: str, tmp: str, body: dict, save_latest: bool, keep_last: int | None) -> str:
