@@ -6,6 +6,11 @@ the others hanging. With ``modifier_rank=r``, rank r's values are broadcast on e
 rank takes its shard (and fp32 master) from them; without it, changes are discarded. Parameters
 that are not sharded by stage 3 (other stages, persistent parameters, plain models) pass
 through untouched, so the same code runs at every stage.
+
+Parameters still being built under ``shardwise.zero.Init`` (before ``shardwise.initialize``) are
+held whole on every rank for the duration (one gather each on entry): operations inside read
+and write the whole tensor locally, so code that only one rank runs (``if rank == 0:
+p.data.zero_()``) does not issue collectives; on exit the same ``modifier_rank`` rule applies.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Iterable
 import torch
 
 from shardwise.comm.collectives import require_all_ranks
+from shardwise.zero.init import InitParameter
 from shardwise.zero.stage3 import runtime_of
 
 _WAIT_S = 300.0  # bounded by the process-group timeout (comms_timeout / SHARDWISE_TIMEOUT) when shorter
@@ -31,11 +37,18 @@ class GatheredParameters:
         self.modifier_rank = modifier_rank
         self.enabled = enabled
         self._held: dict = {}
+        self._init_held: list[InitParameter] = []
 
     def __enter__(self) -> "GatheredParameters":
         if not self.enabled:
             return self
+        stores: set[int] = set()
         for p in self.params:
+            if isinstance(p, InitParameter):
+                if id(p.store) not in stores:  # aliases (p, p.data) are held once
+                    stores.add(id(p.store))
+                    self._init_held.append(p)
+                continue
             hit = runtime_of(p)
             if hit is not None:
                 rt, unit = hit
@@ -46,12 +59,20 @@ class GatheredParameters:
             units.sort(key=lambda u: u.index)  # the same gather order on every rank
             require_all_ranks(rt.ctx, "shardwise.zero.GatheredParameters", _wait_s(rt.ctx))
             rt.hold(units)
+        if self._init_held:
+            ctx = self._init_held[0].ctx
+            require_all_ranks(ctx, "shardwise.zero.GatheredParameters", _wait_s(ctx))
+            for p in self._init_held:
+                p.hold()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for rt, units in self._held.values():
             rt.unhold(units, None if exc_type is not None else self.modifier_rank)
         self._held = {}
+        for p in self._init_held:
+            p.release(None if exc_type is not None else self.modifier_rank)
+        self._init_held = []
 
 
 __all__ = ["GatheredParameters"]

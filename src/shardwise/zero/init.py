@@ -6,75 +6,223 @@ number stream is consumed exactly as in a plain construction), and as soon as th
 attached to its parent (``parent.child = module``, ``ModuleList``/``Sequential``
 registration; torch's public module-registration hook) every rank keeps only its chunk of
 each of those parameters: ``numel / world`` elements, padded. Parameters of modules never
-attached to a parent (the root) are split when the context exits. Peak memory per rank is
-about ``model / Nd`` plus the largest module built before its parent took it.
+attached to a parent (the root) are split when the context exits; a parameter registered on
+a module that is already split (``module.weight = nn.Parameter(...)``, weights loaded by
+``from_pretrained``) is split as it is registered. Peak memory per rank is about
+``model / Nd`` plus the largest module built before its parent took it.
+
+Rank 0's values win: before a module's parameters are split, each of them and each of the
+module's buffers is broadcast from rank 0 (in place, one tensor at a time, small ones batched),
+so ranks that built with different seeds end up with rank 0's model, and no rank ever holds
+more than one module whole.
+
+Meta tensors (``from_pretrained`` builds on the meta device, then loads) are left as they are
+until a real tensor replaces them; that one is split then.
 
 A split parameter is an :class:`InitParameter`: full shape, no full values. Later
 initialisation code that touches it (``self.apply(self._init_weights)``, ``nn.init.*_``,
 ``p.data.mul_()``, tying ``head.weight = emb.weight``) still works: each such operation
 gathers the parameter (one all-gather; every rank runs the same construction code, so they
 stay in step), runs on the whole tensor -- drawing the same random numbers a plain
-construction draws -- and keeps this rank's chunk of the result. ``shardwise.initialize``
-with ZeRO stage 3 then re-lays the chunks into fetch units one parameter at a time.
+construction draws -- and, when the operation wrote into it, takes rank 0's result (a
+broadcast) and keeps this rank's chunk of it. ``p.data = tensor`` (Hugging Face's
+``resize_token_embeddings``) re-splits the parameter at the new shape from rank 0's
+``tensor``. Inside ``shardwise.zero.GatheredParameters`` the parameter is held whole on
+every rank instead (no collectives per operation; see :meth:`InitParameter.hold`).
+``shardwise.initialize`` with ZeRO stage 3 then re-lays the chunks into fetch units one
+parameter at a time.
 
-Nothing of torch is patched: the two hooks are torch's public global registration hooks,
+Nothing of torch is patched: the three hooks are torch's public global registration hooks,
 removed on exit.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from torch.nn.modules.module import (register_module_module_registration_hook,
+from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                     register_module_module_registration_hook,
                                      register_module_parameter_registration_hook)
 from torch.utils._pytree import tree_map
 
-from shardwise.comm.collectives import all_gather_shard
+from shardwise.comm.collectives import all_gather_shard, broadcast
 from shardwise.comm.context import CommContext, init_context
 from shardwise.errors import UsageError
 from shardwise.zero.sharded_params import ShardedParameter
+
+_BATCH_BYTES = 1 << 20  # tensors smaller than this are broadcast together, larger ones in place
+
+
+def _is_meta(t: torch.Tensor) -> bool:
+    return t.device.type == "meta"
+
+
+@torch.no_grad()
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor], ctx: CommContext) -> None:
+    """Give every tensor rank 0's values, in place (collective: same tensors, same order on
+    every rank). Large contiguous tensors are broadcast in their own storage (no copy); small
+    ones are packed as bytes into one buffer per ~1 MiB."""
+    if ctx.world_size == 1:
+        return
+    batch: list[torch.Tensor] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal batch, size
+        if not batch:
+            return
+        flat = torch.cat([t.detach().contiguous().to(ctx.device).reshape(-1).view(torch.uint8) for t in batch])
+        broadcast(flat, ctx, src=0)
+        off = 0
+        for t in batch:
+            n = t.numel() * t.element_size()
+            t.copy_(flat[off:off + n].view(t.dtype).view(t.shape))
+            off += n
+        batch, size = [], 0
+
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if n >= _BATCH_BYTES and t.is_contiguous() and t.device == ctx.device:
+            d = t.detach()
+            broadcast(d.view(torch.uint8) if d.dtype == torch.bool else d, ctx, src=0)
+            continue
+        batch.append(t)
+        size += n
+        if size >= _BATCH_BYTES:
+            flush()
+    flush()
+
+
+class _Store:
+    """What aliases of one split parameter share (``p.data``, ``p.detach()`` share it, as they
+    share storage normally): this rank's chunk, and the whole tensor while it is held."""
+
+    __slots__ = ("chunk", "held", "holds")
+
+    def __init__(self, chunk: torch.Tensor | None):
+        self.chunk = chunk
+        self.held: torch.Tensor | None = None
+        self.holds = 0
+
+
+def _chunk_of(full: torch.Tensor, ctx: CommContext, into: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's padded chunk of ``full`` (written into ``into`` when it has the right size)."""
+    n = full.numel()
+    per = -(-n // ctx.world_size)
+    if into is None or into.numel() != per or into.dtype != full.dtype:
+        into = torch.zeros(per, dtype=full.dtype, device=ctx.device)
+    lo, hi = min(ctx.rank * per, n), min((ctx.rank + 1) * per, n)
+    into[:hi - lo].copy_(full.detach().reshape(-1)[lo:hi])
+    return into
 
 
 class InitParameter(ShardedParameter):
     """A parameter split across ranks during construction under :class:`Init`."""
 
-    chunk: torch.Tensor
+    store: _Store
     ctx: CommContext
 
     @staticmethod
     def __new__(cls, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
-                requires_grad: bool, chunk: torch.Tensor, ctx: CommContext):
+                requires_grad: bool, chunk: "torch.Tensor | _Store | None", ctx: CommContext):
         t = ShardedParameter.__new__(cls, name, shape, dtype, device, requires_grad)
-        t.chunk = chunk
+        t.store = chunk if isinstance(chunk, _Store) else _Store(chunk)
         t.ctx = ctx
         return t
 
     @staticmethod
     def split(t: torch.Tensor, name: str, ctx: CommContext) -> "InitParameter":
-        world, rank = ctx.world_size, ctx.rank
-        n = t.numel()
-        per = -(-n // world)
-        chunk = torch.zeros(per, dtype=t.dtype, device=ctx.device)
-        lo, hi = min(rank * per, n), min((rank + 1) * per, n)
-        chunk[:hi - lo].copy_(t.detach().reshape(-1)[lo:hi])
-        return InitParameter(name, t.shape, t.dtype, ctx.device, t.requires_grad, chunk, ctx)
+        """Keep this rank's chunk of ``t`` (``t`` as it is on this rank: see
+        :func:`broadcast_from_rank0` for making it rank 0's first)."""
+        out = InitParameter(name, t.shape, t.dtype, ctx.device, t.requires_grad, _chunk_of(t, ctx), ctx)
+        for k, v in getattr(t, "__dict__", {}).items():  # e.g. transformers' `_is_hf_initialized`
+            if k not in out.__dict__:
+                out.__dict__[k] = v
+        return out
+
+    @property
+    def chunk(self) -> torch.Tensor:
+        if self.store.chunk is None:  # re-bound while held: the chunk is cut when released
+            raise RuntimeError(f"{self.sw_name}: no chunk while held after `.data = ...`")
+        return self.store.chunk
+
+    def _alias(self) -> "InitParameter":
+        return InitParameter(self.sw_name, self.shape, self.dtype, self.device, False, self.store, self.ctx)
 
     def full_value(self) -> torch.Tensor:
-        """The whole tensor (collective: every rank must call it for the same parameter)."""
-        world = self.ctx.world_size
+        """The whole tensor (collective unless held: every rank must call it for the same parameter)."""
+        if self.store.held is not None:
+            return self.store.held
+        chunk, world = self.chunk, self.ctx.world_size
         if world == 1:
-            return self.chunk[:self.numel()].view(self.shape)
-        flat = torch.empty(self.chunk.numel() * world, dtype=self.dtype, device=self.chunk.device)
-        flat.view(world, -1)[self.ctx.rank].copy_(self.chunk)
+            return chunk[:self.numel()].view(self.shape)
+        flat = torch.empty(chunk.numel() * world, dtype=self.dtype, device=chunk.device)
+        flat.view(world, -1)[self.ctx.rank].copy_(chunk)
         all_gather_shard(flat, self.ctx, async_op=False)
         return flat[:self.numel()].view(self.shape)
 
     def _keep(self, full: torch.Tensor) -> None:
-        per, n = self.chunk.numel(), self.numel()
-        lo, hi = min(self.ctx.rank * per, n), min((self.ctx.rank + 1) * per, n)
-        self.chunk[:hi - lo].copy_(full.reshape(-1)[lo:hi])
+        """``full`` was written: take rank 0's version and keep this rank's chunk of it."""
+        if self.store.held is not None:
+            return  # held: the write went into the held tensor; released later
+        if self.ctx.world_size > 1:
+            full = full.contiguous()
+            broadcast(full.view(torch.uint8) if full.dtype == torch.bool else full, self.ctx, src=0)
+        _chunk_of(full, self.ctx, into=self.store.chunk)
+
+    # -- `p.data` / `p.data = t` ---------------------------------------------------------------
+    @property
+    def data(self) -> "InitParameter":  # type: ignore[override]
+        return self._alias()
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        """Re-bind to ``new`` (any shape): another split parameter's chunk, or a whole tensor,
+        which is split from rank 0's values (held: kept whole until released)."""
+        if isinstance(new, InitParameter):
+            store = new.store
+        elif isinstance(new, ShardedParameter):
+            raise UsageError(f"{self.sw_name}: cannot set .data to {new!r}")
+        elif self.store.held is not None:
+            store = _Store(None)
+            store.held, store.holds = new.detach().to(self.ctx.device), self.store.holds
+        else:
+            full = new.detach().to(self.ctx.device)
+            if self.ctx.world_size > 1:
+                full = full.clone()
+                broadcast_from_rank0([full], self.ctx)
+            store = _Store(_chunk_of(full, self.ctx))
+        meta = ShardedParameter(self.sw_name, new.shape, new.dtype, self.device, False)
+        torch._C.TensorBase.data.__set__(self, meta)  # the new shape / dtype; requires_grad is kept
+        self.store = store
+
+    # -- GatheredParameters ----------------------------------------------------------------------
+    def hold(self) -> None:
+        """Gather once (collective) and keep the whole tensor on this rank until :meth:`release`;
+        meanwhile operations read and write it locally (no collectives)."""
+        if self.store.holds == 0:
+            self.store.held = self.full_value().clone()
+        self.store.holds += 1
+
+    @torch.no_grad()
+    def release(self, modifier_rank: int | None) -> None:
+        """End a :meth:`hold`. With ``modifier_rank=r``, rank r's whole tensor is broadcast and
+        every rank keeps its chunk of it; without, changes are discarded (a ``.data`` re-bind
+        inside the hold is kept, from rank 0's tensor)."""
+        store = self.store
+        store.holds -= 1
+        if store.holds > 0:
+            return
+        held, store.held = store.held, None
+        if modifier_rank is None and store.chunk is not None:
+            return
+        src = 0 if modifier_rank is None else modifier_rank
+        held = held.contiguous()
+        if self.ctx.world_size > 1:
+            broadcast(held.view(torch.uint8) if held.dtype == torch.bool else held, self.ctx, src=src)
+        store.chunk = _chunk_of(held, self.ctx, into=store.chunk)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"InitParameter({self.sw_name!r}, shape={tuple(self.shape)}, split across {self.ctx.world_size} ranks)"
@@ -83,24 +231,38 @@ class InitParameter(ShardedParameter):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten.detach.default or func is torch.ops.aten.alias.default:
-            src = args[0]  # `.data` / detach share the chunk, as they share storage normally
-            return InitParameter(src.sw_name, src.shape, src.dtype, src.device, False, src.chunk, src.ctx)
-        seen: dict[int, tuple[InitParameter, torch.Tensor]] = {}
+            return args[0]._alias()  # `.detach()` shares the chunk, as it shares storage normally
+        seen: dict[int, tuple[InitParameter, torch.Tensor]] = {}  # by store: aliases are one tensor
 
         def whole(a):
             if isinstance(a, InitParameter):
-                if id(a) not in seen:
-                    seen[id(a)] = (a, a.full_value())
-                return seen[id(a)][1]
+                key = id(a.store)
+                if key not in seen:
+                    seen[key] = (a, a.full_value())
+                return seen[key][1]
             return a
 
         full_args, full_kwargs = tree_map(whole, args), tree_map(whole, kwargs)
         out = func(*full_args, **full_kwargs)
-        if func._schema.is_mutable:
-            for p, full in seen.values():
-                p._keep(full)
+        for p in _written(func, args, kwargs):
+            p._keep(seen[id(p.store)][1])
         back = {id(full): p for p, full in seen.values()}
         return tree_map(lambda o: back.get(id(o), o) if isinstance(o, torch.Tensor) else o, out)
+
+
+def _written(func, args, kwargs) -> list[InitParameter]:
+    """The InitParameter arguments ``func`` writes into (from its schema), once each."""
+    if not func._schema.is_mutable:
+        return []
+    out: dict[int, InitParameter] = {}
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        v = args[i] if i < len(args) else kwargs.get(a.name)
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, InitParameter):
+                out.setdefault(id(t.store), t)
+    return list(out.values())
 
 
 class Init:
@@ -113,8 +275,12 @@ class Init:
         self.enabled = enabled
         self.ctx = ctx
         self._hooks: list = []
-        self._modules: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+        # modules seen registering a parameter / buffer, in registration order (the same on
+        # every rank: the exit pass issues collectives in this order)
+        self._modules: dict[int, weakref.ref] = {}
+        self._attached: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # split already
         self._split_of: dict[int, tuple[weakref.ref, InitParameter]] = {}  # id(original) -> split
+        self._synced: dict[int, weakref.ref] = {}  # buffers already broadcast from rank 0
         if enabled and config is not None:
             self._check_stage(config)
 
@@ -135,34 +301,79 @@ class Init:
         if self.ctx is None:
             self.ctx = init_context()
         self._hooks = [register_module_module_registration_hook(self._on_module),
-                       register_module_parameter_registration_hook(self._on_param)]
+                       register_module_parameter_registration_hook(self._on_param),
+                       register_module_buffer_registration_hook(self._on_buffer)]
         return self
 
-    def _on_param(self, module: nn.Module, name: str, param: Any) -> None:
-        self._modules.add(module)
+    def _track(self, module: nn.Module) -> None:
+        ref = self._modules.get(id(module))
+        if ref is None or ref() is not module:
+            self._modules[id(module)] = weakref.ref(module)
+
+    def _on_param(self, module: nn.Module, name: str, param: Any) -> Any:
+        self._track(module)
+        if (module in self._attached and isinstance(param, torch.Tensor)
+                and not isinstance(param, ShardedParameter) and not _is_meta(param)):
+            if self._known_split(param) is None:
+                broadcast_from_rank0([param], self.ctx)
+            return self._split_param(param, f"{type(module).__name__}.{name}")
+        return None
+
+    def _on_buffer(self, module: nn.Module, name: str, buf: Any) -> None:
+        self._track(module)
+        if module in self._attached and isinstance(buf, torch.Tensor) and not _is_meta(buf):
+            broadcast_from_rank0([buf], self.ctx)
+            self._synced[id(buf)] = weakref.ref(buf)
 
     def _on_module(self, parent: nn.Module, name: str, child: Any) -> None:
         if isinstance(child, nn.Module):
             self._split(child)
 
+    def _known_split(self, p: torch.Tensor) -> InitParameter | None:
+        known = self._split_of.get(id(p))
+        return known[1] if known is not None and known[0]() is p else None
+
+    def _split_param(self, p: torch.Tensor, label: str) -> InitParameter:
+        split = self._known_split(p)  # a parameter shared by two modules is split once
+        if split is None:
+            split = InitParameter.split(p, label, self.ctx)
+            self._split_of[id(p)] = (weakref.ref(p), split)
+        return split
+
     def _split(self, module: nn.Module) -> None:
+        params: dict[int, torch.Tensor] = {}
+        bufs: dict[int, torch.Tensor] = {}
+        for m in module.modules():
+            self._attached.add(m)
+            for p in m._parameters.values():
+                if (p is not None and not isinstance(p, ShardedParameter) and not _is_meta(p)
+                        and self._known_split(p) is None):
+                    params.setdefault(id(p), p)
+            for b in m._buffers.values():
+                if b is not None and not _is_meta(b):
+                    ref = self._synced.get(id(b))
+                    if ref is None or ref() is not b:
+                        bufs.setdefault(id(b), b)
+        broadcast_from_rank0(list(params.values()) + list(bufs.values()), self.ctx)
+        for b in bufs.values():
+            self._synced[id(b)] = weakref.ref(b)
         for m in module.modules():
             for attr, p in list(m._parameters.items()):
-                if p is not None and not isinstance(p, ShardedParameter):
-                    known = self._split_of.get(id(p))
-                    if known is None or known[0]() is not p:  # a parameter shared by two modules is split once
-                        known = (weakref.ref(p), InitParameter.split(p, f"{type(m).__name__}.{attr}", self.ctx))
-                        self._split_of[id(p)] = known
-                    m._parameters[attr] = known[1]
+                if p is not None and not isinstance(p, ShardedParameter) and not _is_meta(p):
+                    m._parameters[attr] = self._split_param(p, f"{type(m).__name__}.{attr}")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
         if exc_type is None and self.enabled:
-            for m in list(self._modules):
-                self._split(m)
+            for ref in list(self._modules.values()):
+                m = ref()
+                if m is not None:
+                    self._split(m)
+        self._modules.clear()
         self._split_of.clear()
+        self._synced.clear()
 
 
-__all__ = ["Init", "InitParameter"]
+__all__ = ["Init", "InitParameter", "broadcast_from_rank0"]
