@@ -2,7 +2,7 @@
 from shardwise.errors import ConfigError, ShardwiseError
 from shardwise.engine import Engine
 from shardwise.api import initialize
-from shardwise import zero
+from shardwise import checkpointing, zero
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from shardwise.checkpointing import apply_activation_checkpointing
 from shardwise.comm.collectives import broadcast_object
 from shardwise.comm.context import expected_world_size, init_context, resolve_timeout
 from shardwise.consistency import check_same_everywhere
@@ -109,6 +110,26 @@ def _check_trainable(groups: ParamGroups, model: nn.Module) -> None:
             "(p.requires_grad_(True)) before initialize(), or pass them as model_parameters=.")
 
 
+def compose(model: nn.Module, groups: ParamGroups, plan, ctx, make_optimizer):
+    """Apply the features to the plain model, in this fixed order; returns the strategy.
+
+    [Note: composition order]
+    Each step is a function of the model, its policy (a frozen part of the plan) and the
+    context; a later step sees the model the earlier ones left:
+
+    1. ``apply_activation_checkpointing`` (``shardwise/checkpointing.py``): wraps the chosen
+       modules' ``forward``; names, parameters and modules are unchanged, so what follows
+       sees the same structure (stage 3 still finds its fetch units).
+    2. the ZeRO strategy (``create_strategy``, ``shardwise/strategy.py``): moves the model to
+       the device and dtype, broadcasts rank 0's state, lays parameters into flat buckets or
+       stage-3 shards and builds the optimizer over them. It comes last: it owns the storage.
+
+    Tensor and pipeline parallelism and compilation will slot in before step 2.
+    """
+    apply_activation_checkpointing(model, plan.activation_checkpointing, ctx)
+    return create_strategy(model, groups, plan, ctx, make_optimizer)
+
+
 def _default_logging(rank: int) -> None:
     """Like DeepSpeed, show shardwise's INFO lines unless the application configured logging."""
     log = logging.getLogger("shardwise")
@@ -160,7 +181,7 @@ def initialize(
         raise ConfigError(
             "no optimizer: add an `optimizer` section to the config or pass optimizer= to initialize()"
         )
-    strategy = create_strategy(model, groups, plan, ctx, make_optimizer)
+    strategy = compose(model, groups, plan, ctx, make_optimizer)
     scheduler = _build_scheduler(plan, lr_scheduler, strategy.optimizer)
     engine = Engine(model, strategy, plan, ctx, scheduler)
     _OWNED[model] = f"ZeRO stage {plan.zero.stage}, engine {id(engine):#x}"

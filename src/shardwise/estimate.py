@@ -25,12 +25,20 @@ mixed-precision or fp32 Adam costs 16 bytes per parameter / N, plus the paramete
 ``stage3_param_persistence_threshold`` held whole on every rank.
 
 [Note: activation estimate]
-Rough, for transformers only (Korthikanti et al. 2022, no recomputation, no tensor
-parallelism): ``layers * s * b * h * (34 + 5 * a * s / h)`` bytes at 16-bit (twice that for
-fp32), plus the logits ``s * b * vocab * (dtype bytes + 4)`` (cast to fp32 for the loss). The
-``5 a s / h`` term is the attention matrix, which fused attention kernels do not store, so it
-is an upper estimate. ``None`` when micro-batch, sequence length or the model's shape is not
-known.
+For transformers only: the bytes autograd keeps from one micro-batch's forward for its
+backward (what ``saved_tensors_hooks`` sees, each storage once). A pre-norm block with fused
+attention (torch's ``scaled_dot_product_attention``, no attention matrix kept) and no dropout
+keeps 16 ``s*b*h`` tensors' worth in the compute dtype: its input, the two norm outputs, Q, K,
+V, the attention output before and after the head merge, the residual sum, the MLP's 4h input
+and GELU output (Korthikanti et al. 2022's 34 ``sbh`` bytes at 16-bit, less the dropout masks
+and the ``5 a s / h`` attention matrix that fused kernels do not store), plus fp32 norm
+statistics (``4 s b``) and the attention's log-sum-exp (``a s b``). A checkpointed block keeps
+only its input (``s*b*h``); its 16 are rebuilt for one block at a time during backward (a
+transient of one block, not counted). Outside the blocks: the final norm's input and output,
+the fp32 log-softmax of the logits (``s*b*vocab*4``) and the token ids. Models with dropout
+keep a 1-byte mask per dropped element more. Measured on the example GPT within 1% at fp32
+(tests/unit/test_activation_estimate.py). ``None`` when micro-batch, sequence length or the
+model's shape is not known.
 """
 from __future__ import annotations
 
@@ -87,14 +95,17 @@ def transformer_shape(model: nn.Module) -> TransformerShape | None:
 
 
 def activation_bytes(shape: TransformerShape | None, micro_batch: int | None, seq_len: int | None,
-                     precision: str = "fp32") -> int | None:
-    """Rough activation memory of one micro-batch (see [Note: activation estimate])."""
+                     precision: str = "fp32", checkpoint_every: int = 0) -> int | None:
+    """Activation bytes one micro-batch keeps for backward (see [Note: activation estimate]);
+    ``checkpoint_every=k`` (config ``activation_checkpointing {modules: "blocks", every: k}``):
+    every k-th block keeps only its input; 0: no checkpointing."""
     if shape is None or not micro_batch or not seq_len:
         return None
-    s, b, h, a = seq_len, micro_batch, shape.hidden, shape.heads
-    per_layer = s * b * h * (34 + 5 * a * s / h) * DTYPE_BYTES[precision] / 2
-    logits = s * b * shape.vocab * (DTYPE_BYTES[precision] + 4) if shape.vocab else 0
-    return int(shape.layers * per_layer + logits)
+    s, b, h, a, d = seq_len, micro_batch, shape.hidden, shape.heads, DTYPE_BYTES[precision]
+    kept = shape.layers // checkpoint_every if checkpoint_every > 0 else 0
+    full_layer = 16 * s * b * h * d + 4 * s * b * 4 + a * s * b * 4
+    outside = 2 * s * b * h * d + 2 * s * b * 4 + (s * b * shape.vocab * 4 if shape.vocab else 0) + (2 * b + 1) * s * 8
+    return int((shape.layers - kept) * full_layer + kept * s * b * h * d + outside)
 
 
 def _states_per_element(optimizer: str) -> tuple[int, bool]:
@@ -197,7 +208,8 @@ def stage3_states(unit_numels: list[list[int]] | list[int], persistent_numel: in
 def model_states(model: ModelLike, world_size: int, stage: int, precision: str = "fp32", optimizer: str = "adamw",
                  bucket_numel: int = 2_000_000, *, micro_batch: int | None = None, seq_len: int | None = None,
                  shape: TransformerShape | None = None, persistence_threshold: int = PERSISTENCE_THRESHOLD,
-                 persistent_numel: int = 0, grad_precision: str | None = None) -> dict[str, int | None]:
+                 persistent_numel: int = 0, grad_precision: str | None = None,
+                 checkpoint_every: int = 0) -> dict[str, int | None]:
     """Per-rank bytes ``{"params", "grads", "master_params", "optimizer_state", "activations",
     "total"}`` of one ZeRO stage (see [Note: estimate semantics]).
 
@@ -206,17 +218,18 @@ def model_states(model: ModelLike, world_size: int, stage: int, precision: str =
     ``seq_len`` and a transformer ``shape`` (read from the model when not given); else None.
     ``persistent_numel`` (count only) is the stage-3 replicated part. ``grad_precision``: the
     gradient dtype (default: ``precision``; "fp32" for ``data_types.grad_accum_dtype: "fp32"``).
+    ``checkpoint_every``: activation checkpointing of every k-th block (0: none).
     """
     _check(world_size, stage, precision)
     if grad_precision is not None and grad_precision not in (precision, "fp32"):
         raise UsageError(f"grad_precision {grad_precision!r} with {precision} parameters: use {precision!r} or 'fp32'")
     if isinstance(model, (int, float)) and not isinstance(model, bool):
         return _analytic(int(model), world_size, stage, precision, optimizer,
-                         activation_bytes(shape, micro_batch, seq_len, precision), persistent_numel,
+                         activation_bytes(shape, micro_batch, seq_len, precision, checkpoint_every), persistent_numel,
                          grad_precision)
     if not isinstance(model, nn.Module):
         model = build_on_meta(model)
-    act = activation_bytes(shape or transformer_shape(model), micro_batch, seq_len, precision)
+    act = activation_bytes(shape or transformer_shape(model), micro_batch, seq_len, precision, checkpoint_every)
     trainable, frozen = trainable_params(model)
     if stage == 3:
         return _stage3_exact(model, persistence_threshold, frozen, world_size, precision, optimizer, act,
@@ -331,6 +344,7 @@ class PlanningConfig:
     micro_batch: int
     gradient_accumulation_steps: int
     persistence_threshold: int
+    checkpoint_every: int  # activation checkpointing of every k-th block; 0: none
 
 
 def planning_config(path: str, world_size: int) -> PlanningConfig:
@@ -349,7 +363,8 @@ def planning_config(path: str, world_size: int) -> PlanningConfig:
     if opt.lower() == "sgd" and not dict(plan.optimizer.params).get("momentum"):
         opt = "sgd-nomomentum"
     return PlanningConfig(stage, plan.precision.compute, plan.precision.grads or plan.precision.compute, opt, plan.zero.reduce_bucket_size,
-                          plan.batch.micro_batch_size, plan.batch.gradient_accumulation_steps, int(threshold))
+                          plan.batch.micro_batch_size, plan.batch.gradient_accumulation_steps, int(threshold),
+                          plan.activation_checkpointing.every if plan.activation_checkpointing.modules else 0)
 
 
 def add_world_args(p: argparse.ArgumentParser) -> None:
@@ -395,7 +410,7 @@ def main(argv: list[str]) -> int:
                               "seq_len": args.seq}
     if cfg:
         kwargs |= {"optimizer": cfg.optimizer, "bucket_numel": cfg.bucket_numel,
-                   "persistence_threshold": cfg.persistence_threshold}
+                   "persistence_threshold": cfg.persistence_threshold, "checkpoint_every": cfg.checkpoint_every}
         if cfg.grad_precision == "fp32":  # data_types.grad_accum_dtype: "fp32"; else the compute dtype
             kwargs["grad_precision"] = "fp32"
     if args.layers and args.hidden and args.heads:

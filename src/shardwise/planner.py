@@ -95,14 +95,15 @@ def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str 
                bucket_numel: int = 2_000_000, gradient_accumulation_steps: int = 1, micro_batch: int | None = None,
                seq_len: int | None = None, persistence_threshold: int = 0,
                unit_classes: Sequence[type | str] | None = None, device_memory: int | None = None,
-               grad_precision: str | None = None) -> PlanReport:
+               grad_precision: str | None = None, checkpoint_every: int = 0) -> PlanReport:
     """Plan ``model`` (build it on the meta device) at ``world_size`` ranks; see [Note: plan figures].
-    ``grad_precision``: the gradient dtype (default ``precision``)."""
+    ``grad_precision``: the gradient dtype (default ``precision``); ``checkpoint_every``: activation
+    checkpointing of every k-th block (0: none)."""
     t0 = time.perf_counter()
     pb, gas = DTYPE_BYTES[precision], gradient_accumulation_steps
     grad_precision = grad_precision or precision
     gb = DTYPE_BYTES[grad_precision]
-    act = activation_bytes(transformer_shape(model), micro_batch, seq_len, precision)
+    act = activation_bytes(transformer_shape(model), micro_batch, seq_len, precision, checkpoint_every)
     trainable, frozen = trainable_params(model)
     n_params = sum(p.numel() for p in trainable) + frozen
     if stage == 3:
@@ -165,6 +166,7 @@ def plan_job(config_path: str, model_spec: str, world_size: int, *, stage: int |
                         optimizer=cfg.optimizer, bucket_numel=cfg.bucket_numel,
                         gradient_accumulation_steps=cfg.gradient_accumulation_steps, micro_batch=cfg.micro_batch,
                         seq_len=seq_len, persistence_threshold=cfg.persistence_threshold,
+                        checkpoint_every=cfg.checkpoint_every,
                         unit_classes=unit_classes, device_memory=device_memory)
     report.seconds = time.perf_counter() - t0
     return report

@@ -85,18 +85,25 @@ def test_analytic_optimizers_and_persistent():
 
 
 def test_activation_formula():
+    """The terms of [Note: activation estimate]; tests/unit/test_activation_estimate.py checks
+    the figure against what autograd saves."""
     shape = TransformerShape(layers=2, hidden=64, heads=4, vocab=None)
     s, b = 32, 3
-    want16 = 2 * s * b * 64 * (34 + 5 * 4 * s / 64)
-    assert activation_bytes(shape, b, s, "bf16") == int(want16)
-    assert activation_bytes(shape, b, s, "fp32") == int(2 * want16)
+    ints = (2 * b + 1) * s * 8
+    layer16 = 16 * s * b * 64 * 2 + 4 * s * b * 4 + 4 * s * b * 4
+    outside16 = 2 * s * b * 64 * 2 + 2 * s * b * 4 + ints
+    assert activation_bytes(shape, b, s, "bf16") == 2 * layer16 + outside16
+    assert activation_bytes(shape, b, s, "bf16", checkpoint_every=1) == 2 * s * b * 64 * 2 + outside16
+    assert activation_bytes(shape, b, s, "bf16", checkpoint_every=2) == layer16 + s * b * 64 * 2 + outside16
     assert activation_bytes(shape, None, s) is None
     with_vocab = TransformerShape(2, 64, 4, vocab=100)
-    assert activation_bytes(with_vocab, b, s, "bf16") == int(want16) + s * b * 100 * 6
+    assert activation_bytes(with_vocab, b, s, "bf16") == activation_bytes(shape, b, s, "bf16") + s * b * 100 * 4
     assert transformer_shape(gpt_tiny()) == TransformerShape(2, 32, 2, 64)
     st = model_states(gpt_tiny, 2, 1, micro_batch=4, seq_len=16)
     assert st["activations"] == activation_bytes(TransformerShape(2, 32, 2, 64), 4, 16, "fp32")
     assert st["total"] == sum(st[k] for k in FIELDS[:5])
+    st = model_states(gpt_tiny, 2, 1, micro_batch=4, seq_len=16, checkpoint_every=1)
+    assert st["activations"] == activation_bytes(TransformerShape(2, 32, 2, 64), 4, 16, "fp32", 1)
 
 
 # -- layout-based estimate ------------------------------------------------------------------------

@@ -101,6 +101,17 @@ class CheckpointPlan:
 
 
 @dataclass(frozen=True)
+class ActivationCheckpointingPlan:
+    """``activation_checkpointing``: which modules ``initialize`` checkpoints (``modules``:
+    None, ``"blocks"`` or class names; every ``every``-th) and whether the saved inputs go to
+    host memory (see ``shardwise/checkpointing.py``)."""
+
+    modules: str | tuple[str, ...] | None = None
+    every: int = 1
+    cpu_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the engine needs, resolved for one world size."""
 
@@ -114,4 +125,5 @@ class Plan:
     steps_per_print: int = 10
     wall_clock_breakdown: bool = False
     checkpoint: CheckpointPlan = field(default_factory=CheckpointPlan)
+    activation_checkpointing: ActivationCheckpointingPlan = field(default_factory=ActivationCheckpointingPlan)
     comms_timeout_s: float | None = None  # process-group timeout (None: torch's default)

@@ -12,8 +12,8 @@ import re
 import warnings
 from typing import Any, Optional, Union
 
-from shardwise.config.plan import (BatchPlan, CheckpointPlan, LossScalePlan, OptimizerPlan, Plan,
-                                   PrecisionPlan, SchedulerPlan, ZeroPlan)
+from shardwise.config.plan import (ActivationCheckpointingPlan, BatchPlan, CheckpointPlan, LossScalePlan,
+                                   OptimizerPlan, Plan, PrecisionPlan, SchedulerPlan, ZeroPlan)
 from shardwise.config.schema import (NOT_IMPLEMENTED, ConfigWarning, emit_warnings, parse_document,
                                      sorted_problems)
 from shardwise.errors import ConfigError, ConfigProblem, UsageError
@@ -92,8 +92,20 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optiona
                 scheduler=results["scheduler"], gradient_clipping=float(cfg.gradient_clipping),
                 steps_per_print=cfg.steps_per_print,
                 wall_clock_breakdown=cfg.wall_clock_breakdown,
-                checkpoint=results["checkpoint"], comms_timeout_s=cfg.comms_timeout)
+                checkpoint=results["checkpoint"], comms_timeout_s=cfg.comms_timeout,
+                activation_checkpointing=_activation_checkpointing(cfg.activation_checkpointing))
     return plan, problems
+
+
+def _activation_checkpointing(ac: Any) -> ActivationCheckpointingPlan:
+    for key in ("contiguous_memory_optimization", "number_checkpoints", "synchronize_checkpoint_boundary",
+                "profile"):
+        if key in ac.model_fields_set and getattr(ac, key):
+            warnings.warn(f"activation_checkpointing.{key} has no effect in shardwise: it tunes DeepSpeed's "
+                          "re-entrant checkpoint buffers; shardwise uses torch.utils.checkpoint "
+                          "(non-re-entrant)", ConfigWarning, stacklevel=2)
+    modules = tuple(ac.modules) if isinstance(ac.modules, list) else ac.modules
+    return ActivationCheckpointingPlan(modules=modules, every=ac.every, cpu_checkpointing=ac.cpu_checkpointing)
 
 
 def _checkpoint(ck: Any, problems: list[ConfigProblem], broken: frozenset[str]

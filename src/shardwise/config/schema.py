@@ -163,6 +163,28 @@ CheckpointSection = create_model("CheckpointSection", __base__=_CheckpointBase, 
 _OptStr = _annotation("str?")
 
 
+def _check_modules(value: Any) -> Any:
+    if value is None or value == "blocks":
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise ValueError(f'must be "blocks" or a non-empty list of module class names, {R.got(value)}')
+
+
+class ActivationCheckpointingSection(_Model):
+    # DeepSpeed's keys (see shardwise/checkpointing.py for what each does here)
+    partition_activations: Bool = _default_only(False)  # needs tensor parallelism: not yet
+    cpu_checkpointing: Bool = False
+    contiguous_memory_optimization: Bool = _inert(False)  # tune DeepSpeed's re-entrant path:
+    number_checkpoints: typed("int", R.STEPS, nullable=True) = _inert(None)  # no effect here
+    synchronize_checkpoint_boundary: Bool = _inert(False)
+    profile: Bool = _inert(False)
+    # shardwise: checkpoint without touching model code. "blocks": every repeated block (the
+    # rule of stage 3's fetch units); a list: the outermost modules of these class names
+    modules: Annotated[Optional[Any], BeforeValidator(_check_modules)] = None
+    every: _Steps = 1  # every k-th selected module
+
+
 class DataTypesSection(_Model):
     # the dtype gradients are reduced, accumulated and kept in; null: the compute dtype, as
     # DeepSpeed does (bf16 training keeps bf16 gradients); "fp32" keeps them in fp32
@@ -182,6 +204,7 @@ class _TopLevel(_Model):
     zero_optimization: ZeroSection = Field(default_factory=ZeroSection)  # type: ignore[valid-type]
     checkpoint: Optional[CheckpointSection] = None  # type: ignore[valid-type]
     data_types: DataTypesSection = Field(default_factory=DataTypesSection)
+    activation_checkpointing: ActivationCheckpointingSection = Field(default_factory=ActivationCheckpointingSection)
     # 0 disables clipping. Default 1.0 as DeepSpeed's since 0.19 (its PR #8068): the same config
     # that clips there clips here
     gradient_clipping: typed("float", R.NON_NEG) = 1.0
@@ -238,6 +261,8 @@ def _remove_auto(value: Any, model: Optional[type[_Model]], path: str,
         return
     for key in list(value):
         field = model.model_fields.get(key) if model is not None else None
+        if model is not None and field is None:
+            continue  # an unknown key: reported as such, with its did-you-mean
         if _is_auto(value[key]) and not (field is not None and field.default == "auto"):
             out.append(_auto_problem(_join(path, key), field))
             del value[key]

@@ -224,10 +224,6 @@ TOP_LEVEL: dict[str, tuple] = {
     "torch_autocast": (_enabled(dtype=("str?", None), lower_precision_safe_modules=("list?", None)),
                        None),
     # memory and parallelism features
-    "activation_checkpointing": (Section({
-        "partition_activations": ("bool", False), "contiguous_memory_optimization": ("bool", False),
-        "cpu_checkpointing": ("bool", False), "number_checkpoints": ("int?", None),
-        "synchronize_checkpoint_boundary": ("bool", False), "profile": ("bool", False)}), None),
     "pipeline": (Section({
         "stages": ("any", "auto"), "partition": ("str", "best"), "seed_layers": ("bool", False),
         "activation_checkpoint_interval": ("int", 0), "pipe_partitioned": ("bool", True),

@@ -90,6 +90,12 @@ def _class_modules(model: nn.Module, unit_classes: Sequence[type | str]) -> list
     return found
 
 
+def block_modules(model: nn.Module, unit_classes: Sequence[type | str] | None = None) -> list[tuple[str, nn.Module]]:
+    """``(path, module)`` of the blocks (see [Note: fetch units]) or of the outermost modules
+    of ``unit_classes``, in registration order; also what activation checkpointing wraps."""
+    return _class_modules(model, unit_classes) if unit_classes else _block_modules(model)
+
+
 def fetch_units(model: nn.Module, *, unit_classes: Sequence[type | str] | None = None,
                 persistence_threshold: int = 0, trainable_only: bool = False) -> list[FetchUnit]:
     """Group ``model``'s parameters into fetch units (see [Note: fetch units]).
@@ -98,7 +104,7 @@ def fetch_units(model: nn.Module, *, unit_classes: Sequence[type | str] | None =
     ``persistent_numel`` (DeepSpeed's ``stage3_param_persistence_threshold``: kept whole on
     every rank instead of being fetched).
     """
-    blocks = _class_modules(model, unit_classes) if unit_classes else _block_modules(model)
+    blocks = block_modules(model, unit_classes)
     prefixes = [(f"{n}.", n) for n, _ in blocks]
     reach: dict[int, set[str]] = {}  # id(param) -> units whose modules reach it
     params: dict[int, tuple[str, nn.Parameter]] = {}
