@@ -24,7 +24,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	# DeepSpeed rows: torch stays pinned in the same command (peers.md); first run JIT-builds its CPU ops (~2 min)
+	# DeepSpeed rows: torch stays pinned in the same command (peers.md). compare.py first builds DeepSpeed's
+	# CPU ops (first run only, 2-8 min, announced), calibrates each system, then runs the timed rounds with
+	# progress lines; a failed round is reported and skipped, and it exits non-zero only if nothing was measured
 	$(PY) -m pip install --quiet torch==2.13.0 matplotlib deepspeed==0.19.8
 	$(PY) benchmarks/compare.py --out benchmarks/results.json
 	$(PY) benchmarks/plot.py --json benchmarks/results.json --out benchmarks/results.png

@@ -28,81 +28,59 @@ machines, so every number is paired with a DDP number taken at the same time.
 
 A run during which other processes used more than ``BUSY_CORES`` of CPU is repeated
 (``--busy-retries``) and otherwise flagged. Every system must end with the same loss as DDP.
+
+[Note: how a run proceeds]
+1. DeepSpeed's CPU ops are built (first run only) before anything timed or hang-guarded, when a
+   ``ds*`` system is asked for (``prepare.prepare_deepspeed``).
+2. Per model, a calibration launch of each system alone (1 warmup + 1 timed step) measures its
+   peak RSS and its pace; the timed runs' hang guard is sized from that pace
+   (``prepare.guard``), not from a fixed guess.
+3. The timed runs; rank 0 prints a progress line (step, elapsed, ETA) after each step, at
+   most every ``ranks.PROGRESS_EVERY_S``.
+4. A failure (a rank raised, or the hang guard fired) skips that round, or that system when its
+   calibration failed, says so, and keeps everything else: the rows are still built from the
+   rounds that completed, failed rows are marked, ``results.json`` is written with the failures
+   recorded, and the process exits non-zero only when nothing at all was measured.
+
+Modules: ``ranks.py`` (what runs in the ranks), ``prepare.py`` (steps 1-2), ``report.py`` (rows
+and tables), ``peers.py`` (FSDP2, plain, DeepSpeed builders, ideal model state).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 _ROOT = Path(__file__).resolve().parent.parent
-for _p in (str(_ROOT), str(_ROOT / "examples" / "gpt")):
+for _p in (str(_ROOT / "benchmarks"), str(_ROOT), str(_ROOT / "examples" / "gpt")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-if not torch.cuda.is_available():
-    # DeepSpeed rows: its CPU accelerator (gloo when oneCCL is absent), and this interpreter's
-    # ninja first on PATH so its JIT-built ops are found in the cache rather than rebuilt
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+import peers  # noqa: E402  (benchmarks/peers.py: fsdp2, plain, DeepSpeed)
+import prepare  # noqa: E402  (benchmarks/prepare.py: DeepSpeed's ops, calibration, hang guards)
+import ranks  # noqa: E402  (benchmarks/ranks.py: what runs in the ranks; sets DS_ACCELERATOR)
+import report  # noqa: E402  (benchmarks/report.py: rows and tables)
+from ranks import GLOBAL_BATCH, LR, SEED, WEIGHT_DECAY, _batches  # noqa: E402,F401  (re-exported)
+from shardwise.testing.distributed import RankFailedError  # noqa: E402
 
-GLOBAL_BATCH = 8
-LR = 1e-3
-# set explicitly on both sides: torch's AdamW defaults to 0.01, DeepSpeed's (and so shardwise's)
-# config AdamW to 0 -- left implicit, the two would train different problems
-WEIGHT_DECAY = 0.01
-SEED = 1234
 DEFAULT_BUCKET = 2_000_000  # elements; see README.md "Bucket size"
 # per mode and model: (rounds, warmup steps per launch, timed steps per launch)
 DEFAULTS = {
     "steps": {"25m": (1, 2, 8), "1m": (1, 5, 40)},
     "launches": {"25m": (3, 2, 4), "1m": (5, 5, 25)},
 }
-import peers  # noqa: E402  (benchmarks/peers.py: fsdp2, plain, DeepSpeed)
-
-SYSTEMS = ("ddp", "fsdp2", "zero0", "zero1", "zero2", "zero3", "plain") + (peers.DS_SYSTEMS if peers.HAVE_DEEPSPEED else ())
+ALL_SYSTEMS = ("ddp", "fsdp2", "zero0", "zero1", "zero2", "zero3", "plain") + peers.DS_SYSTEMS
+SYSTEMS = ALL_SYSTEMS if peers.HAVE_DEEPSPEED else ALL_SYSTEMS[: -len(peers.DS_SYSTEMS)]  # the default
 NO_BUCKET = ("ddp", "fsdp2", "plain")  # systems without a reduce-bucket size
 BUSY_CORES = 0.25  # other processes' CPU use (cores) above which a round counts as disturbed
-
-
-# -- ranks ---------------------------------------------------------------------------------
-def _batches(cfg, n_steps: int, rank: int, world: int):
-    """The same token stream for every system: rank r's slice of each global batch
-    (``world=1``: the whole global batch, for ``plain``)."""
-    g = torch.Generator().manual_seed(SEED + 1)
-    mb = GLOBAL_BATCH // world
-    out = []
-    for _ in range(n_steps):
-        tok = torch.randint(0, cfg.vocab_size, (GLOBAL_BATCH, cfg.seq_len + 1), generator=g)
-        mine = tok[rank * mb : (rank + 1) * mb]
-        out.append((mine[:, :-1].contiguous(), mine[:, 1:].contiguous()))
-    return out
-
-
-def _storage_bytes(tensors, seen: set[int]) -> int:
-    total = 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        s = t.untyped_storage()
-        if s.nbytes() > 0 and s.data_ptr() not in seen:
-            seen.add(s.data_ptr())
-            total += s.nbytes()
-    return total
-
-
-def _cpu_s() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
 
 
 def _busy_s() -> float:
@@ -116,223 +94,6 @@ def _busy_s() -> float:
     return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _build(system: str, model_name: str, bucket: int, precision: str = "fp32"):
-    """Model + optimizer for one system on this rank, from the shared seed.
-    Returns ``(step(x, y, marks) -> loss, state_bytes() -> dict, n_params)``; ``step`` appends
-    the clock after forward and after backward to ``marks``."""
-    from model import GPT, GPTConfig
-
-    world = dist.get_world_size()
-    torch.manual_seed(SEED)
-    model = GPT(GPTConfig.preset(model_name))
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-    if system == "fsdp2":
-        return (*peers.build_fsdp2(model, LR, WEIGHT_DECAY, precision), n_params)
-    if system == "plain":
-        return (*peers.build_plain(model, LR, WEIGHT_DECAY, precision), n_params)
-    if system in peers.DS_SYSTEMS:
-        return (*peers.build_deepspeed(model, int(system[-1]), bucket, LR, WEIGHT_DECAY, precision,
-                                       GLOBAL_BATCH), n_params)
-    if system == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ddp = DDP(model)  # gloo, default buckets (25 MiB, first bucket 1 MiB)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
-
-        def step(x, y, marks):
-            with peers._autocast(precision):  # bf16: autocast forward, fp32 params/grads/state
-                loss = ddp(x, y)
-            marks.append(time.perf_counter())
-            loss.backward()
-            marks.append(time.perf_counter())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        def state_bytes() -> dict:
-            # at the step's peak: params + grads + AdamW state. DDP's reducer buckets (another
-            # 4 bytes/param with the default gradient_as_bucket_view=False) are not counted.
-            seen: set[int] = set()
-            uniq = list({id(p): p for p in model.parameters()}.values())
-            params = _storage_bytes(uniq, seen)
-            grads = 4 * n_params  # freed by zero_grad(set_to_none=True); live during step()
-            state = _storage_bytes((v for st in opt.state.values() for v in st.values()), seen)
-            return {"params": params, "grads": grads, "master_params": 0, "optimizer_state": state,
-                    "total": params + grads + state}
-
-        return step, state_bytes, n_params
-
-    import shardwise
-
-    engine, _, _, _ = shardwise.initialize(
-        model=model, model_parameters=model.parameters(),
-        config={
-            "train_batch_size": GLOBAL_BATCH,
-            "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY}},
-            "zero_optimization": {"stage": int(system[-1]), "overlap_comm": True,
-                                  # stage 3 reduces per fetch unit: no reduce bucket
-                                  **({"reduce_bucket_size": int(bucket)} if system != "zero3" else {}),
-                                  # extra zero_optimization keys for experiments, e.g.
-                                  # ZERO_EXTRA='{"stage3_prefetch_bucket_size": 3e6}'
-                                  **json.loads(os.environ.get("ZERO_EXTRA", "{}"))},
-            "gradient_clipping": 0.0,  # explicit: no clipping, as the torch peers
-            "steps_per_print": 1_000_000,  # (0 is refused by the config validator)
-            **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
-        })
-
-    return peers.engine_step(engine), lambda: dict(engine.memory_report()), n_params
-
-
-def _max_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def _mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
-
-def _losses(system: str, values: list[float]) -> list[float]:
-    """Mean over ranks, or rank 0's values for a rank-0-only system (losses, phases)."""
-    if system in peers.RANK0_ONLY:
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.broadcast(t, 0)
-        return t.tolist()
-    return _mean_over_ranks(values)
-
-
-def rank_interleaved(specs: list[tuple[str, str, int]], model_name: str, warmup: int, steps: int,
-                     precision: str = "fp32") -> dict:
-    """All systems in one process group, stepping in turn: step i runs one step of every system,
-    starting from system ``i mod n`` (rotating who goes first). Each system's step starts after
-    a barrier; its time is the max over ranks. Module-level for ``run_distributed``."""
-    from model import GPTConfig
-
-    torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    t_build = time.perf_counter()
-    built = {label: _build(system, model_name, bucket, precision) for label, system, bucket in specs}
-    data = _batches(GPTConfig.preset(model_name), warmup + steps, rank, world)
-    full = _batches(GPTConfig.preset(model_name), warmup + steps, 0, 1)  # for rank-0-only systems
-    kind = {label: system for label, system, _ in specs}
-    t_build = time.perf_counter() - t_build
-    times: dict[str, list[float]] = {label: [] for label, _, _ in specs}
-    phases: dict[str, list[list[float]]] = {label: [] for label, _, _ in specs}
-    losses: dict[str, list[float]] = {label: [] for label, _, _ in specs}
-    n = len(specs)
-    for i, (x, y) in enumerate(data):
-        for label, _, _ in specs[i % n:] + specs[: i % n]:
-            step = built[label][0]
-            if kind[label] in peers.RANK0_ONLY:
-                x, y = full[i]
-            else:
-                x, y = data[i]
-            marks: list[float] = []
-            dist.barrier()
-            t0 = time.perf_counter()
-            loss = step(x, y, marks)
-            t1 = time.perf_counter()
-            times[label].append(t1 - t0)
-            if i >= warmup:
-                phases[label].append([marks[0] - t0, marks[1] - marks[0], t1 - marks[1]])
-            losses[label].append(float(loss.detach()))
-    out = {}
-    for label, _, _ in specs:
-        all_t = _max_over_ranks(times[label])
-        out[label] = {
-            "times": all_t[warmup:],
-            "warmup_times": all_t[:warmup],
-            # median over timed steps of (forward, backward, optimizer step) on this rank, mean over ranks
-            "phases": _losses(kind[label], [statistics.median(col) for col in zip(*phases[label])]),
-            "losses": _losses(kind[label], losses[label]),
-            "mem": built[label][1](),
-            "n_params": built[label][2],
-        }
-    return {"systems": out, "build_s": t_build, "cpu_s": _cpu_s()}
-
-
-def rank_run(system: str, model_name: str, warmup: int, steps: int, bucket: int,
-             profile: str | None = None, precision: str = "fp32") -> dict:
-    """One system alone in its process group: ``warmup + steps`` steps. Used for per-system
-    peak RSS, for ``--mode launches`` and for ``--profile``. Module-level for ``run_distributed``."""
-    from model import GPTConfig
-
-    torch.set_num_threads(1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    rss_start = _rss_mib()
-    step, state_bytes, n_params = _build(system, model_name, bucket, precision)
-    if system in peers.RANK0_ONLY:
-        rank, world = 0, 1  # the whole global batch
-    data = _batches(GPTConfig.preset(model_name), warmup + steps, rank, world)
-    rank = dist.get_rank()
-    times, losses = [], []
-    prof = None
-    dist.barrier()
-    for i, (x, y) in enumerate(data):
-        if profile and i == warmup and rank == 0:
-            prof = _start_profile(profile)
-        t0 = time.perf_counter()
-        loss = step(x, y, [])
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
-    if prof is not None:
-        prof = _stop_profile(prof, profile, steps)
-    return {
-        # a step ends when the slowest rank ends; the loss is the global-batch mean
-        "times": _max_over_ranks(times)[warmup:],
-        "losses": _losses(system, losses),
-        "mem": state_bytes(),
-        "n_params": n_params,
-        "rss_peak_mib": _rss_mib(),
-        "rss_start_mib": rss_start,
-        "cpu_s": _cpu_s(),
-        "profile": prof,
-    }
-
-
-def _start_profile(kind: str):
-    if kind.startswith("cprofile"):
-        import cProfile
-
-        p = cProfile.Profile()
-        p.enable()
-        return ("cprofile", p)
-    from torch.profiler import ProfilerActivity, profile
-
-    p = profile(activities=[ProfilerActivity.CPU], record_shapes=False, with_stack=False)
-    p.__enter__()
-    return ("torch", p)
-
-
-def _stop_profile(handle, kind: str, steps: int) -> str:
-    import io
-
-    what, p = handle
-    if what == "cprofile":
-        import pstats
-
-        p.disable()
-        buf = io.StringIO()
-        st = pstats.Stats(p, stream=buf).sort_stats("cumulative")
-        st.print_stats(45)
-        buf.write("\n---- by tottime ----\n")
-        st.sort_stats("tottime").print_stats(30)
-        return f"cProfile over {steps} steps (rank 0)\n" + buf.getvalue()
-    p.__exit__(None, None, None)
-    return (f"torch.profiler over {steps} steps (rank 0)\n"
-            + p.key_averages().table(sort_by="cpu_time_total", row_limit=40))
-
-
-# -- driver --------------------------------------------------------------------------------
 def _systems(names: list[str], buckets: list[int]) -> list[tuple[str, str, int]]:
     """(label, system, bucket) in launch order."""
     out = []
@@ -347,7 +108,8 @@ def _systems(names: list[str], buckets: list[int]) -> list[tuple[str, str, int]]
 
 
 def _launch(fn, args, *fargs, timeout: float, **fkw):
-    """run_distributed + how much CPU (in cores) anything other than our ranks used meanwhile."""
+    """run_distributed + how much CPU (in cores) anything other than our ranks used meanwhile.
+    Raises ``RankFailedError`` when a rank raised or the hang guard ``timeout`` fired."""
     from shardwise.testing import run_distributed
 
     b0, w0 = _busy_s(), time.perf_counter()
@@ -357,185 +119,184 @@ def _launch(fn, args, *fargs, timeout: float, **fkw):
 
 
 def _with_retries(what: str, args, attempt_fn):
-    """Run ``attempt_fn() -> (result, foreign_cores, line)``; repeat while the machine was busy."""
+    """Run ``attempt_fn() -> (result, foreign_cores, line)``; repeat while the machine was busy,
+    keeping the least disturbed result. A failing repeat keeps the earlier (busy) result; a
+    failing first attempt raises (``RankFailedError``)."""
+    best = None
     for attempt in range(args.busy_retries + 1):
-        result, busy, line = attempt_fn()
+        try:
+            result, busy, line = attempt_fn()
+        except RankFailedError as e:
+            if best is None:
+                raise
+            print(f"{what}: the repeat FAILED ({prepare.short_error(e)}); keeping the earlier, busy "
+                  "measurement", flush=True)
+            break
         flag = ""
         if busy > BUSY_CORES:
-            flag = "  <-- BUSY MACHINE" + (", repeating" if attempt < args.busy_retries else "")
+            flag = "  <-- BUSY MACHINE" + (", repeating" if attempt < args.busy_retries else ", kept but flagged")
         print(f"{what}: {line} (other load up to {busy:.2f} cores){flag}", flush=True)
+        if best is None or busy < best[1]:
+            best = (result, busy)
         if busy <= BUSY_CORES:
             break
-    return result, busy
+    return best
 
 
-def bench_model(model_name: str, args) -> dict:
-    from benchmarks.compare import rank_interleaved, rank_run  # importable by module name in ranks
+def _failed(failures: list, model: str, what: str, e: BaseException, consequence: str) -> None:
+    print(f"[{model}] {what} FAILED: {prepare.short_error(e)}\n[{model}] {consequence}", flush=True)
+    failures.append({"model": model, "what": what, "error": prepare.short_error(e), "detail": str(e)})
 
+
+def _timed_steps(model_name, args, systems, cal, warmup, steps, rounds, acc) -> None:
+    """``--mode steps``: ``rounds`` interleaved launches of ``systems`` ([Note: interleaved measurement])."""
+    predicted = prepare.predict_interleaved([cal[label] for label, _, _ in systems], warmup, steps)
+    acc["predicted_s"], acc["hang_guard_s"] = predicted, prepare.guard(predicted)
+    for r in range(rounds):
+        what = f"[{model_name}] interleaved run {r + 1}/{rounds}"
+        print(f"{what}: {len(systems)} systems x ({warmup} warmup + {steps} timed steps) in turn; predicted "
+              f"{predicted:.0f} s from the calibration, hang guard {acc['hang_guard_s']:.0f} s", flush=True)
+
+        def attempt():
+            t0 = time.perf_counter()
+            res, busy = _launch(ranks.rank_interleaved, args, systems, model_name, warmup, steps,
+                                timeout=acc["hang_guard_s"], precision=args.precision, progress=what)
+            sysres = res[0]["systems"]
+            line = "  ".join(f"{k}={1e3 * statistics.median(v['times']):.0f}ms" for k, v in sysres.items())
+            warm = sum(sum(v["warmup_times"]) for v in sysres.values())
+            return sysres, busy, line + (f"  (build {res[0]['build_s']:.0f} s, warmup {warm:.0f} s; "
+                                         f"{time.perf_counter() - t0:.0f} s)")
+
+        try:
+            sysres, busy = _with_retries(what, args, attempt)
+        except RankFailedError as e:
+            _failed(acc["failures"], model_name, f"interleaved run {r + 1}/{rounds}", e,
+                    "this round is skipped; the rounds that completed are kept")
+            acc["rounds_info"].append({"round": r + 1, "ok": False, "error": prepare.short_error(e)})
+            continue
+        acc["rounds_info"].append({"round": r + 1, "ok": True, "other_load_cores": busy})
+        for label, _, _ in systems:
+            acc["samples"][label].extend(sysres[label]["times"])
+            acc["losses"][label].append(sysres[label]["losses"])
+            acc["mems"][label] = sysres[label]["mem"]
+            acc["phases"][label] = sysres[label]["phases"]
+
+
+def _timed_launches(model_name, args, systems, cal, warmup, steps, rounds, acc) -> None:
+    """``--mode launches``: rounds of one launch per system ([Note: interleaved measurement])."""
+    guards = {label: prepare.guard(prepare.predict_launch(cal[label], warmup, steps)) for label, _, _ in systems}
+    acc["hang_guard_s"] = guards
+    for r in range(rounds):
+        what = f"[{model_name}] round {r + 1}/{rounds}"
+
+        def attempt():
+            t0 = time.perf_counter()
+            round_runs, busy = {}, 0.0
+            for k, (label, system, bucket) in enumerate(systems):
+                print(f"{what}: {label} ({k + 1}/{len(systems)}), {warmup} warmup + {steps} timed steps, "
+                      f"hang guard {guards[label]:.0f} s", flush=True)
+                res, foreign = _launch(ranks.rank_run, args, system, model_name, warmup, steps, bucket,
+                                       precision=args.precision, timeout=guards[label], progress=f"{what} {label}")
+                res[0]["rss_ranks"] = [x["rss_peak_mib"] for x in res]
+                round_runs[label] = res[0]
+                busy = max(busy, foreign)
+            line = "  ".join(f"{k}={1e3 * statistics.median(v['times']):.0f}ms" for k, v in round_runs.items())
+            return round_runs, busy, line + f"  ({time.perf_counter() - t0:.0f} s)"
+
+        try:
+            round_runs, busy = _with_retries(what, args, attempt)
+        except RankFailedError as e:
+            _failed(acc["failures"], model_name, f"round {r + 1}/{rounds}", e,
+                    "this round is skipped (for every system, to keep the samples paired); the rounds that "
+                    "completed are kept")
+            acc["rounds_info"].append({"round": r + 1, "ok": False, "error": prepare.short_error(e)})
+            continue
+        acc["rounds_info"].append({"round": r + 1, "ok": True, "other_load_cores": busy})
+        for label, _, _ in systems:
+            run = round_runs[label]
+            acc["samples"][label].append(statistics.median(run["times"]))
+            acc["losses"][label].append(run["losses"])
+            acc["mems"][label] = run["mem"]
+            acc["rss"][label] = [max(a, b) for a, b in zip(acc["rss"][label], run["rss_ranks"])]
+
+
+def bench_model(model_name: str, args, failures: list | None = None) -> dict:
+    """Calibrate, run the timed rounds and build the rows of one model ([Note: how a run proceeds]).
+    Failures are appended to ``failures`` (and to the result's own ``failures``)."""
     d = DEFAULTS[args.mode][model_name]
     rounds = args.rounds or d[0]
     warmup = args.warmup if args.warmup is not None else d[1]
     steps = args.steps or d[2]
     systems = _systems(args.systems, args.bucket)
     labels = [label for label, _, _ in systems]
-    per_step = 2.5 if model_name == "25m" else 0.15
-    timeout = 120 + 3 * per_step * (warmup + steps) * (len(systems) if args.mode == "steps" else 1)
-    samples: dict[str, list[float]] = {label: [] for label in labels}   # one per paired round
-    losses: dict[str, list[list[float]]] = {label: [] for label in labels}  # per launch
-    mems: dict[str, dict] = {}
-    phases: dict[str, list[float]] = {}
-    n_params = 0
-    busy_rounds: list[float] = []
     t0 = time.perf_counter()
+    own_failures: list[dict] = []
 
-    if args.mode == "steps":
-        # [Note: interleaved measurement], steps mode
-        for r in range(rounds):
-            def attempt():
-                res, busy = _launch(rank_interleaved, args, systems, model_name, warmup, steps, timeout=timeout,
-                                    precision=args.precision)
-                sysres = res[0]["systems"]
-                line = "  ".join(f"{k}={1e3 * statistics.median(v['times']):.0f}ms" for k, v in sysres.items())
-                warm = sum(sum(v["warmup_times"]) for v in sysres.values())
-                return sysres, busy, line + (f"  (build {res[0]['build_s']:.0f} s, warmup {warm:.0f} s; "
-                                             f"at {time.perf_counter() - t0:.0f} s)")
-
-            sysres, busy = _with_retries(f"[{model_name}] interleaved run {r + 1}/{rounds}", args, attempt)
-            busy_rounds.append(busy)
-            for label in labels:
-                samples[label].extend(sysres[label]["times"])
-                losses[label].append(sysres[label]["losses"])
-                mems[label] = sysres[label]["mem"]
-                phases[label] = sysres[label]["phases"]
-                n_params = sysres[label]["n_params"]
-        rss: dict[str, list[float]] = {}
-        rss_start: list[float] = []
-        for label, system, bucket in systems:  # each system alone, for its own peak RSS
-            res, _ = _launch(rank_run, args, system, model_name, 1, 1, bucket, timeout=timeout,
-                             precision=args.precision)
-            rss[label] = [x["rss_peak_mib"] for x in res]
-            rss_start = [x["rss_start_mib"] for x in res]
+    print(f"\n[{model_name}] calibration: each system alone, 1 warmup + 1 timed step (its pace sizes the "
+          "hang guard of the timed runs; its peak RSS goes into the table)", flush=True)
+    cal = prepare.calibrate(model_name, systems, args, _launch)
+    acc = {"samples": {label: [] for label in labels},   # paired step times
+           "losses": {label: [] for label in labels},    # one loss curve per launch
+           "mems": {}, "phases": {}, "rss": {}, "rounds_info": [], "failures": own_failures,
+           "predicted_s": None, "hang_guard_s": None}
+    notes: dict[str, str] = {}
+    n_params, rss_start = 0, []
+    for label, c in cal.items():
+        if c["ok"]:
+            acc["mems"][label], acc["rss"][label] = c["mem"], c["rss"]
+            n_params, rss_start = c["n_params"], c["rss_start"]
+        else:
+            notes[label] = f"calibration failed: {c['error']}"
+            own_failures.append({"model": model_name, "what": f"calibration of {label}", "error": c["error"],
+                                 "detail": c.get("error_detail", "")})
+    ok_systems = [s for s in systems if cal[s[0]]["ok"]]
+    if ok_systems:
+        timed = _timed_steps if args.mode == "steps" else _timed_launches
+        timed(model_name, args, ok_systems, cal, warmup, steps, rounds, acc)
     else:
-        # [Note: interleaved measurement], launches mode
-        runs: dict[str, list[dict]] = {label: [] for label in labels}
-        for r in range(rounds):
-            def attempt():
-                round_runs, busy = {}, 0.0
-                for label, system, bucket in systems:
-                    res, foreign = _launch(rank_run, args, system, model_name, warmup, steps, bucket,
-                                           precision=args.precision,
-                                           timeout=timeout)
-                    res[0]["rss_ranks"] = [x["rss_peak_mib"] for x in res]
-                    round_runs[label] = res[0]
-                    busy = max(busy, foreign)
-                line = "  ".join(f"{k}={1e3 * statistics.median(v['times']):.0f}ms" for k, v in round_runs.items())
-                return round_runs, busy, line + f"  ({time.perf_counter() - t0:.0f} s)"
+        print(f"[{model_name}] every calibration launch failed: no timed runs for this model", flush=True)
 
-            round_runs, busy = _with_retries(f"[{model_name}] round {r + 1}/{rounds}", args, attempt)
-            busy_rounds.append(busy)
-            for label in labels:
-                runs[label].append(round_runs[label])
-                samples[label].append(statistics.median(round_runs[label]["times"]))
-                losses[label].append(round_runs[label]["losses"])
-                mems[label] = round_runs[label]["mem"]
-                n_params = round_runs[label]["n_params"]
-        rss = {label: [max(x["rss_ranks"][k] for x in runs[label]) for k in range(args.world)] for label in labels}
-        rss_start = [runs[labels[0]][0]["rss_start_mib"]]
-
-    base = "ddp" if "ddp" in samples else labels[0]
-    tokens = GLOBAL_BATCH * _seq_len(model_name)
-    ref_loss = losses[base][0][-1]
-    rows = []
-    for label, system, bucket in systems:
-        ratios = [s / b for s, b in zip(samples[label], samples[base])]
-        last = [lo[-1] for lo in losses[label]]
-        ideal = peers.ideal_bytes(system, n_params, args.world, args.precision)
-        med = statistics.median(samples[label])
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        rows.append({
-            "system": label,
-            "stage": int(system[-1]) if system[-1].isdigit() and system != "fsdp2" else None,
-            "bucket_elements": bucket or None,
-            "median_step_s": med,
-            "samples_s": samples[label],
-            "ratio_vs_ddp": statistics.median(ratios),
-            "ratio_iqr": [q[0], q[2]],
-            "ratio_of_medians": med / statistics.median(samples[base]),
-            "phases_s": dict(zip(("forward", "backward", "step"), phases[label])) if label in phases else None,
-            "paired_ratios": ratios,
-            "tokens_per_s": tokens / med,
-            "model_state_bytes": mems[label]["total"],
-            "model_state_breakdown": mems[label],
-            "ideal_bytes": ideal,
-            "state_vs_ideal": mems[label]["total"] / ideal,
-            "peak_rss_mib_ranks": rss[label],
-            "last_loss": last[0],
-            "last_loss_spread_across_launches": max(last) - min(last),
-            "loss_rel_diff_vs_ddp": abs(last[0] - ref_loss) / abs(ref_loss),
-            "losses": losses[label][0],
-        })
-    out = {"model": model_name, "n_params": n_params, "seq_len": _seq_len(model_name),
+    n_failed = sum(1 for r in acc["rounds_info"] if not r["ok"])
+    busy_rounds = [r["other_load_cores"] for r in acc["rounds_info"] if r["ok"]]
+    for label, _, _ in ok_systems:
+        note = []
+        if n_failed:
+            note.append(f"{n_failed} of {rounds} timed rounds failed" + ("" if busy_rounds else " (all)"))
+        if busy_rounds and max(busy_rounds) > BUSY_CORES:
+            note.append(f"busy machine (other load up to {max(busy_rounds):.2f} cores)")
+        notes[label] = "; ".join(note)
+    rows = report.make_rows(model_name, systems, args, acc["samples"], acc["losses"], acc["mems"],
+                            acc["phases"], acc["rss"], n_params, notes)
+    out = {"model": model_name, "n_params": n_params, "seq_len": ranks.seq_len(model_name),
            "world": args.world, "precision": args.precision, "mode": args.mode, "rounds": rounds,
            "warmup": warmup, "steps": steps,
            "elapsed_s": time.perf_counter() - t0, "other_load_cores": busy_rounds,
-           "rss_at_rank_start_mib": rss_start, "rows": rows}
-    _print_table(out)
+           "rounds_info": acc["rounds_info"], "predicted_s": acc["predicted_s"], "hang_guard_s": acc["hang_guard_s"],
+           "calibration": {label: {k: v for k, v in c.items() if k not in ("mem", "error_detail")}
+                           for label, c in cal.items()},
+           "failures": own_failures, "rss_at_rank_start_mib": rss_start, "rows": rows}
+    report.print_table(out, BUSY_CORES)
     if args.profile:
-        label, system, bucket = next(s for s in systems if args.profile in (s[0], s[1]))
-        res, _ = _launch(rank_run, args, system, model_name, warmup, steps, bucket,
-                         precision=args.precision,
-                         profile=args.profile_kind, timeout=timeout * 4)
-        print(f"\n### profile of {label} ({model_name}), rank 0\n{res[0]['profile']}")
-        out["profile"] = {label: res[0]["profile"]}
+        _profile(model_name, args, systems, cal, warmup, steps, out)
+    if failures is not None:
+        failures.extend(out["failures"])
     return out
 
 
-def _seq_len(model_name: str) -> int:
-    from model import GPTConfig
-
-    return GPTConfig.preset(model_name).seq_len
-
-
-def _print_table(out: dict) -> None:
-    mib = 2**20
-    how = ("steps interleaved in one process group" if out["mode"] == "steps"
-           else "systems launched in interleaved rounds")
-    n_pairs = len(out["rows"][0]["paired_ratios"])
-    print(f"\n#### {out['model']} model ({out['n_params'] / 1e6:.2f}M params, seq {out['seq_len']}), "
-          f"{out['world']} ranks x 1 thread, global batch {GLOBAL_BATCH}, {out['precision']}; {how}: {out['rounds']} x "
-          f"({out['warmup']} warmup + {out['steps']} timed steps), {n_pairs} paired samples; "
-          f"{out['elapsed_s']:.0f} s\n")
-    print("| system | bucket (elems) | median step | vs DDP (median of paired ratios) | IQR of ratios | tokens/s "
-          "| model state / rank | ideal | state / ideal | peak RSS / rank | last loss | rel. diff vs DDP |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in out["rows"]:
-        print(f"| {r['system']} | {'' if r['bucket_elements'] is None else '%.3g' % r['bucket_elements']} "
-              f"| {1e3 * r['median_step_s']:.1f} ms | {r['ratio_vs_ddp']:.3f}x "
-              f"| {r['ratio_iqr'][0]:.2f}-{r['ratio_iqr'][1]:.2f} | {r['tokens_per_s']:,.0f} "
-              f"| {r['model_state_bytes'] / mib:.1f} MiB | {r['ideal_bytes'] / mib:.1f} MiB "
-              f"| {r['state_vs_ideal']:.3f} | {' / '.join('%.0f' % x for x in r['peak_rss_mib_ranks'])} MiB "
-              f"| {r['last_loss']:.6f} | {r['loss_rel_diff_vs_ddp']:.1e} |")
-    diffs = [r["loss_rel_diff_vs_ddp"] for r in out["rows"]]
-    spread = max(r["last_loss_spread_across_launches"] for r in out["rows"])
-    print(f"\nmax relative difference of last losses vs DDP: {max(diffs):.2e} "
-          f"(a system's last loss varies across launches by up to {spread:.1e}); peak RSS includes the "
-          f"torch runtime (~{max(out['rss_at_rank_start_mib']):.0f} MiB at rank start)")
-    if max(diffs) > 1e-5:
-        print(f"WARNING: last losses differ from DDP's by up to {max(diffs):.1e} (relative): the systems "
-              "did not train the same problem (initialisation, data or optimizer settings differ)")
-    if out["rows"][0]["phases_s"]:
-        print("\nwhere a step's time goes (median ms per phase, mean over ranks; 'step' = optimizer step "
-              "incl. waits for gradient reductions and the parameter all-gather):\n")
-        print("| system | forward | backward (incl. hooks, overlapped reductions) | step | sum |")
-        print("|---|---:|---:|---:|---:|")
-        for r in out["rows"]:
-            ph = r["phases_s"]
-            print(f"| {r['system']} | {1e3 * ph['forward']:.1f} | {1e3 * ph['backward']:.1f} "
-                  f"| {1e3 * ph['step']:.1f} | {1e3 * sum(ph.values()):.1f} |")
-    busy = max(out["other_load_cores"])
-    if busy > BUSY_CORES:
-        print(f"WARNING: other processes used up to {busy:.2f} cores during the timed runs; "
-              "numbers are unreliable, rerun on a quiet machine")
+def _profile(model_name, args, systems, cal, warmup, steps, out) -> None:
+    label, system, bucket = next(s for s in systems if args.profile in (s[0], s[1]))
+    if not cal[label]["ok"]:
+        return
+    # the profiler slows a step down several times: a guard of 4x the usual
+    timeout = prepare.guard(4 * prepare.predict_launch(cal[label], warmup, steps))
+    try:
+        res, _ = _launch(ranks.rank_run, args, system, model_name, warmup, steps, bucket, precision=args.precision,
+                         profile=args.profile_kind, timeout=timeout, progress=f"[{model_name}] profile of {label}")
+    except RankFailedError as e:
+        _failed(out["failures"], model_name, f"profile of {label}", e, "no profile; the table above is kept")
+        return
+    print(f"\n### profile of {label} ({model_name}), rank 0\n{res[0]['profile']}")
+    out["profile"] = {label: res[0]["profile"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -555,7 +316,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bucket", type=float, nargs="+", default=[DEFAULT_BUCKET],
                     help="shardwise reduce_bucket_size in elements; several values = a sweep "
                          f"(default {DEFAULT_BUCKET:g})")
-    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=ALL_SYSTEMS,
+                    help="default: all (the ds* ones when deepspeed is installed)")
     ap.add_argument("--busy-retries", type=int, default=1,
                     help="repeat a timed launch/round up to this many times when other processes loaded "
                          "the machine (more than %.2f cores)" % BUSY_CORES)
@@ -567,21 +329,42 @@ def main(argv: list[str] | None = None) -> dict:
     args.bucket = [int(b) for b in args.bucket]
     if GLOBAL_BATCH % args.world:
         ap.error(f"--world must divide the global batch {GLOBAL_BATCH}")
+    ds = [s for s in args.systems if s in peers.DS_SYSTEMS]
+    if ds and not peers.HAVE_DEEPSPEED:
+        ap.error(f"{' '.join(ds)} need deepspeed (make bench installs it; see benchmarks/README.md)")
 
     t0 = time.perf_counter()
     if args.model is None:
         args.model = "both" if args.precision == "fp32" else "1m"
     models = ["25m", "1m"] if args.model == "both" else [args.model]
     results = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "cpu": _cpu_name(), "cores": os.cpu_count(), "precision": args.precision, "models": {}}
+               "cpu": _cpu_name(), "cores": os.cpu_count(), "precision": args.precision,
+               "systems": list(args.systems), "failures": [], "models": {}}
+    if ds:  # [Note: how a run proceeds], step 1: before anything timed or guarded
+        prep = prepare.prepare_deepspeed([(s, s, args.bucket[0]) for s in ds], args, _launch)
+        results["deepspeed_prepare"] = {k: v for k, v in prep.items() if k != "error_detail"}
+        if not prep["ok"]:
+            results["failures"].append({"model": None, "what": f"DeepSpeed preparation ({' '.join(ds)} skipped)",
+                                        "error": prep["error"], "detail": prep.get("error_detail", "")})
+            args.systems = [s for s in args.systems if s not in peers.DS_SYSTEMS]
     for m in models:
-        results["models"][m] = bench_model(m, args)
+        if not args.systems:
+            break
+        try:
+            results["models"][m] = bench_model(m, args, results["failures"])
+        except Exception as e:  # noqa: BLE001 - keep the other models and write what was measured
+            traceback.print_exc()
+            print(f"[{m}] FAILED: {type(e).__name__}: {e}; skipping this model", flush=True)
+            results["failures"].append({"model": m, "what": "benchmark", "error": f"{type(e).__name__}: {e}",
+                                        "detail": traceback.format_exc()})
+    results["measured"] = any(r["status"] == "ok" for res in results["models"].values() for r in res["rows"])
     results["elapsed_s"] = time.perf_counter() - t0
     print(f"\n[compare.py ran in {results['elapsed_s']:.0f} s; torch {torch.__version__}; "
           f"{results['cpu']}, {results['cores']} cores]")
+    report.print_failures(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}" + (" (with the failures recorded)" if results["failures"] else ""))
     return results
 
 
@@ -596,4 +379,4 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["measured"] else 1)

@@ -17,11 +17,15 @@ def plot(results: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(results["models"])
+    # rows without a timed sample (failed: see compare.py's "failures") are left out of the plot
+    models = [m for m, res in results["models"].items() if any(_ok(r) for r in res["rows"])]
+    if not models:
+        raise SystemExit("plot.py: no measured rows in the JSON (every run failed); nothing to plot")
     fig, axes = plt.subplots(len(models), 2, figsize=(12, 3.6 * len(models)), squeeze=False)
+    noted = False
     for row, m in zip(axes, models):
         res = results["models"][m]
-        rows = res["rows"]
+        rows = [r for r in res["rows"] if _ok(r)]
         names = [r["system"] for r in rows]
         x = range(len(rows))
         colors = ["tab:gray" if n in ("ddp", "plain") else "tab:orange" if n == "fsdp2"
@@ -37,8 +41,10 @@ def plot(results: dict, out: Path) -> Path:
         ax.set_ylim(0, 1.15 * max(v + e for v, e in zip(ratio, err[1])))
         ax.set_xticks(list(x), names, rotation=20)
         ax.set_ylabel("step time / DDP\n(median of paired ratios; IQR)")
+        flag = " (*)" if any(r.get("note") for r in rows) else ""
+        noted = noted or bool(flag)
         ax.set_title(f"{m} ({res['n_params'] / 1e6:.2f}M params, {res.get('precision', 'fp32')}): "
-                     "step time vs DDP")
+                     f"step time vs DDP{flag}")
         ax = row[1]
         mib = [r["model_state_bytes"] / 2**20 for r in rows]
         ax.bar(x, mib, color=colors)
@@ -52,10 +58,15 @@ def plot(results: dict, out: Path) -> Path:
         ax.set_title(f"{m}: model state per rank (params + grads + optimizer)")
         ax.legend(loc="upper center", fontsize=8, ncol=1, framealpha=0.9)
     fig.suptitle(f"shardwise vs peers, {results['cores']} cores of {results['cpu']}, torch {results['torch']}, "
-                 f"{results['date']}", fontsize=10)
+                 f"{results['date']}" + ("\n(*) busy machine or failed rounds: see the rows' notes in the JSON"
+                                          if noted else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     return out
+
+
+def _ok(row: dict) -> bool:
+    return row.get("status", "ok") == "ok" and row.get("ratio_vs_ddp") is not None
 
 
 def main(argv: list[str] | None = None) -> None:

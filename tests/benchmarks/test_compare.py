@@ -21,6 +21,14 @@ def test_compare_rows_train_the_same_problem(tmp_path):
                         "--systems", *systems, "--out", str(tmp_path / "r.json")])
     rows = {r["system"]: r for r in out["models"]["1m"]["rows"]}
     assert sorted(rows) == sorted(systems)
+    # nothing failed; DeepSpeed's ops were prepared before anything timed; the guard came from the pace
+    assert out["measured"] and out["failures"] == [], out["failures"]
+    assert all(r["status"] == "ok" for r in rows.values())
+    if DS:
+        assert out["deepspeed_prepare"]["ok"]
+    res = out["models"]["1m"]
+    assert all(c["ok"] and c["step_s"] > 0 for c in res["calibration"].values())
+    assert res["hang_guard_s"] > res["predicted_s"] > 0
     ddp = rows["ddp"]["losses"]
     # it trained: the first loss is the untrained model's on that batch; the later ones are not
     untrained = _untrained_losses(len(ddp))
