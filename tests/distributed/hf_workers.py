@@ -39,8 +39,19 @@ def snapshot(model) -> dict[str, torch.Tensor]:
         return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
 
-def reference(kind: str, steps: int) -> dict:
+def checkpointing(model, gc: str | None) -> None:
+    """``gc``: None (off), "default" (transformers' own default), "reentrant", "non_reentrant"."""
+    if gc is None:
+        return
+    kwargs = {"default": None, "reentrant": {"use_reentrant": True},
+              "non_reentrant": {"use_reentrant": False}}[gc]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()
+
+
+def reference(kind: str, steps: int, gc: str | None = None) -> dict:
     model = build(kind)
+    checkpointing(model, gc)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=True)
     losses = []
     for x in data(steps):
@@ -58,10 +69,15 @@ def config() -> dict:
             "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 2000}}
 
 
-def sharded(kind: str, steps: int, use_init: bool = False) -> dict:
+def sharded(kind: str, steps: int, use_init: bool = False, gc: str | None = None,
+            gc_before_initialize: bool = False) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     model = build(kind, use_init, config())
+    if gc_before_initialize:
+        checkpointing(model, gc)
     engine, *_ = shardwise.initialize(model=model, config=config())
+    if not gc_before_initialize:
+        checkpointing(model, gc)
     per = BATCH // world
     losses = []
     for x in data(steps):

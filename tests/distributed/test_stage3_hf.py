@@ -65,3 +65,37 @@ def test_cli_estimate_from_a_hugging_face_config(tmp_path, capsys):
 
     for s, v in out["stages"].items():
         assert v["total"] == model_states(lambda: build("gpt2"), 2, int(s))["total"]
+
+
+@pytest.fixture(scope="module")
+def unchecked(kind_and_reference):
+    """The same stage-3 run at 2 ranks without checkpointing (test_hf_parity compares it with
+    plain transformers)."""
+    kind, _ = kind_and_reference
+    return run_distributed(sharded, 2, kind, STEPS)
+
+
+@pytest.mark.parametrize("gc", ["default", "reentrant", "non_reentrant"])
+def test_hf_gradient_checkpointing(gc, kind_and_reference, unchecked):
+    """model.gradient_checkpointing_enable() (transformers 5 checkpoints each layer's
+    ``forward``, outside its hooks) at 2 ranks: the losses of plain transformers, and the
+    parameters of the same run without checkpointing (the same math; not bit for bit because
+    GPT-2's tied embedding accumulates its two gradients in another order, as in plain
+    transformers; Adam turns that into ~1e-6 on a few elements: tolerances as test_hf_parity)."""
+    kind, ref = kind_and_reference
+    for r, u in zip(run_distributed(sharded, 2, kind, STEPS, False, gc), unchecked):
+        torch.testing.assert_close(r["losses"], ref["losses"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(r["losses"], u["losses"], rtol=1e-6, atol=0)
+        assert r["params"].keys() == u["params"].keys()
+        for k, v in u["params"].items():
+            torch.testing.assert_close(r["params"][k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_hf_gradient_checkpointing_enabled_before_initialize_against_checkpointed_reference():
+    from hf_workers import reference as plain
+
+    want = plain("llama", 4, "reentrant")  # plain transformers, checkpointed the same way
+    r = run_distributed(sharded, 2, "llama", 4, False, "reentrant", True)[0]
+    torch.testing.assert_close(r["losses"], want["losses"], rtol=1e-6, atol=0)
+    for k, v in want["params"].items():
+        torch.testing.assert_close(r["params"][k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

@@ -48,6 +48,9 @@ class FlatBucket:
         own = self.param_flat[self.lo : self.hi]
         master = own.detach().to(master_dtype).clone() if self.mixed else own
         self.opt_param = nn.Parameter(master, requires_grad=True)
+        # [Note: freezing after initialize] in sharded_optimizer.py
+        self.active = bytearray(len(self.params))
+        self.backwards = 0
 
     holds_full = True  # every rank keeps the whole flat buffer (param_flat)
 
@@ -69,3 +72,22 @@ class FlatBucket:
         """After an optimizer step with a separate fp32 master: write back in compute dtype."""
         if self.mixed:
             self.param_flat[self.lo : self.hi].copy_(self.opt_param.detach())
+
+    # -- freezing ([Note: freezing after initialize] in sharded_optimizer.py) -----------------
+    def note_backward(self) -> None:
+        """A backward ended: parameters that require grad now take part in the next step."""
+        for i, p in enumerate(self.params):
+            if p.requires_grad:
+                self.active[i] = 1
+        self.backwards += 1
+
+    def step_mask(self) -> bytearray | None:
+        """Which slots the next optimizer step updates; None: all of them."""
+        return self.active if self.backwards else None
+
+    def reset_step_mask(self) -> None:
+        self.active = bytearray(len(self.params))
+        self.backwards = 0
+
+    def param_names(self) -> list[str]:
+        return [f"<{tuple(p.shape)}>" for p in self.params]

@@ -53,7 +53,7 @@ class _GradSyncBase:
         self.overlap = overlap
         self._expected = [len(b.params) for b in self.buckets]
         self._pending = list(self._expected)
-        self._fired = [bytearray(n) for n in self._expected]  # per slot: gradient seen this backward
+        self._fired = [bytearray(len(b.params)) for b in self.buckets]  # per slot: gradient seen this backward
         self._launched = 0  # buckets 0.._launched-1 have been launched this backward
         self._sync = True
         self._hooks = []
@@ -95,11 +95,33 @@ class _GradSyncBase:
 
     def _reset(self) -> None:
         self._pending = list(self._expected)
-        self._fired = [bytearray(n) for n in self._expected]
+        self._fired = [bytearray(len(b.params)) for b in self.buckets]
         self._launched = 0
+
+    def _count_trainable(self) -> None:
+        """At the start of a backward: a bucket waits only for the parameters that require grad
+        now (frozen after initialize ones never fire; see [Note: freezing after initialize] in
+        sharded_optimizer.py). Before any gradient of the window, so counts stay consistent."""
+        if self._launched or any(any(f) for f in self._fired):
+            return
+        self._expected = [sum(1 for p in b.params if p.requires_grad) for b in self.buckets]
+        self._pending = list(self._expected)
+
+    def _note_backward(self) -> None:
+        for b in self.buckets:
+            b.note_backward()
+
+    def _reset_step_masks(self) -> None:
+        for b in self.buckets:
+            b.reset_step_mask()
 
     def _launch(self, bucket: FlatBucket) -> None:
         raise NotImplementedError
+
+    def _frozen(self, bucket: FlatBucket) -> bool:
+        """No parameter of ``bucket`` requires grad in this backward nor did in an earlier one
+        of this step: there is nothing to reduce (every rank decides alike)."""
+        return self._expected[bucket.index] == 0 and not any(bucket.active)
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
@@ -141,10 +163,13 @@ class FullGradSync(_GradSyncBase):
             self._mark_ready(bucket, slot_index)
 
     def _launch(self, bucket: FlatBucket) -> None:
+        if self._frozen(bucket):
+            return
         self._handles.append(self._reduce_fn(self.grad_flats[bucket.index], self.ctx))
 
     def before_backward(self, sync: bool) -> None:
         self._sync = sync
+        self._count_trainable()
         if any(self._views):
             # cheap check: a user may have set grads to None (optimizer.zero_grad())
             p0 = self.buckets[self._views.index(True)].params[0]
@@ -152,6 +177,7 @@ class FullGradSync(_GradSyncBase):
                 self.attach_grad_views()
 
     def after_backward(self, sync: bool) -> None:
+        self._note_backward()
         if sync:
             self._launch_all()
 
@@ -166,6 +192,7 @@ class FullGradSync(_GradSyncBase):
     def zero_grads(self) -> None:
         for flat in self.grad_flats:
             flat.zero_()
+        self._reset_step_masks()
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.grad_flats)
@@ -243,6 +270,8 @@ class ShardGradSync(_GradSyncBase):
         self._mark_ready(bucket, slot_index)
 
     def _launch(self, bucket: FlatBucket) -> None:
+        if self._frozen(bucket):
+            return
         view = self._staging_for(bucket)
         fired = self._fired[bucket.index]
         for i in range(len(bucket.params)):
@@ -259,8 +288,10 @@ class ShardGradSync(_GradSyncBase):
 
     def before_backward(self, sync: bool) -> None:
         self._sync = sync
+        self._count_trainable()
 
     def after_backward(self, sync: bool) -> None:
+        self._note_backward()
         self._launch_all()
         while self._in_flight:
             self._drain_one()
@@ -276,6 +307,7 @@ class ShardGradSync(_GradSyncBase):
     def zero_grads(self) -> None:
         for shard in self.grad_shards:
             shard.zero_()
+        self._reset_step_masks()
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.grad_shards)

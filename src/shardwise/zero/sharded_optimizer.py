@@ -15,6 +15,21 @@ When gradients are kept in bf16/fp16 (the default for mixed precision) and the m
 are fp32, the optimizer needs fp32 gradients: each chunk is upcast for the step only (a
 transient 4 bytes per element this rank owns) and the unscale/clip multiply runs on the fp32
 copy. The norm is always accumulated in fp32.
+
+[Note: freezing after initialize]
+``p.requires_grad_(False)`` after ``shardwise.initialize`` (a GAN's discriminator while the
+generator trains, a mid-training freeze) must leave ``p`` exactly as plain PyTorch does:
+autograd computes no gradient, so ``p.grad`` stays None (``zero_grad`` sets it to None) and
+every torch optimizer skips ``p`` entirely -- no weight decay, no momentum, no step count.
+The optimizer here steps one tensor per bucket, so a bucket is skipped (its ``opt_param.grad``
+is None during ``optimizer.step()``) when none of its parameters required grad at any
+``engine.backward`` since the last step (sampled when each backward ends, so unfreezing
+between backward and step keeps the step frozen, as in torch), and no gradient is reduced for
+it. A bucket where some parameters are frozen and others not cannot be honoured exactly (Adam
+keeps one step count per tensor, torch one per parameter): that is a
+:class:`PartiallyFrozenBucketError` naming the parameters and how to freeze them as a whole
+(their own param group; at stage 3 also their own fetch unit). Parameters frozen *before*
+``initialize`` get no optimizer state and stay frozen.
 """
 from __future__ import annotations
 
@@ -26,8 +41,39 @@ import torch
 
 from shardwise.comm.collectives import all_gather_shard, all_reduce_scalar
 from shardwise.comm.context import CommContext
+from shardwise.errors import UsageError
 from shardwise.precision.loss_scaler import LossScaler
 from shardwise.zero.flat_bucket import FlatBucket
+
+
+class PartiallyFrozenBucketError(UsageError):
+    """Some parameters of one optimizer bucket were frozen after initialize, others were not."""
+
+
+def frozen_buckets(buckets: Sequence) -> list[bool]:
+    """Per bucket: skipped by this step (see [Note: freezing after initialize])."""
+    out = []
+    for b in buckets:
+        mask = b.step_mask()
+        if mask is None or all(mask):
+            out.append(False)
+        elif not any(mask):
+            out.append(True)
+        else:
+            names = b.param_names()
+            frozen = [n for n, m in zip(names, mask) if not m]
+            live = [n for n, m in zip(names, mask) if m]
+            raise PartiallyFrozenBucketError(
+                f"parameters {frozen[:6]}{' ...' if len(frozen) > 6 else ''} were frozen "
+                f"(requires_grad=False) after shardwise.initialize, but they share an optimizer "
+                f"bucket with trainable ones ({live[:3]}{' ...' if len(live) > 3 else ''}): the "
+                "optimizer steps a bucket as one tensor, so it cannot skip part of it the way "
+                "torch skips a parameter whose .grad is None. Pass the parameters you freeze and "
+                "unfreeze together as their own param group (shardwise.initialize(model_parameters="
+                "[{'params': gen.parameters()}, {'params': disc.parameters()}])), or, at stage 3, "
+                "make them their own fetch unit (shardwise.zero.set_fetch_units); parameters that "
+                "stay frozen can be frozen before shardwise.initialize instead.")
+    return out
 
 
 @dataclass(frozen=True)
@@ -69,6 +115,7 @@ class ShardedStep:
         return all_reduce_scalar(local, self.ctx) if self.grads_sharded else local
 
     def step(self, step_index: int) -> StepResult:
+        frozen = frozen_buckets(self.buckets)  # before any collective: every rank raises alike
         sumsq = self._squared_norm()
         denom = self.scaler.scale
         norm = math.sqrt(sumsq) / denom if math.isfinite(sumsq) else float("nan")
@@ -83,8 +130,8 @@ class ShardedStep:
                      for b, g in zip(self.buckets, self._grads)]
         if coef != 1.0 and opt_grads:
             torch._foreach_mul_(opt_grads, coef)
-        for b, g in zip(self.buckets, opt_grads):
-            b.opt_param.grad = g
+        for b, g, skip in zip(self.buckets, opt_grads, frozen):
+            b.opt_param.grad = None if skip else g  # None: torch's optimizers skip it entirely
         self.optimizer.step()
         for b, g, own in zip(self.buckets, opt_grads, self._grads):
             if g is not own:

@@ -169,8 +169,54 @@ class FlatShard:
         self.staging: torch.Tensor | None = None
         self.fired = bytearray(len(layout.slots))
         self.n_fired = 0
+        self.expected = len(layout.slots)  # slots that get a gradient in this backward
+        # [Note: freezing after initialize] (sharded_optimizer.py): per slot, the requires_grad
+        # both of the parameter's objects agree on, and whether it was set at a backward of this step
+        n = len(layout.slots)
+        self.full_params: list[nn.Parameter] = []  # set by the unit
+        self.placeholders: list[torch.Tensor] = []
+        self.requires_grad = bytearray([1 if trainable else 0]) * n
+        self.active = bytearray(n)
+        self.backwards = 0  # backwards noted since the last step (0: every slot counts as active)
 
     holds_full = False  # a rank holds only [lo, hi) of the flat buffer (checkpoint loading reads that)
+
+    # -- freezing ([Note: freezing after initialize] in sharded_optimizer.py) ----------------
+    def sync_requires_grad(self) -> bytearray:
+        """Per slot, the ``requires_grad`` the user set last on either of the parameter's
+        objects (placeholder or full parameter); both are made to agree. Non-trainable shards
+        (frozen at initialize: no optimizer state) stay frozen whatever is set."""
+        if not self.trainable:
+            return self.requires_grad
+        agreed = self.requires_grad
+        for i, (ph, full) in enumerate(zip(self.placeholders, self.full_params)):
+            a, b = ph.requires_grad, full.requires_grad
+            new = a if a != agreed[i] else b
+            agreed[i] = new
+            if a != new:
+                ph.requires_grad_(new)
+            if b != new:
+                full.requires_grad_(new)
+        return agreed
+
+    def note_backward(self) -> None:
+        """A backward ended: slots whose parameter requires grad now take part in the next step."""
+        flags = self.sync_requires_grad()
+        for i, f in enumerate(flags):
+            if f:
+                self.active[i] = 1
+        self.backwards += 1
+
+    def step_mask(self) -> bytearray | None:
+        """Which slots the next optimizer step updates; None: all of them."""
+        return self.active if self.backwards else None
+
+    def reset_step_mask(self) -> None:
+        self.active = bytearray(len(self.active))
+        self.backwards = 0
+
+    def param_names(self) -> list[str]:
+        return [getattr(p, "sw_name", "?") for p in self.placeholders]
 
     @property
     def numel(self) -> int:
@@ -236,9 +282,13 @@ class ShardedUnit:
             full = nn.Parameter(not_gathered(r.shape, s.dtype, s.shard.device), requires_grad=requires_grad)
             self.full.append(full)
         for r, ph, full in zip(records, self.placeholders, self.full):
-            while len(shards[r.shard].params) <= r.slot:
-                shards[r.shard].params.append(None)  # type: ignore[arg-type]
-            shards[r.shard].params[r.slot] = full if resident else ph
+            s = shards[r.shard]
+            for lst in (s.params, s.placeholders, s.full_params):
+                while len(lst) <= r.slot:
+                    lst.append(None)  # type: ignore[arg-type]
+            s.params[r.slot] = full if resident else ph
+            s.placeholders[r.slot] = ph
+            s.full_params[r.slot] = full
         if resident:
             self.gather_async()
             self.wait()
@@ -261,17 +311,25 @@ class ShardedUnit:
         for h in self._handles:
             h.wait()
         self._handles = []
+        for s in self.shards:
+            s.sync_requires_grad()  # a freeze set on the placeholders reaches the full parameters
         for r, full in zip(self.records, self.full):
             full.data = self.shards[r.shard].slot_view(self._flats[r.shard], r.slot, r.shape)
             for module, attr in r.registrations:
                 module._parameters[attr] = full
         self.state = ShardState.GATHERED
 
+    def trainable_now(self) -> bool:
+        """Some parameter of this unit is trainable and currently requires grad."""
+        return any(s.trainable and any(s.sync_requires_grad()) for s in self.shards)
+
     def free(self) -> None:
         """Drop the gathered buffers; the module shows placeholders again."""
         if self.resident or self.state is ShardState.SHARDED:
             return
         self.wait()
+        for s in self.shards:
+            s.sync_requires_grad()  # and one set on the full parameters reaches the placeholders
         for r, full, ph in zip(self.records, self.full, self.placeholders):
             full.data = not_gathered(r.shape, full.dtype, full.device)
             for module, attr in r.registrations:

@@ -25,6 +25,26 @@ that got no gradient, re-entrant checkpoint regions) is reduced then, in unit or
 summed into the same owner shard: reduction is linear. Every rank must build the same autograd
 graph so that collectives are issued in the same order (as with FSDP and DeepSpeed).
 
+[Note: recompute outside the unit's hooks]
+Hugging Face transformers 5 checkpoints a layer's ``forward``, not its ``__call__``
+(``GradientCheckpointingLayer``), so the recompute in backward runs the layer's body without
+its forward hooks: the unit would be found sharded. So after a unit's forward with gradients
+in which autograd saved none of its parameters (what checkpointing does, re-entrant or not; a
+plain forward saves them and keeps gathering through saved-tensor handles, unchanged), a hook
+is registered on each of its outputs that requires grad; when backward
+reaches them, before the layer's own backward (and so before any recompute, re-entrant or
+not), the unit and its external units are gathered (FSDP2's pre-backward hook does the same).
+Saved-tensor handles still gather whatever autograd unpacks later.
+
+[Note: frozen units in backward]
+A parameter frozen after initialize (``requires_grad_(False)``; see [Note: freezing after
+initialize] in sharded_optimizer.py) is shown to autograd as a full parameter that does not
+require grad; its slot waits for no gradient, a shard with none is never reduced, and the
+optimizer skips it. A unit whose parameters are all frozen never completes a reduction, so
+nothing would free it in backward (a GAN's frozen discriminator is traversed by the
+generator's backward): when backward enters another unit, the frozen units it entered before
+are freed (gathered again on demand, which is always correct).
+
 [Note: prefetch]
 The first forward with gradients records the order in which units run. In later forwards,
 while unit *i* computes, the next unit of that order is gathered asynchronously (FSDP2's
@@ -114,6 +134,9 @@ class Stage3Runtime:
         self._recording = True
         self._bwd_next: dict[int, list[ShardedUnit]] = {}
         self._bwd_seen: set[int] = set()
+        self._bwd_frozen: list[ShardedUnit] = []  # see [Note: frozen units in backward]
+        self._packed: dict[int, int] = {}  # unit index -> saved-tensor handles made for it
+        self._packed_at: dict[int, int] = {}  # ... when its forward began
         self._depth = 0
         self._pos: int | None = 0
         self._saved_hooks: Any = None
@@ -179,8 +202,11 @@ class Stage3Runtime:
         if self._depth == 0:
             self._open_forward()
         self._depth += 1
+        self._packed_at[unit.index] = self._packed.get(unit.index, 0)
         self._track(unit)
         self.ensure(unit)
+        for shard in unit.shards:
+            shard.sync_requires_grad()  # already gathered: a freeze set on a stale placeholder
         unit.users += 1
         for ext in self._externals.get(unit.index, ()):
             self.ensure(ext)
@@ -190,6 +216,10 @@ class Stage3Runtime:
     def _post_forward(self, unit: ShardedUnit, module: nn.Module, args: Any, output: Any) -> None:
         if _in_backward():
             return
+        if torch.is_grad_enabled() and self._packed.get(unit.index, 0) == self._packed_at.get(unit.index, 0):
+            hook = partial(self._pre_backward, unit)  # see [Note: recompute outside the unit's hooks]
+            for t in _grad_tensors(output):
+                t.register_hook(hook)
         unit.users -= 1
         for ext in self._externals.get(unit.index, ()):
             ext.users -= 1
@@ -287,6 +317,7 @@ class Stage3Runtime:
             return t
         if hit is None:
             return t
+        self._packed[hit[0].index] = self._packed.get(hit[0].index, 0) + 1
         return _Saved(hit[0], hit[1], t)
 
     def _unpack(self, x: Any) -> torch.Tensor:
@@ -295,11 +326,33 @@ class Stage3Runtime:
         unit = x.unit
         if unit.state is not ShardState.GATHERED:
             self.ensure(unit)
-        if unit.index not in self._bwd_seen:
-            self._bwd_seen.add(unit.index)
-            if self.policy.prefetch_bucket_size != 0:
-                self._prefetch(self._bwd_next.get(unit.index, ()))
+        self._enter_backward(unit)
         return unit.flats[x.shard].as_strided(x.size, x.stride, x.offset)
+
+    def _pre_backward(self, unit: ShardedUnit, grad: torch.Tensor) -> None:
+        """A gradient reached one of ``unit``'s outputs (see [Note: recompute outside the
+        unit's hooks])."""
+        self.ensure(unit)
+        for ext in self._externals.get(unit.index, ()):
+            self.ensure(ext)
+        self._enter_backward(unit)
+
+    def _enter_backward(self, unit: ShardedUnit) -> None:
+        if unit.index in self._bwd_seen:
+            return
+        self._bwd_seen.add(unit.index)
+        # [Note: frozen units in backward]
+        keep = []
+        for u in self._bwd_frozen:
+            if u is unit or u.users > 0 or u in self._externals.get(unit.index, ()):
+                keep.append(u)
+            else:
+                self.release(u)
+        self._bwd_frozen = keep
+        if unit.index != 0 and not unit.trainable_now():
+            self._bwd_frozen.append(unit)
+        if self.policy.prefetch_bucket_size != 0:
+            self._prefetch(self._bwd_next.get(unit.index, ()))
 
     # -- gradients (see [Note: gradient completion]) ----------------------------------------
     def _on_grad(self, unit: ShardedUnit, ri: int, full: nn.Parameter) -> None:
@@ -309,6 +362,8 @@ class Stage3Runtime:
         full.grad = None
         r = unit.records[ri]
         shard = unit.shards[r.shard]
+        if shard.n_fired == 0:  # the slots that require grad in this backward (the others never fire)
+            shard.expected = sum(1 for f in shard.full_params if f.requires_grad) or len(shard.layout.slots)
         if shard.staging is None:
             shard.staging = torch.empty(shard.layout.padded_numel, dtype=shard.grad.dtype, device=g.device)
         view = shard.slot_view(shard.staging, r.slot, r.shape)
@@ -318,7 +373,7 @@ class Stage3Runtime:
             view.copy_(g)
             shard.fired[r.slot] = 1
             shard.n_fired += 1
-        if shard.n_fired == len(shard.layout.slots):
+        if shard.n_fired == shard.expected:
             self._launch(shard)
             if unit.users == 0 and all(s.staging is None for s in unit.shards):
                 self.release(unit)
@@ -353,6 +408,10 @@ class Stage3Runtime:
         while self._pending:
             self._complete_one()
         self._bwd_seen.clear()
+        self._bwd_frozen = []
+        for shard in self.shards():
+            if shard.trainable:
+                shard.note_backward()
         if self._depth == 0:
             self.release_all()
 
@@ -360,6 +419,7 @@ class Stage3Runtime:
         for shard in self.shards():
             if shard.grad is not None:
                 shard.grad.zero_()
+                shard.reset_step_mask()
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -388,6 +448,22 @@ class Stage3Runtime:
             unit.users -= 1
             if self._depth == 0 or unit.users == 0:
                 self.release(unit)
+
+
+def _grad_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors that require grad in a module's output (tensors, tuples, lists, dicts)."""
+    found: list[torch.Tensor] = []
+    stack = [output]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.requires_grad:
+                found.append(x)
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+    return found
 
 
 # -- building -------------------------------------------------------------------------------
