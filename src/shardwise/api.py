@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from shardwise.checkpointing import apply_activation_checkpointing
 from shardwise.comm.collectives import broadcast_object
-from shardwise.comm.context import expected_world_size, init_context, resolve_timeout
+from shardwise.comm.context import init_context, mesh_dp_size, resolve_timeout
 from shardwise.consistency import check_same_everywhere
 from shardwise.data import ResumableDataLoader, ResumableDistributedSampler
 import shardwise.config as _config
@@ -153,10 +153,16 @@ def initialize(
     config: str | os.PathLike | dict | None = None,
     config_params: dict | None = None,
     dist_init_required: bool | None = None,
+    mesh: Any = None,
     **unsupported: Any,
 ):
     """Set up distributed training. Returns ``(engine, optimizer, training_dataloader, lr_scheduler)``;
-    items that are not configured are ``None``."""
+    items that are not configured are ``None``.
+
+    ``mesh``: a ``torch.distributed.device_mesh.DeviceMesh`` with a ``"dp"`` dimension; ZeRO
+    shards and reduces over it, and every other dimension replicates (independent data-parallel
+    groups). Default: a 1-D mesh named ``("dp",)`` over the whole world. See [Note: parallel
+    context] in ``shardwise/comm/context.py``."""
     if unsupported:
         raise UsageError(f"initialize() got arguments shardwise does not support: {sorted(unsupported)}")
     check_model(model)
@@ -167,10 +173,15 @@ def initialize(
     # the config is checked before any communication (a ConfigError never leaves other ranks
     # waiting in a collective); its comms_timeout then bounds every wait from the join on
     _default_logging(int(os.environ.get("RANK", "0") or 0))
-    plan = _config.load_config(config, world_size=expected_world_size())
+    # the batch triangle is for the data-parallel size (the world size on the default mesh)
+    plan = _config.load_config(config, world_size=mesh_dp_size(mesh))
     timeout_s = resolve_timeout(plan.comms_timeout_s)
-    ctx = init_context(timeout_s=timeout_s)
+    ctx = init_context(timeout_s=timeout_s, allow_reduce_scatter=plan.zero.reduce_scatter, mesh=mesh)
     check_same_everywhere(plan, model, ctx, timeout_s)
+    if ctx.dp_replicas > 1 and (plan.checkpoint.auto_resume or plan.checkpoint.save_interval):
+        from shardwise.checkpoint import require_one_replica
+
+        require_one_replica(ctx, "checkpoint.auto_resume / checkpoint.save_interval")
     groups = ParamGroups.from_user(
         model_parameters if not isinstance(optimizer, torch.optim.Optimizer) else optimizer.param_groups,
         model,
@@ -187,7 +198,8 @@ def initialize(
     _OWNED[model] = f"ZeRO stage {plan.zero.stage}, engine {id(engine):#x}"
     loader = None
     if training_data is not None:
-        sampler = ResumableDistributedSampler(training_data, num_replicas=ctx.world_size, rank=ctx.rank)
+        # each data-parallel group reads the whole data set, split over its ranks
+        sampler = ResumableDistributedSampler(training_data, num_replicas=ctx.dp.size, rank=ctx.dp.rank)
         loader = ResumableDataLoader(
             training_data, batch_size=plan.batch.micro_batch_size, sampler=sampler, collate_fn=collate_fn
         )
@@ -208,7 +220,7 @@ def _auto_resume(engine: Engine, directory: str) -> None:
         return os.path.exists(os.path.join(directory, M.LATEST)) or bool(
             os.path.isdir(directory) and committed_tags(directory))
 
-    if not broadcast_object(present() if engine.ctx.rank == 0 else None, engine.ctx):
+    if not broadcast_object(present() if engine.ctx.rank == 0 else None, engine.ctx.world):
         logging.getLogger("shardwise").info("auto_resume: no checkpoint in %s yet; starting fresh", directory)
         return
     path, _ = engine.load_checkpoint(directory)

@@ -41,7 +41,7 @@ def env_report() -> dict[str, str]:
     import torch
     import torch.distributed as dist
 
-    from shardwise.comm.context import _pick_device
+    from shardwise.comm.context import pick_device
 
     cuda = torch.cuda.is_available()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -56,7 +56,7 @@ def env_report() -> dict[str, str]:
         report["cuda"] = f"{torch.version.cuda}; {len(names)} device(s): {', '.join(names)}"
     report |= {
         "distributed": str(dist.is_available()),
-        "backend": _pick_device(0)[1],  # the one place initialize() chooses it
+        "backend": pick_device(0)[1],  # the one place initialize() chooses it
         "gloo / nccl built": f"{dist.is_available() and dist.is_gloo_available()} / "
         f"{dist.is_available() and dist.is_nccl_available()}",
         "cpu count": f"{os.cpu_count()} ({usable} usable by this process)",

@@ -17,7 +17,7 @@ from typing import Any
 import torch.nn as nn
 
 from shardwise.comm.collectives import all_gather_object
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import ParallelContext
 from shardwise.config.plan import Plan
 from shardwise.errors import MismatchError
 
@@ -44,11 +44,12 @@ def fingerprint(plan: Plan, model: nn.Module, timeout_s: float | None) -> dict[s
     return out
 
 
-def check_same_everywhere(plan: Plan, model: nn.Module, ctx: CommContext, timeout_s: float | None) -> None:
-    """Raise :class:`MismatchError` on every rank if any rank's fingerprint differs."""
+def check_same_everywhere(plan: Plan, model: nn.Module, ctx: ParallelContext, timeout_s: float | None) -> None:
+    """Raise :class:`MismatchError` on every rank if any rank's fingerprint differs (over the
+    whole world: every rank of every mesh dimension runs the same config and model)."""
     if not ctx.is_distributed:
         return
-    prints = all_gather_object(fingerprint(plan, model, timeout_s), ctx)
+    prints = all_gather_object(fingerprint(plan, model, timeout_s), ctx.world)
     keys = sorted(set().union(*prints))
     lines = []
     for key in keys:

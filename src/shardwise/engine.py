@@ -1,7 +1,7 @@
 """The training engine: counts micro-steps and delegates to the strategy picked at init.
 
 DeepSpeed's names and meaning: ``engine(batch)`` runs the forward, ``backward(loss)`` scales the
-loss by ``loss_scale / (gradient_accumulation_steps * world)`` and runs autograd (reductions overlap it),
+loss by ``loss_scale / (gradient_accumulation_steps * dp_size)`` and runs autograd (reductions overlap it),
 ``step()`` acts only at the accumulation boundary: optimizer step, LR-scheduler step, zeroed
 gradients.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import ParallelContext
 from shardwise.config.plan import Plan
 from shardwise.comm.collectives import all_gather_object
 from shardwise.errors import NonFiniteError, UsageError
@@ -30,7 +30,7 @@ class Engine:
         module: nn.Module,
         strategy: DataParallelStrategy,
         plan: Plan,
-        ctx: CommContext,
+        ctx: ParallelContext,
         lr_scheduler: Any = None,
     ):
         self.module = module
@@ -38,7 +38,7 @@ class Engine:
         self.optimizer = strategy.optimizer
         self.lr_scheduler = lr_scheduler
         self.plan = plan
-        self.ctx = ctx
+        self.ctx = ctx  # the strategy's own context (engine.ctx is engine.strategy.ctx)
         self.device = ctx.device
         self.micro_steps = 0
         self.global_steps = 0
@@ -155,8 +155,10 @@ class Engine:
         self.micro_steps += 1
 
     def _nonfinite_ranks(self) -> str:
-        flags = all_gather_object(self._loss_finite is None or bool(self._loss_finite), self.ctx)
-        bad = [r for r, ok in enumerate(flags) if not ok]
+        # raised together on the ranks of one data-parallel group (their norm is agreed over it)
+        dp = self.ctx.dp
+        flags = all_gather_object(self._loss_finite is None or bool(self._loss_finite), dp)
+        bad = [dp.global_rank(r) for r, ok in enumerate(flags) if not ok]
         if bad:
             return f"The loss was NaN/inf on rank(s) {bad}."
         return "The loss was finite on every rank: the gradients overflowed."

@@ -2,27 +2,14 @@
 
 [Note: estimate semantics]
 The figures are what :meth:`shardwise.Engine.memory_report` measures after a step, per rank,
-in bytes (stage 3, not implemented yet, is planned the same way):
-
-| stage | params (compute dtype)        | grads (grad dtype)   | master (bf16/fp16 only) | optimizer state        |
-|-------|-------------------------------|----------------------|-------------------------|------------------------|
-| 0     | all buckets, padded           | all                  | all, fp32               | k x 4 B per element    |
-| 1     | all buckets, padded           | all                  | own chunk, fp32         | own chunk              |
-| 2     | all buckets, padded           | own chunk            | own chunk, fp32         | own chunk              |
-| 3     | own chunk + persistent params | own chunk            | own chunk, fp32         | own chunk              |
+in bytes, exactly: given a model (an ``nn.Module``, ideally on the meta device, or a factory),
+they come from ``shardwise.memory_model`` (see [Note: memory model] there), which lays the
+model out with the strategies' own code; ``shardwise plan`` uses the same functions.
 
 The gradient dtype (``grad_precision``) is the compute dtype unless the config's
 ``data_types.grad_accum_dtype`` asks for fp32, so mixed-precision Adam costs DeepSpeed's
-16Ψ / 4Ψ+12Ψ/N / 2Ψ+14Ψ/N / 16Ψ/N at stages 0-3.
-
-With fp32 the parameters are the master weights (no copy). k is 2 for Adam/AdamW (plus a 4-byte
-``step`` per optimizer tensor), 1 for SGD with momentum and Adagrad. Given a model, the
-layout is shardwise's own (:func:`shardwise.comm.buckets.assign_buckets`: reverse order,
-per-bucket padding to ``world_size * 16`` elements), so stages 0-2 match the engine exactly;
-given only a parameter count, padding and step scalars are left out. Stage 3 shards each fetch
-unit (:func:`shardwise.zero.units.fetch_units`) in one flat buffer padded the same way, so
-mixed-precision or fp32 Adam costs 16 bytes per parameter / N, plus the parameters below
-``stage3_param_persistence_threshold`` held whole on every rank.
+16Ψ / 4Ψ+12Ψ/N / 2Ψ+14Ψ/N / 16Ψ/N at stages 0-3. Given only a parameter count (analytic),
+padding and the ``step`` scalars are left out.
 
 [Note: activation estimate]
 For transformers only: the bytes autograd keeps from one micro-batch's forward for its
@@ -50,21 +37,16 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from shardwise.comm.buckets import BucketLayout, assign_buckets
 from shardwise.errors import UsageError
-from shardwise.zero.units import fetch_units
+from shardwise.memory_model import (ALIGN, BUCKET_NUMEL, DTYPE_BYTES, OPTIMIZER_STATES,
+                                    PERSISTENCE_THRESHOLD, bucket_layouts, layout_states, model_state_bytes,
+                                    result, states_per_element, trainable_params)
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-ALIGN = 16  # assign_buckets' default alignment, used by the strategies
-# optimizer -> (fp32 state tensors per element, has a 4-byte `step` tensor per param tensor)
-OPTIMIZER_STATES = {"adamw": (2, True), "adam": (2, True), "fusedadam": (2, True), "lamb": (2, True),
-                    "sgd": (1, False), "sgd-nomomentum": (0, False), "adagrad": (1, True)}
-PERSISTENCE_THRESHOLD = 0  # shardwise's stage3_param_persistence_threshold default (DeepSpeed: 100_000)
 FIELDS = ("params", "grads", "master_params", "optimizer_state", "activations", "total")
 ModelLike = Union[int, float, nn.Module, Callable[[], nn.Module]]
 
@@ -108,13 +90,6 @@ def activation_bytes(shape: TransformerShape | None, micro_batch: int | None, se
     return int((shape.layers - kept) * full_layer + kept * s * b * h * d + outside)
 
 
-def _states_per_element(optimizer: str) -> tuple[int, bool]:
-    key = optimizer.lower().replace("_", "")
-    if key not in OPTIMIZER_STATES:
-        raise UsageError(f"unknown optimizer {optimizer!r} for the estimate; known: {sorted(OPTIMIZER_STATES)}")
-    return OPTIMIZER_STATES[key]
-
-
 def _check(world_size: int, stage: int, precision: str) -> None:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UsageError(f"world_size must be a positive integer, got {world_size!r}")
@@ -124,52 +99,16 @@ def _check(world_size: int, stage: int, precision: str) -> None:
         raise UsageError(f"precision must be one of {sorted(DTYPE_BYTES)}, got {precision!r}")
 
 
-def _result(params: int, grads: int, master: int, state: int, activations: int | None) -> dict[str, int | None]:
-    total = params + grads + master + state + (activations or 0)
-    return {"params": params, "grads": grads, "master_params": master, "optimizer_state": state,
-            "activations": activations, "total": total}
-
-
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     """Call ``factory()`` with the meta device as default: shapes only, no storage."""
     with torch.device("meta"):
         return factory()
 
 
-def trainable_params(model: nn.Module) -> tuple[list[nn.Parameter], int]:
-    """Unique trainable parameters in registration order (as the strategy sees them), and the
-    element count of the frozen ones."""
-    params = list(model.parameters())  # deduplicated (tied weights once)
-    return [p for p in params if p.requires_grad], sum(p.numel() for p in params if not p.requires_grad)
-
-
-def bucket_layouts(model: nn.Module, world_size: int, bucket_numel: int = 2_000_000) -> list[BucketLayout]:
-    """The buckets :class:`shardwise.strategy.DataParallelStrategy` builds for ``model`` (one
-    param group; all floating-point parameters share the compute dtype and device)."""
-    trainable, _ = trainable_params(model)
-    return assign_buckets([p.numel() for p in trainable], [(0, "compute", "device")] * len(trainable),
-                          bucket_numel, world_size, ALIGN)
-
-
 def sharded_numel(numel: int, world_size: int) -> int:
     """Per-rank chunk of a flat buffer of ``numel`` elements padded like a bucket."""
     multiple = world_size * ALIGN
     return max(-(-numel // multiple) * multiple, multiple) // world_size
-
-
-def layout_states(layouts: list[BucketLayout], frozen_numel: int, world_size: int, stage: int, precision: str,
-                  optimizer: str = "adamw", rank: int = 0, activations: int | None = None,
-                  grad_precision: str | None = None) -> dict[str, int | None]:
-    """Stage 0-2 bytes of ``rank`` from the real bucket layout (matches ``memory_report()``)."""
-    pb, (k, step) = DTYPE_BYTES[precision], _states_per_element(optimizer)
-    gb = DTYPE_BYTES[grad_precision or precision]
-    padded = sum(lay.padded_numel for lay in layouts)
-    chunk = sum(hi - lo for lo, hi in (lay.chunk_range(rank, world_size) for lay in layouts))
-    opt = padded if stage == 0 else chunk
-    grads = gb * (chunk if stage == 2 else padded)
-    master = 4 * opt if precision != "fp32" else 0
-    state = 4 * k * opt + (4 * len(layouts) if step and k else 0)
-    return _result(pb * (padded + frozen_numel), grads, master, state, activations)
 
 
 def unit_padded_numel(param_numels: list[int] | int, world_size: int) -> int:
@@ -186,11 +125,12 @@ def unit_padded_numel(param_numels: list[int] | int, world_size: int) -> int:
 def stage3_states(unit_numels: list[list[int]] | list[int], persistent_numel: int | list[int], frozen_numel: int,
                   world_size: int, precision: str, optimizer: str = "adamw",
                   activations: int | None = None, grad_precision: str | None = None) -> dict[str, int | None]:
-    """Stage 3 bytes per rank: every fetch unit one flat buffer sharded like a bucket; the
-    persistent (small) parameters one more buffer kept whole, its gradients and optimizer
-    state sharded. Per-unit parameter lists give the exact layout; plain element counts
-    ignore alignment."""
-    pb, (k, step) = DTYPE_BYTES[precision], _states_per_element(optimizer)
+    """Stage 3 bytes per rank from element counts: every fetch unit one flat buffer sharded
+    like a bucket; the persistent (small) parameters one more buffer kept whole, its gradients
+    and optimizer state sharded; frozen parameters sharded without padding. Per-unit parameter
+    lists give the trainable layout; plain counts ignore alignment. Given a model, use
+    :func:`model_states` (``shardwise.memory_model``: the engine's exact layout)."""
+    pb, (k, step) = DTYPE_BYTES[precision], states_per_element(optimizer)
     gb = DTYPE_BYTES[grad_precision or precision]
     chunk = sum(unit_padded_numel(n, world_size) // world_size for n in unit_numels)
     n_buffers = len(unit_numels)
@@ -202,14 +142,15 @@ def stage3_states(unit_numels: list[list[int]] | list[int], persistent_numel: in
     params = pb * (chunk + p_chunk * world_size + -(-frozen_numel // world_size))
     master = 4 * trained if precision != "fp32" else 0
     state = 4 * k * trained + (4 * n_buffers if step and k else 0)
-    return _result(params, gb * trained, master, state, activations)
+    return result(params, gb * trained, master, state, activations)
 
 
 def model_states(model: ModelLike, world_size: int, stage: int, precision: str = "fp32", optimizer: str = "adamw",
-                 bucket_numel: int = 2_000_000, *, micro_batch: int | None = None, seq_len: int | None = None,
+                 bucket_numel: int = BUCKET_NUMEL, *, micro_batch: int | None = None, seq_len: int | None = None,
                  shape: TransformerShape | None = None, persistence_threshold: int = PERSISTENCE_THRESHOLD,
                  persistent_numel: int = 0, grad_precision: str | None = None,
-                 checkpoint_every: int = 0) -> dict[str, int | None]:
+                 checkpoint_every: int = 0, rank: int = 0,
+                 unit_classes: Sequence[type | str] | None = None) -> dict[str, int | None]:
     """Per-rank bytes ``{"params", "grads", "master_params", "optimizer_state", "activations",
     "total"}`` of one ZeRO stage (see [Note: estimate semantics]).
 
@@ -218,7 +159,9 @@ def model_states(model: ModelLike, world_size: int, stage: int, precision: str =
     ``seq_len`` and a transformer ``shape`` (read from the model when not given); else None.
     ``persistent_numel`` (count only) is the stage-3 replicated part. ``grad_precision``: the
     gradient dtype (default: ``precision``; "fp32" for ``data_types.grad_accum_dtype: "fp32"``).
-    ``checkpoint_every``: activation checkpointing of every k-th block (0: none).
+    ``checkpoint_every``: activation checkpointing of every k-th block (0: none). ``rank``: whose
+    chunks are counted (given a model); ``unit_classes``: stage 3's fetch-unit classes (default:
+    those declared with ``set_fetch_units``, else the blocks).
     """
     _check(world_size, stage, precision)
     if grad_precision is not None and grad_precision not in (precision, "fp32"):
@@ -230,36 +173,20 @@ def model_states(model: ModelLike, world_size: int, stage: int, precision: str =
     if not isinstance(model, nn.Module):
         model = build_on_meta(model)
     act = activation_bytes(shape or transformer_shape(model), micro_batch, seq_len, precision, checkpoint_every)
-    trainable, frozen = trainable_params(model)
-    if stage == 3:
-        return _stage3_exact(model, persistence_threshold, frozen, world_size, precision, optimizer, act,
-                             grad_precision)
-    return layout_states(bucket_layouts(model, world_size, bucket_numel), frozen, world_size, stage, precision,
-                         optimizer, activations=act, grad_precision=grad_precision)
-
-
-def _stage3_exact(model: nn.Module, threshold: int, frozen: int, world_size: int, precision: str,
-                  optimizer: str, act: int | None, grad_precision: str | None) -> dict[str, int | None]:
-    numel = {n: p.numel() for n, p in model.named_parameters()}
-    units, persistent = [], []
-    for u in fetch_units(model, persistence_threshold=threshold, trainable_only=True):
-        big = [numel[n] for n in u.param_names if numel[n] >= threshold]
-        persistent += [numel[n] for n in u.param_names if numel[n] < threshold]
-        if big or u.name == "":
-            units.append(big)
-    units = [u for u in units if u]
-    return stage3_states(units, persistent, frozen, world_size, precision, optimizer, act, grad_precision)
+    return model_state_bytes(model, world_size, stage, precision, optimizer, rank=rank, bucket_numel=bucket_numel,
+                             persistence_threshold=persistence_threshold, unit_classes=unit_classes,
+                             grad_precision=grad_precision, activations=act)
 
 
 def _analytic(n: int, world: int, stage: int, precision: str, optimizer: str, act: int | None,
               persistent: int, grad_precision: str | None) -> dict[str, int | None]:
-    pb, (k, _) = DTYPE_BYTES[precision], _states_per_element(optimizer)
+    pb, (k, _) = DTYPE_BYTES[precision], states_per_element(optimizer)
     gb = DTYPE_BYTES[grad_precision or precision]
     shard = -(-n // world)
     opt = n if stage == 0 else shard
     params = pb * (shard + persistent) if stage == 3 else pb * n
     grads = gb * (shard if stage in (2, 3) else n)
-    return _result(params, grads, 4 * opt if precision != "fp32" else 0, 4 * k * opt, act)
+    return result(params, grads, 4 * opt if precision != "fp32" else 0, 4 * k * opt, act)
 
 
 def estimate_all(model: ModelLike, world_size: int, **kwargs: Any) -> dict[str, Any]:
@@ -358,11 +285,11 @@ def planning_config(path: str, world_size: int) -> PlanningConfig:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read config {path}: {exc}") from None
     plan = load_config(doc, world_size=world_size)
-    stage, threshold = plan.zero.stage, plan.zero.param_persistence_threshold
+    stage, threshold = plan.zero.stage, plan.zero.stage3.param_persistence_threshold
     opt = plan.optimizer.type if plan.optimizer is not None else "adamw"
     if opt.lower() == "sgd" and not dict(plan.optimizer.params).get("momentum"):
         opt = "sgd-nomomentum"
-    return PlanningConfig(stage, plan.precision.compute, plan.precision.grads or plan.precision.compute, opt, plan.zero.reduce_bucket_size,
+    return PlanningConfig(stage, plan.precision.compute, plan.precision.grads, opt, plan.zero.reduce_bucket_size,
                           plan.batch.micro_batch_size, plan.batch.gradient_accumulation_steps, int(threshold),
                           plan.activation_checkpointing.every if plan.activation_checkpointing.modules else 0)
 
@@ -441,4 +368,6 @@ def main(argv: list[str]) -> int:
 
 
 __all__ = ["model_states", "estimate_all", "activation_bytes", "transformer_shape", "TransformerShape",
-           "bucket_layouts", "layout_states", "stage3_states", "planning_config", "PlanningConfig"]
+           "bucket_layouts", "layout_states", "stage3_states", "planning_config", "PlanningConfig",
+           # re-exported from shardwise.memory_model
+           "DTYPE_BYTES", "ALIGN", "OPTIMIZER_STATES", "PERSISTENCE_THRESHOLD", "BUCKET_NUMEL", "trainable_params"]

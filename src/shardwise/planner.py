@@ -37,11 +37,12 @@ from typing import Any, Sequence
 import torch.nn as nn
 
 from shardwise.errors import ShardwiseError, UsageError
-from shardwise.estimate import (DTYPE_BYTES, activation_bytes, add_world_args, build_on_meta, bucket_layouts, fmt_bytes,
-                                layout_states, load_factory, parse_bytes, planning_config, sharded_numel,
-                                stage3_states, trainable_params, transformer_shape, world_from_args)
+from shardwise.estimate import (activation_bytes, add_world_args, build_on_meta, fmt_bytes, load_factory, parse_bytes,
+                                planning_config, sharded_numel, transformer_shape, world_from_args)
+from shardwise.memory_model import (BUCKET_NUMEL, DTYPE_BYTES, PERSISTENCE_THRESHOLD, bucket_layouts, layout_states,
+                                    stage3_buffer_states, stage3_buffers, trainable_params)
 from shardwise.zero.grad_sync import ShardGradSync
-from shardwise.zero.units import fetch_units
+from shardwise.zero.units import declared_unit_classes, fetch_units
 
 
 class PlanError(ShardwiseError):
@@ -92,8 +93,8 @@ def _model_state_total(states: dict[str, Any]) -> int:
 
 
 def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str = "fp32", optimizer: str = "adamw",
-               bucket_numel: int = 2_000_000, gradient_accumulation_steps: int = 1, micro_batch: int | None = None,
-               seq_len: int | None = None, persistence_threshold: int = 0,
+               bucket_numel: int = BUCKET_NUMEL, gradient_accumulation_steps: int = 1, micro_batch: int | None = None,
+               seq_len: int | None = None, persistence_threshold: int = PERSISTENCE_THRESHOLD,
                unit_classes: Sequence[type | str] | None = None, device_memory: int | None = None,
                grad_precision: str | None = None, checkpoint_every: int = 0) -> PlanReport:
     """Plan ``model`` (build it on the meta device) at ``world_size`` ranks; see [Note: plan figures].
@@ -106,13 +107,17 @@ def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str 
     act = activation_bytes(transformer_shape(model), micro_batch, seq_len, precision, checkpoint_every)
     trainable, frozen = trainable_params(model)
     n_params = sum(p.numel() for p in trainable) + frozen
+    ranks = sorted({0, world_size - 1})
     if stage == 3:
+        unit_classes = unit_classes or declared_unit_classes(model)
         units = fetch_units(model, unit_classes=unit_classes, persistence_threshold=persistence_threshold,
                             trainable_only=True)
         numels = [u.numel for u in units]
-        states = stage3_states(numels, sum(u.persistent_numel for u in units), frozen, world_size, precision,
-                               optimizer, grad_precision=grad_precision)
-        per_rank = [_model_state_total(states)] * 2
+        buffers = stage3_buffers(model, world_size, persistence_threshold, unit_classes)
+        per_rank_states = [stage3_buffer_states(buffers, world_size, precision, optimizer, rank=r,
+                                                grad_precision=grad_precision) for r in ranks]
+        states = per_rank_states[0]
+        per_rank = [_model_state_total(s) for s in per_rank_states]
         padded = sum(sharded_numel(n, world_size) * world_size for n in numels)
         collectives = [Collective("all_gather params (forward)", gas * len(units), gas * padded * pb),
                        Collective("all_gather params (backward)", gas * len(units), gas * padded * pb),
@@ -131,7 +136,7 @@ def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str 
         layouts = bucket_layouts(model, world_size, bucket_numel)
         per_rank_states = [layout_states(layouts, frozen, world_size, stage, precision, optimizer, rank=r,
                                          grad_precision=grad_precision)
-                           for r in sorted({0, world_size - 1})]
+                           for r in ranks]
         states = per_rank_states[0]
         per_rank = [_model_state_total(s) for s in per_rank_states]
         padded = sum(lay.padded_numel for lay in layouts)

@@ -1,5 +1,8 @@
 """Data-parallel strategies, picked once from a registry keyed by ZeRO stage.
 
+Each runs over the context's data-parallel group (``ctx.dp``; [Note: parallel context]): "rank"
+and "size" below are the dp rank and dp size, which equal the global ones on a 1-D mesh.
+
 | stage | optimizer sees         | gradients kept per rank  | reduction                   | after step |
 |-------|------------------------|--------------------------|-----------------------------|------------|
 | 0     | whole buckets          | full                     | all-reduce at the boundary  | -          |
@@ -15,23 +18,24 @@ looks at the stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from shardwise.comm.buckets import assign_buckets
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import ParallelContext
 from shardwise.comm.replicate import broadcast_module_state
 from shardwise.config.plan import Plan
+from shardwise.errors import UsageError
 from shardwise.precision.loss_scaler import make_loss_scaler
 from shardwise.precision.policy import compute_dtype, grad_dtype
 from shardwise.zero.flat_bucket import FlatBucket
 from shardwise.zero.grad_sync import FullGradSync, ShardGradSync, all_reduce_async, reduce_to_shard_async
 from shardwise.zero.sharded_optimizer import ShardedStep, StepResult
 from shardwise.zero.sharded_params import ShardedParameter
-from shardwise.zero.stage3 import Stage3Policy, apply_stage3
+from shardwise.zero.stage3 import apply_stage3
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
@@ -77,10 +81,11 @@ class DataParallelStrategy:
         module: nn.Module,
         groups: ParamGroups,
         plan: Plan,
-        ctx: CommContext,
+        ctx: ParallelContext,
         make_optimizer: OptimizerFactory,
     ):
-        ctx = self._setup(module, plan, ctx)
+        self._setup(module, plan, ctx)
+        dp = ctx.dp
 
         trainable: list[nn.Parameter] = []
         keys: list[tuple] = []
@@ -90,11 +95,11 @@ class DataParallelStrategy:
                     trainable.append(p)
                     keys.append((gi, p.dtype, p.device))
         layouts = assign_buckets(
-            [p.numel() for p in trainable], keys, plan.zero.reduce_bucket_size, ctx.world_size
+            [p.numel() for p in trainable], keys, plan.zero.reduce_bucket_size, dp.size
         )
         sharded = self.params_sharded
         self.buckets = [
-            FlatBucket(i, lay, [trainable[s.param_index] for s in lay.slots], ctx, sharded=sharded)
+            FlatBucket(i, lay, [trainable[s.param_index] for s in lay.slots], dp, sharded=sharded)
             for i, lay in enumerate(layouts)
         ]
         self.grad_sync = self._make_grad_sync(plan)
@@ -106,7 +111,7 @@ class DataParallelStrategy:
         self._step = ShardedStep(
             self.buckets,
             self.optimizer,
-            ctx,
+            dp,
             self.scaler,
             self.grad_sync.opt_grads(),
             grads_sharded=sharded,
@@ -114,11 +119,14 @@ class DataParallelStrategy:
             clip=plan.gradient_clipping,
         )
 
-    def _setup(self, module: nn.Module, plan: Plan, ctx: CommContext) -> CommContext:
+    def _setup(self, module: nn.Module, plan: Plan, ctx: ParallelContext) -> None:
         """Context, compute dtype, loss scaler; the module moved to the device and dtype, with
         rank 0's parameters and buffers on every rank."""
-        if not plan.zero.reduce_scatter:  # DeepSpeed's "reduce_scatter": false -> plain all-reduce
-            ctx = replace(ctx, reduce_scatter_via_all_reduce=True)
+        if not plan.zero.reduce_scatter and not ctx.policy.reduce_scatter_via_all_reduce:
+            # the CommPolicy is decided once, where the context is built (init_context)
+            raise UsageError("the config sets zero_optimization.reduce_scatter=false but the context's "
+                             "CommPolicy uses reduce-scatter; build the context with "
+                             "init_context(allow_reduce_scatter=plan.zero.reduce_scatter)")
         self.ctx = ctx
         self.dtype = compute_dtype(plan.precision)
         self.grad_dtype = grad_dtype(plan.precision)
@@ -126,7 +134,6 @@ class DataParallelStrategy:
         if not any(isinstance(p, ShardedParameter) for p in module.parameters()):  # zero.Init: stage 3 casts
             module.to(device=ctx.device, dtype=self.dtype) if self.dtype != torch.float32 else module.to(ctx.device)
         broadcast_module_state(module, ctx)  # [Note: one starting point]
-        return ctx
 
     @staticmethod
     def _report(params: int, grads: int, master: int, state: int, **extra: int) -> dict[str, int]:
@@ -145,11 +152,11 @@ class DataParallelStrategy:
     def backward_scale(self) -> float:
         """What the loss is multiplied by before backward (per micro-step, before 1/gas).
 
-        [Note: averaging in the loss] ``1 / world`` is folded in here, so summed reductions
-        yield the mean gradient without a pass over the gradients; exact when the world size
-        is a power of two.
+        [Note: averaging in the loss] ``1 / dp_size`` is folded in here, so summed reductions
+        over the data-parallel group yield the mean gradient without a pass over the gradients;
+        exact when the dp size is a power of two.
         """
-        return self.scaler.scale / self.ctx.world_size
+        return self.scaler.scale / self.ctx.dp.size
 
     def before_backward(self, sync: bool) -> None:
         self.grad_sync.before_backward(sync)
@@ -203,7 +210,7 @@ class ReplicatedStrategy(DataParallelStrategy):
     stage = 0
 
     def _make_grad_sync(self, plan: Plan):
-        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=all_reduce_async,
+        return FullGradSync(self.buckets, self.ctx.dp, overlap=plan.zero.overlap_comm, reduce_fn=all_reduce_async,
                             grad_dtype=self.grad_dtype)
 
 
@@ -214,7 +221,7 @@ class OptimizerShardedStrategy(DataParallelStrategy):
     params_sharded = True
 
     def _make_grad_sync(self, plan: Plan):
-        return FullGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, reduce_fn=reduce_to_shard_async,
+        return FullGradSync(self.buckets, self.ctx.dp, overlap=plan.zero.overlap_comm, reduce_fn=reduce_to_shard_async,
                             grad_dtype=self.grad_dtype)
 
 
@@ -225,7 +232,7 @@ class GradientShardedStrategy(DataParallelStrategy):
     params_sharded = True
 
     def _make_grad_sync(self, plan: Plan):
-        return ShardGradSync(self.buckets, self.ctx, overlap=plan.zero.overlap_comm, grad_dtype=self.grad_dtype)
+        return ShardGradSync(self.buckets, self.ctx.dp, overlap=plan.zero.overlap_comm, grad_dtype=self.grad_dtype)
 
 
 class ParamShardedStrategy(DataParallelStrategy):
@@ -239,20 +246,15 @@ class ParamShardedStrategy(DataParallelStrategy):
     stage = 3
     params_sharded = True
 
-    def __init__(self, module: nn.Module, groups: ParamGroups, plan: Plan, ctx: CommContext,
+    def __init__(self, module: nn.Module, groups: ParamGroups, plan: Plan, ctx: ParallelContext,
                  make_optimizer: OptimizerFactory):
-        ctx = self._setup(module, plan, ctx)
-        z = plan.zero
-        policy = Stage3Policy(prefetch_bucket_size=z.prefetch_bucket_size,
-                              param_persistence_threshold=z.param_persistence_threshold,
-                              max_live_parameters=z.max_live_parameters, max_reuse_distance=z.max_reuse_distance,
-                              overlap_comm=z.overlap_comm)
-        self.runtime = apply_stage3(module, groups.params, policy, ctx, self.dtype, self.grad_dtype)
+        self._setup(module, plan, ctx)
+        self.runtime = apply_stage3(module, groups.params, plan.zero.stage3, ctx.dp, self.dtype, self.grad_dtype)
         self.buckets = [s for s in self.runtime.shards() if s.trainable]
         opt_groups = [{**opts, "params": [s.opt_param for s in self.buckets if s.group == gi]}
                       for gi, opts in enumerate(groups.options)]
         self.optimizer = make_optimizer(opt_groups)
-        self._step = ShardedStep(self.buckets, self.optimizer, ctx, self.scaler, [s.grad for s in self.buckets],
+        self._step = ShardedStep(self.buckets, self.optimizer, ctx.dp, self.scaler, [s.grad for s in self.buckets],
                                  grads_sharded=True,
                                  params_sharded=False, clip=plan.gradient_clipping)
 
@@ -303,7 +305,7 @@ STRATEGIES: dict[int, type[DataParallelStrategy]] = {
 
 
 def create_strategy(
-    module: nn.Module, groups: ParamGroups, plan: Plan, ctx: CommContext, make_optimizer: OptimizerFactory
+    module: nn.Module, groups: ParamGroups, plan: Plan, ctx: ParallelContext, make_optimizer: OptimizerFactory
 ) -> DataParallelStrategy:
     return STRATEGIES[plan.zero.stage](module, groups, plan, ctx, make_optimizer)
 

@@ -5,7 +5,6 @@ world-2 / ZeRO-1 checkpoint, each loaded at world 1. Every load either raises a 
 loads exactly the saved weights and optimizer state. Never wrong data."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import re

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 import ckpt_corrupt as C
 import ckpt_workers as W
-import shardwise
 from shardwise.checkpoint import committed_tags, consolidate
 from shardwise.errors import CheckpointError, ShardwiseError
 

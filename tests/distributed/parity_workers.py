@@ -35,7 +35,7 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def reference_run(global_batch: int, steps: int, lr: float = 1e-3, weight_decay: float = 0.01,
-                  clip: float = 0.0, compute: str = "fp32") -> dict:
+                  clip: float = 0.0, compute: str = "fp32", seed: int = 1234) -> dict:
     """Plain PyTorch, one process. For bf16/fp16: low-precision model, fp32 master copy."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[compute]
     model = make_model(dtype=dtype)
@@ -43,7 +43,7 @@ def reference_run(global_batch: int, steps: int, lr: float = 1e-3, weight_decay:
     master = [p.detach().float().clone().requires_grad_(True) for p in params] if dtype != torch.float32 else params
     opt = torch.optim.AdamW(master, lr=lr, weight_decay=weight_decay, fused=True)
     losses, norms = [], []
-    for x in batches(global_batch, steps):
+    for x in batches(global_batch, steps, seed=seed):
         loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         if dtype != torch.float32:

@@ -24,7 +24,11 @@ def test_hf_parity(world, kind_and_reference):
         torch.testing.assert_close(r["losses"], ref["losses"], rtol=1e-6, atol=0)
         assert r["params"].keys() == ref["params"].keys()
         for k, v in ref["params"].items():
-            torch.testing.assert_close(r["params"][k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+            # 3e-5, not test_stage3's 1e-5: with transformers 5.24 one GPT-2 element (h.1.mlp.c_fc)
+            # ends 1.13e-5 off at 2 ranks (gradients are summed across ranks in another order than
+            # one process sums the batch; Adam's normalisation amplifies last-bit differences where
+            # a gradient is ~0, by up to lr per step)
+            torch.testing.assert_close(r["params"][k], v, rtol=0, atol=3e-5, msg=lambda m, k=k: f"{k}: {m}")
     blocks = {"gpt2": "transformer.h.", "llama": "model.layers."}[kind]
     assert [u for u in out[0]["units"] if u.startswith(blocks)] == [f"{blocks}{i}" for i in range(3)]
 

@@ -36,7 +36,7 @@ def _broadcast_mixed(chunk_bytes: int) -> list[torch.Tensor]:
     tensors = [torch.randn(7, generator=g), torch.randn(3, 3, generator=g).bfloat16(),
                torch.randint(0, 9, (5,), generator=g), torch.rand(11, generator=g) > 0.5,
                torch.randn(2, generator=g).half(), base.t()]  # the last one is not contiguous
-    broadcast_tensors(tensors, init_context(), chunk_bytes=chunk_bytes)
+    broadcast_tensors(tensors, init_context().world, chunk_bytes=chunk_bytes)
     return tensors
 
 

@@ -134,7 +134,7 @@ def _only_rank0_calls():
 
     ctx = init_context()
     if dist.get_rank() == 0:
-        require_all_ranks(ctx, "engine.some_collective_api", timeout_s=2)
+        require_all_ranks(ctx.world, "engine.some_collective_api", timeout_s=2)
     else:
         import time
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shardwise.checkpointing import apply_activation_checkpointing
-from shardwise.config.plan import ActivationCheckpointingPlan
+from shardwise.config import plan_for
 from shardwise.estimate import activation_bytes, transformer_shape
 from model import GPT, GPTConfig
 
@@ -19,7 +19,8 @@ def saved_bytes(cfg: GPTConfig, dtype: torch.dtype, every: int) -> int:
     torch.manual_seed(0)
     model = GPT(cfg).to(dtype)
     if every:
-        apply_activation_checkpointing(model, ActivationCheckpointingPlan(modules="blocks", every=every))
+        apply_activation_checkpointing(
+            model, plan_for({"activation_checkpointing": {"modules": "blocks", "every": every}}).activation_checkpointing)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     kept: dict[int, int] = {}
 

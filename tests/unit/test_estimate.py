@@ -264,3 +264,32 @@ def test_cli_plan_json(capsys, tmp_path):
     assert out["units"][0] == {"name": "", "numel": out["units"][0]["numel"]} and len(out["units"]) == 3
     assert cli_main(["plan", write_config(tmp_path), "--model", "test_estimate:gpt_tiny", "--world-size", "4"]) == 0
     assert "collectives" in capsys.readouterr().out
+
+
+def test_plan_and_estimate_share_one_memory_model():
+    """`shardwise plan` and `model_states` give the same per-rank bytes at every stage, with
+    persistent and frozen parameters at stage 3 (the engine's layout: tests/distributed/
+    test_estimate_vs_measured.py checks both against memory_report())."""
+    def partly_frozen():
+        m = gpt_tiny()
+        m.pos_emb.weight.requires_grad_(False)
+        return m
+
+    keys = ("params", "grads", "master_params", "optimizer_state", "total")
+    for factory in (gpt_tiny, partly_frozen):
+        with torch.device("meta"):
+            model = factory()
+        for stage in range(4):
+            for threshold in (0, 100):
+                plan = plan_model(model, 3, stage, precision="bf16", bucket_numel=3000,
+                                  persistence_threshold=threshold)
+                want = model_states(model, 3, stage, "bf16", bucket_numel=3000, persistence_threshold=threshold)
+                assert {k: plan.states[k] for k in keys} == {k: want[k] for k in keys}
+                assert plan.max_bytes == plan.min_bytes == want["total"]
+    with torch.device("meta"):
+        model = gpt_tiny()
+    whole = model_states(model, 3, 3, "bf16", persistence_threshold=100)
+    sharded = model_states(model, 3, 3, "bf16")
+    assert whole["params"] > sharded["params"] and whole["grads"] >= sharded["grads"]
+    with pytest.raises(UsageError, match="rank"):
+        model_states(model, 3, 3, rank=3)

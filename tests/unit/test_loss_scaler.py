@@ -1,19 +1,28 @@
 import pytest
 
-from shardwise.config.plan import LossScalePlan, PrecisionPlan
+from shardwise.config import plan_for
 from shardwise.errors import LossScaleError, NonFiniteError
 from shardwise.precision import DynamicLossScaler, NoLossScaler, StaticLossScaler, make_loss_scaler
 
 
+def precision(**fp16):
+    """The resolved precision plan of a config with these fp16 keys (``enabled`` defaults on)."""
+    return plan_for({"fp16": {"enabled": True, **fp16}}).precision
+
+
+def loss_scale(**fp16):
+    return precision(**fp16).loss_scale
+
+
 def test_factory():
-    assert isinstance(make_loss_scaler(PrecisionPlan("fp32")), NoLossScaler)
-    assert isinstance(make_loss_scaler(PrecisionPlan("bf16")), NoLossScaler)
-    assert isinstance(make_loss_scaler(PrecisionPlan("fp16", LossScalePlan())), DynamicLossScaler)
-    assert isinstance(make_loss_scaler(PrecisionPlan("fp16", LossScalePlan(static_scale=128))), StaticLossScaler)
+    assert isinstance(make_loss_scaler(plan_for({}).precision), NoLossScaler)
+    assert isinstance(make_loss_scaler(plan_for({"bf16": {"enabled": True}}).precision), NoLossScaler)
+    assert isinstance(make_loss_scaler(precision()), DynamicLossScaler)
+    assert isinstance(make_loss_scaler(precision(loss_scale=128)), StaticLossScaler)
 
 
 def test_hysteresis_then_halving_then_growth():
-    s = DynamicLossScaler(LossScalePlan(initial_scale_power=4, hysteresis=2, loss_scale_window=3))
+    s = DynamicLossScaler(loss_scale(initial_scale_power=4, hysteresis=2, loss_scale_window=3))
     assert s.scale == 16
     assert s.update(False, 0) is False and s.scale == 16  # hysteresis absorbs the first
     assert s.update(False, 1) is False and s.scale == 8  # then it halves
@@ -24,7 +33,7 @@ def test_hysteresis_then_halving_then_growth():
 
 
 def test_error_at_min_scale():
-    s = DynamicLossScaler(LossScalePlan(initial_scale_power=1, hysteresis=1, min_loss_scale=1))
+    s = DynamicLossScaler(loss_scale(initial_scale_power=1, hysteresis=1, min_loss_scale=1))
     assert s.update(False, 0) is False and s.scale == 1
     with pytest.raises(LossScaleError, match="min_loss_scale"):
         s.update(False, 1)
@@ -38,7 +47,7 @@ def test_nonfinite_without_fp16_is_named_error():
 def test_state_round_trip():
     """Every field survives (scale, hysteresis left, good steps): the loaded scaler then grows
     and backs off exactly when the original does."""
-    plan = LossScalePlan(initial_scale_power=5, hysteresis=3, loss_scale_window=4)
+    plan = loss_scale(initial_scale_power=5, hysteresis=3, loss_scale_window=4)
     a = DynamicLossScaler(plan)
     for i, finite in enumerate([False, True, True, True]):  # hysteresis 2 left, 3 good steps
         a.update(finite, i)

@@ -2,8 +2,8 @@
 streaming consolidation and Hugging Face export. See manifest.py for the format."""
 from shardwise.checkpoint.load import load_checkpoint
 from shardwise.checkpoint.manifest import FORMAT_VERSION, SUPPORTED_VERSIONS, committed_tags, read_latest
-from shardwise.checkpoint.save import save_checkpoint
+from shardwise.checkpoint.save import require_one_replica, save_checkpoint
 from shardwise.checkpoint.export import consolidate, export_hf, info, iter_consolidated
 
 __all__ = ["save_checkpoint", "load_checkpoint", "consolidate", "iter_consolidated", "export_hf", "info",
-           "committed_tags", "read_latest", "FORMAT_VERSION", "SUPPORTED_VERSIONS"]
+           "committed_tags", "read_latest", "FORMAT_VERSION", "SUPPORTED_VERSIONS", "require_one_replica"]

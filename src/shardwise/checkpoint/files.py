@@ -23,7 +23,6 @@ import shutil
 import stat
 import struct
 import zlib
-from typing import Iterable
 
 import torch
 

@@ -31,7 +31,7 @@ from shardwise.checkpoint import rng
 from shardwise.checkpoint.layout import Region, other_tensors, regions, scalar_value, state_names, whole_others
 from shardwise.checkpoint.reader import PieceReader, verify_files
 from shardwise.checkpoint.agree import outcome, raise_failed
-from shardwise.checkpoint.save import join_timeout
+from shardwise.checkpoint.save import join_timeout, require_one_replica
 from shardwise.comm.collectives import all_gather_object, broadcast_object, require_all_ranks
 from shardwise.errors import CheckpointError
 
@@ -59,7 +59,7 @@ def _check_compatible(engine, m: dict, regs: list[Region], others: dict, with_op
     unexpected = sorted(set(saved) - set(here))
     shapes = [f"{n}: saved {saved[n]['shape']}, model {here[n]}" for n in sorted(set(here) & set(saved))
               if saved[n]["shape"] != here[n]]
-    current = (f"loading at world size {engine.ctx.world_size}, ZeRO stage {engine.strategy.stage}")
+    current = (f"loading at world size {engine.ctx.dp.size}, ZeRO stage {engine.strategy.stage}")
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -162,7 +162,7 @@ def _check_state(engine, m: dict, with_optimizer: bool, module_only: bool, with_
         sched = engine.lr_scheduler
         if with_scheduler and sched is not None and m["lr_scheduler"] is not None:
             _check_scheduler(sched, m["lr_scheduler"], out)
-        rank = engine.ctx.rank
+        rank = engine.ctx.dp.rank
         if rank < len(m["ranks"]):
             _check_rng(m["ranks"][rank]["rng"], f"ranks[{rank}].rng", out)
         loader = getattr(engine, "training_dataloader", None)
@@ -291,7 +291,7 @@ def _apply(engine, staged: _Staged, with_optimizer: bool, module_only: bool, wit
         strategy.scaler.load_state_dict(m["loss_scaler"])
     if with_scheduler and engine.lr_scheduler is not None and m["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(m["lr_scheduler"])
-    rank = engine.ctx.rank
+    rank = engine.ctx.dp.rank
     if rank < len(m["ranks"]):
         rng.restore(m["ranks"][rank]["rng"])
     loader = getattr(engine, "training_dataloader", None)
@@ -304,7 +304,8 @@ def load_checkpoint(engine, load_dir, tag: str | None = None, load_optimizer_sta
                     load_lr_scheduler_states: bool = True, load_module_only: bool = False):
     """Load ``<load_dir>/<tag>`` (``latest`` when tag is None) into the engine; call on every
     rank. Returns ``(path, client_state)``. See [Note: load in two phases]."""
-    ctx = engine.ctx
+    require_one_replica(engine.ctx, "load_checkpoint")
+    ctx = engine.ctx.world  # == ctx.dp with one replica group
     load_dir = str(load_dir)
     require_all_ranks(ctx, "load_checkpoint", join_timeout(ctx), CheckpointError)
     resolved = outcome(lambda: M.resolve(load_dir, tag)) if ctx.rank == 0 else None
@@ -323,7 +324,7 @@ def load_checkpoint(engine, load_dir, tag: str | None = None, load_optimizer_sta
                  "this is a bug (phase 1 accepted the checkpoint): the engine's state may be partly loaded; "
                  "load a checkpoint again before training")
     m = staged.manifest
-    if m["world_size"] != ctx.world_size or m["zero_stage"] != engine.strategy.stage:
+    if m["world_size"] != ctx.size or m["zero_stage"] != engine.strategy.stage:
         log.info("checkpoint %s (%s) re-partitioned for world size %d, ZeRO stage %d", path, _layout(m),
-                 ctx.world_size, engine.strategy.stage)
+                 ctx.size, engine.strategy.stage)
     return path, m["client_state"]

@@ -15,12 +15,13 @@ import torch
 import torch.nn as nn
 
 from shardwise.comm.collectives import barrier
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import ParallelContext
 from shardwise.zero.gathered import GatheredParameters
 
 
-def whole_state_dict(module: nn.Module, ctx: CommContext, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
-    """The module's state dict with whole tensors (CPU copies) on rank 0; ``{}`` elsewhere."""
+def whole_state_dict(module: nn.Module, ctx: ParallelContext, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
+    """The module's state dict with whole tensors (CPU copies) on (global) rank 0; ``{}``
+    elsewhere. Stage-3 parameters are gathered within each data-parallel group."""
     out: dict[str, torch.Tensor] = {}
     for prefix, mod in module.named_modules(remove_duplicate=False):
         own = [p for p in mod._parameters.values() if p is not None]
@@ -37,7 +38,7 @@ def whole_state_dict(module: nn.Module, ctx: CommContext, exclude_frozen: bool =
     return out
 
 
-def save_model_file(module: nn.Module, ctx: CommContext, save_dir, save_filename: str = "pytorch_model.bin",
+def save_model_file(module: nn.Module, ctx: ParallelContext, save_dir, save_filename: str = "pytorch_model.bin",
                     exclude_frozen: bool = False) -> str:
     """Write :func:`whole_state_dict` to ``<save_dir>/<save_filename>`` from rank 0 (atomically:
     a temporary file renamed into place); returns the path once every rank has it."""
@@ -53,7 +54,7 @@ def save_model_file(module: nn.Module, ctx: CommContext, save_dir, save_filename
         else:
             torch.save(state, tmp)
         os.replace(tmp, path)
-    barrier(ctx)
+    barrier(ctx.world)
     return path
 
 

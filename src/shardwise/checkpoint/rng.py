@@ -7,6 +7,8 @@ import random
 
 import torch
 
+from shardwise.comm.context import uses_cuda
+
 
 def _b64(t: torch.Tensor) -> str:
     return base64.b64encode(bytes(t.cpu().tolist())).decode()
@@ -32,7 +34,7 @@ def capture() -> dict:
 
         name, keys, pos, has_gauss, cached = np.random.get_state()
         out["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-    if torch.cuda.is_available():
+    if uses_cuda():
         out["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return out
 
@@ -46,7 +48,7 @@ def restore(state: dict) -> None:
 
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and uses_cuda():
         saved = [_unb64(s) for s in state["cuda"]]
         if len(saved) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(saved)

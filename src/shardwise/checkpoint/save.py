@@ -33,11 +33,23 @@ from shardwise.checkpoint.agree import outcome, raise_failed
 from shardwise.checkpoint.files import atomic_write_text, dtype_name, fsync_dir, remove_tree, write_safetensors
 from shardwise.checkpoint.layout import other_tensors, regions, split_state, state_names, whole_others
 from shardwise.comm.collectives import all_gather_object, barrier, broadcast_object
-from shardwise.errors import CheckpointError, CollectiveTimeoutError
+from shardwise.errors import CheckpointError, CollectiveTimeoutError, UsageError
 
 log = logging.getLogger("shardwise")
 
 JOIN_TIMEOUT_S = 300.0  # how long save/load_checkpoint wait for every rank to call them
+
+
+def require_one_replica(ctx, call: str) -> None:
+    """Checkpoints are written and read by the ranks of one data-parallel group (file ``r`` is
+    dp rank ``r``'s). A mesh with several independent dp groups (``initialize(mesh=...)``) is
+    refused with a named error, on every rank alike, before any collective: which replica's
+    state to keep, and how the others would load it, is not decided yet."""
+    if ctx.dp_replicas > 1:
+        raise UsageError(
+            f"{call}: checkpoints with several data-parallel replica groups are not supported yet (the "
+            f"mesh has {ctx.dp_replicas} groups of {ctx.dp.size} ranks over dims {list(ctx.dims)}). Save "
+            "from a run whose mesh is one 'dp' dimension, or save the model with engine.save_16bit_model.")
 
 
 def join_timeout(ctx) -> float:
@@ -77,7 +89,7 @@ def _write_rank_file(engine, tmp: str) -> dict:
     """Step 4 on one rank: its pieces of every parameter and optimizer state, plus whole
     frozen parameters / buffers on rank 0. Returns what the manifest needs from this rank."""
     ctx, strategy = engine.ctx, engine.strategy
-    rank, world = ctx.rank, ctx.world_size
+    rank, world = ctx.dp.rank, ctx.dp.size  # one file per dp rank (require_one_replica)
     regs = regions(engine.module, strategy.buckets)
     tensors, pieces, scalars, state_keys, state_dtypes = {}, [], {}, {}, {}
     split = {b.index: split_state(engine.optimizer, b) for b in strategy.buckets}
@@ -172,7 +184,7 @@ def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict]) -> dict:
     return {
         "tag": tag,
         "created_ns": time.time_ns(),
-        "world_size": engine.ctx.world_size,
+        "world_size": engine.ctx.dp.size,
         "zero_stage": strategy.stage,
         "compute_dtype": dtype_name(strategy.dtype),
         "optimizer": type(engine.optimizer).__name__,
@@ -234,7 +246,8 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: Any 
                     save_latest: bool = True, *, timeout_s: float | None = None) -> str:
     """Save the engine's full training state under ``<save_dir>/<tag>``; call on every rank.
     Returns the committed directory. See [Note: checkpoint commit protocol]."""
-    ctx = engine.ctx
+    require_one_replica(engine.ctx, "save_checkpoint")
+    ctx = engine.ctx.world  # == ctx.dp with one replica group
     save_dir = os.path.abspath(os.fspath(save_dir))
     tag = f"global_step{engine.global_steps}" if tag is None else tag
     timeout = join_timeout(ctx) if timeout_s is None else timeout_s

@@ -1,7 +1,10 @@
 """Typed wrappers over torch.distributed collectives.
 
-Each function takes the :class:`CommContext` explicitly and returns a :class:`Handle` that is
-already complete when the world size is 1 (no process group) or the call was synchronous.
+Each function takes the :class:`~shardwise.comm.context.GroupContext` it runs on (``ctx.dp``,
+``ctx.world``; see [Note: parallel context]) and returns a :class:`Handle` that is already
+complete when the group has one rank (or no process group) or the call was synchronous. Ranks
+are group ranks: chunk ``r`` of a flat buffer belongs to group rank ``r``; ``src`` is a group
+rank, converted to the global rank torch wants here.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import GroupContext
 from shardwise.comm.health import collective_error
 from shardwise.errors import CollectiveError, CollectiveTimeoutError, UsageError
 
@@ -29,20 +32,23 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 # goes through `_guard`, and async ones through Handle.wait.
 
 
-def _failure(ctx: CommContext, op: str, exc: BaseException) -> CollectiveError:
-    if ctx.health is not None:
-        return ctx.health.collective_error(op, exc)
-    return collective_error(ctx.rank, op, exc, None)
+def _failure(g: GroupContext, op: str, exc: BaseException) -> CollectiveError:
+    among = None if g.is_world else g.global_ranks
+    if not g.is_world:
+        op = f"{op} on group {g.name!r} (ranks {list(g.global_ranks)})"
+    if g.health is not None:
+        return g.health.collective_error(op, exc, among=among)
+    return collective_error(g.global_rank(g.rank), op, exc, None)
 
 
 @contextmanager
-def _guard(ctx: CommContext, op: str):
+def _guard(g: GroupContext, op: str):
     try:
         yield
     except CollectiveError:
         raise
     except RuntimeError as exc:  # DistBackendError, DistStoreError, gloo's errors
-        raise _failure(ctx, op, exc) from exc
+        raise _failure(g, op, exc) from exc
 
 
 # [Note: tensors outlive gloo's works]
@@ -78,7 +84,7 @@ class Handle:
 
     __slots__ = ("_work", "_ctx", "_op")
 
-    def __init__(self, work=None, ctx: CommContext | None = None, op: str = "collective"):
+    def __init__(self, work=None, ctx: GroupContext | None = None, op: str = "collective"):
         self._work = work
         self._ctx = ctx
         self._op = op
@@ -100,44 +106,44 @@ class Handle:
 DONE = Handle()
 
 
-def all_reduce(t: torch.Tensor, ctx: CommContext, *, op: str = "sum", async_op: bool = False) -> Handle:
-    """Reduce ``t`` in place over all ranks (``op`` is ``"sum"`` or ``"max"``)."""
-    if not ctx.is_distributed:
+def all_reduce(t: torch.Tensor, g: GroupContext, *, op: str = "sum", async_op: bool = False) -> Handle:
+    """Reduce ``t`` in place over the group's ranks (``op`` is ``"sum"`` or ``"max"``)."""
+    if not g.is_distributed:
         return DONE
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
     name = f"all_reduce({t.numel()} elements)"
     _keep(t)
-    with _guard(ctx, name):
-        work = dist.all_reduce(t, op=reduce_op, group=ctx.group, async_op=async_op)
-    return Handle(work, ctx, name) if async_op else DONE
+    with _guard(g, name):
+        work = dist.all_reduce(t, op=reduce_op, group=g.group, async_op=async_op)
+    return Handle(work, g, name) if async_op else DONE
 
 
-def all_reduce_scalar(value: float, ctx: CommContext, *, op: str = "sum") -> float:
+def all_reduce_scalar(value: float, g: GroupContext, *, op: str = "sum") -> float:
     """All-reduce one Python float (an fp64 tensor on the context's device)."""
-    if not ctx.is_distributed:
+    if not g.is_distributed:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
-    all_reduce(t, ctx, op=op)
+    t = torch.tensor([value], dtype=torch.float64, device=g.device)
+    all_reduce(t, g, op=op)
     return float(t.item())
 
 
-def reduce_to_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = True) -> Handle:
-    """Sum ``flat`` over ranks so that this rank's chunk of it holds the sum.
+def reduce_to_shard(flat: torch.Tensor, g: GroupContext, *, async_op: bool = True) -> Handle:
+    """Sum ``flat`` over the group so that this rank's chunk of it holds the sum.
 
-    ``flat.numel()`` must be a multiple of the world size; rank r's chunk is
-    ``flat.view(world, -1)[r]``. The other chunks hold unspecified values afterwards.
+    ``flat.numel()`` must be a multiple of the group size; group rank r's chunk is
+    ``flat.view(size, -1)[r]``. The other chunks hold unspecified values afterwards.
     See [Note: reduce-to-shard implementation] in context.py for the gloo choice.
     """
-    if not ctx.is_distributed:
+    if not g.is_distributed:
         return DONE
-    if ctx.reduce_scatter_via_all_reduce:
-        return all_reduce(flat, ctx, async_op=async_op)
-    chunk = flat.view(ctx.world_size, -1)[ctx.rank]
+    if g.policy.reduce_scatter_via_all_reduce:
+        return all_reduce(flat, g, async_op=async_op)
+    chunk = flat.view(g.size, -1)[g.rank]
     name = f"reduce_scatter({flat.numel()} elements)"
     _keep(flat, chunk)
-    with _guard(ctx, name):
-        work = _reduce_scatter_single(chunk, flat, group=ctx.group, async_op=async_op)
-    return Handle(work, ctx, name) if async_op else DONE
+    with _guard(g, name):
+        work = _reduce_scatter_single(chunk, flat, group=g.group, async_op=async_op)
+    return Handle(work, g, name) if async_op else DONE
 
 
 class _Works:
@@ -153,39 +159,39 @@ class _Works:
             w.wait()
 
 
-def all_gather_shard(flat: torch.Tensor, ctx: CommContext, *, async_op: bool = True) -> Handle:
-    """Fill every chunk of ``flat`` from its owner (rank r owns ``flat.view(world, -1)[r]``).
+def all_gather_shard(flat: torch.Tensor, g: GroupContext, *, async_op: bool = True) -> Handle:
+    """Fill every chunk of ``flat`` from its owner (group rank r owns ``flat.view(size, -1)[r]``).
     On gloo every rank broadcasts its chunk (see [Note: all-gather implementation])."""
-    if not ctx.is_distributed:
+    if not g.is_distributed:
         return DONE
-    chunks = flat.view(ctx.world_size, -1)
-    chunk = chunks[ctx.rank]
+    chunks = flat.view(g.size, -1)
+    chunk = chunks[g.rank]
     name = f"all_gather({flat.numel()} elements)"
-    if ctx.all_gather_via_broadcast:
+    if g.policy.all_gather_via_broadcast:
         parts = chunks.unbind(0)
         _keep(flat, *parts)
-        with _guard(ctx, name):
-            works = [dist.broadcast(parts[r], src=r, group=ctx.group, async_op=True)
-                     for r in range(ctx.world_size)]
-        handle = Handle(_Works(works), ctx, name)
+        with _guard(g, name):
+            works = [dist.broadcast(parts[r], src=g.global_rank(r), group=g.group, async_op=True)
+                     for r in range(g.size)]
+        handle = Handle(_Works(works), g, name)
         if not async_op:
             handle.wait()
             return DONE
         return handle
     _keep(flat, chunk)
-    with _guard(ctx, name):
-        work = _all_gather_single(flat, chunk, group=ctx.group, async_op=async_op)
-    return Handle(work, ctx, name) if async_op else DONE
+    with _guard(g, name):
+        work = _all_gather_single(flat, chunk, group=g.group, async_op=async_op)
+    return Handle(work, g, name) if async_op else DONE
 
 
-def broadcast(t: torch.Tensor, ctx: CommContext, *, src: int = 0) -> None:
-    """Copy ``t`` from rank ``src`` into ``t`` on every rank (synchronous)."""
-    if not ctx.is_distributed:
+def broadcast(t: torch.Tensor, g: GroupContext, *, src: int = 0) -> None:
+    """Copy ``t`` from group rank ``src`` into ``t`` on every rank of the group (synchronous)."""
+    if not g.is_distributed:
         return
     name = f"broadcast({t.numel()} elements, src={src})"
     _keep(t)
-    with _guard(ctx, name):
-        dist.broadcast(t, src=src, group=ctx.group)
+    with _guard(g, name):
+        dist.broadcast(t, src=g.global_rank(src), group=g.group)
 
 
 # -- control-plane helpers (small Python objects; checkpoint agreement) ------------------
@@ -195,71 +201,72 @@ def _payload(obj) -> torch.Tensor:
     return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
 
 
-def all_gather_object(obj, ctx: CommContext) -> list:
-    """Every rank's ``obj`` (picklable, small), in rank order (see [Note: tensors outlive
+def all_gather_object(obj, g: GroupContext) -> list:
+    """Every group rank's ``obj`` (picklable, small), in group-rank order (see [Note: tensors outlive
     gloo's works] for why this is not ``dist.all_gather_object``)."""
-    if not ctx.is_distributed:
+    if not g.is_distributed:
         return [obj]
     data = _payload(obj)
-    with _guard(ctx, "all_gather_object"):
-        sizes = torch.zeros(ctx.world_size, dtype=torch.int64, device=ctx.device)
-        sizes[ctx.rank] = data.numel()
-        all_gather_shard(sizes, ctx, async_op=False)
+    with _guard(g, "all_gather_object"):
+        sizes = torch.zeros(g.size, dtype=torch.int64, device=g.device)
+        sizes[g.rank] = data.numel()
+        all_gather_shard(sizes, g, async_op=False)
         longest = int(sizes.max())
-        flat = torch.zeros(ctx.world_size * longest, dtype=torch.uint8, device=ctx.device)
-        flat[ctx.rank * longest:ctx.rank * longest + data.numel()] = data.to(ctx.device)
-        all_gather_shard(flat, ctx, async_op=False)
+        flat = torch.zeros(g.size * longest, dtype=torch.uint8, device=g.device)
+        flat[g.rank * longest:g.rank * longest + data.numel()] = data.to(g.device)
+        all_gather_shard(flat, g, async_op=False)
     host = flat.cpu()
     return [pickle.loads(host[r * longest:r * longest + int(n)].numpy().tobytes())
             for r, n in enumerate(sizes.tolist())]
 
 
-def broadcast_object(obj, ctx: CommContext, src: int = 0):
-    """``obj`` from rank ``src`` on every rank."""
-    if not ctx.is_distributed:
+def broadcast_object(obj, g: GroupContext, src: int = 0):
+    """``obj`` from group rank ``src`` on every rank of the group."""
+    if not g.is_distributed:
         return obj
-    data = _payload(obj) if ctx.rank == src else None
-    with _guard(ctx, f"broadcast_object(src={src})"):
-        size = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64, device=ctx.device)
-        broadcast(size, ctx, src=src)
-        buf = data.to(ctx.device) if data is not None else \
-            torch.empty(int(size.item()), dtype=torch.uint8, device=ctx.device)
-        broadcast(buf, ctx, src=src)
+    data = _payload(obj) if g.rank == src else None
+    with _guard(g, f"broadcast_object(src={src})"):
+        size = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64, device=g.device)
+        broadcast(size, g, src=src)
+        buf = data.to(g.device) if data is not None else \
+            torch.empty(int(size.item()), dtype=torch.uint8, device=g.device)
+        broadcast(buf, g, src=src)
     return pickle.loads(buf.cpu().numpy().tobytes())
 
 
-def barrier(ctx: CommContext, timeout_s: float | None = None) -> None:
-    """Wait for every rank. With ``timeout_s`` (gloo), a rank that does not arrive in time is a
+def barrier(g: GroupContext, timeout_s: float | None = None) -> None:
+    """Wait for every rank of the group. With ``timeout_s`` (gloo), a rank that does not arrive in time is a
     :class:`~shardwise.errors.CollectiveTimeoutError` naming the missing ranks, not a hang.
 
     [Note: monitored barrier] ``monitored_barrier`` exists on gloo only; on NCCL the plain
     barrier is used and the process group's own timeout bounds the wait.
     """
-    if not ctx.is_distributed:
+    if not g.is_distributed:
         return
-    if timeout_s is None or ctx.backend != "gloo":
-        with _guard(ctx, "barrier"):
-            dist.barrier(group=ctx.group)
+    if timeout_s is None or g.backend != "gloo":
+        with _guard(g, "barrier"):
+            dist.barrier(group=g.group)
         return
     import re
     from datetime import timedelta
 
     try:
-        dist.monitored_barrier(group=ctx.group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+        dist.monitored_barrier(group=g.group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as exc:
         text = str(exc)
         m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
-        missing = tuple(int(r) for r in re.findall(r"\d+", m.group(1))) if m else ()
-        if not missing and ctx.rank != 0:
-            missing = (0,)  # rank 0 runs the barrier; a non-zero rank only sees rank 0 gone
+        # torch names group ranks; the error names global ones
+        missing = tuple(g.global_rank(int(r)) for r in re.findall(r"\d+", m.group(1)) if int(r) < g.size) if m else ()
+        if not missing and g.rank != 0:
+            missing = (g.global_rank(0),)  # group rank 0 runs the barrier; the others only see it gone
         raise CollectiveTimeoutError(
-            f"rank {ctx.rank}: ranks {list(missing) or '?'} did not reach the barrier within "
+            f"rank {g.global_rank(g.rank)}: ranks {list(missing) or '?'} did not reach the barrier within "
             f"{timeout_s:g} s ({text.strip().splitlines()[0] if text.strip() else 'timeout'})",
             missing,
         ) from exc
 
 
-def require_all_ranks(ctx: CommContext, call: str, timeout_s: float, error: type = UsageError) -> None:
+def require_all_ranks(g: GroupContext, call: str, timeout_s: float, error: type = UsageError) -> None:
     """Bounded wait for an API every rank must call together (``save_checkpoint``, ...).
 
     A rank that does not arrive within ``timeout_s`` is named in ``error`` ("``call`` must be
@@ -267,9 +274,9 @@ def require_all_ranks(ctx: CommContext, call: str, timeout_s: float, error: type
     in the collective that follows. See [Note: monitored barrier].
     """
     try:
-        barrier(ctx, timeout_s=timeout_s)
+        barrier(g, timeout_s=timeout_s)
     except CollectiveTimeoutError as exc:
         missing = list(exc.missing_ranks) or "?"
         raise error(f"{call} must be called on every rank: rank(s) {missing} did not call it within "
-                    f"{timeout_s:g} s (rank {ctx.rank} is waiting). Call it on all ranks, not only "
+                    f"{timeout_s:g} s (rank {g.global_rank(g.rank)} is waiting). Call it on all ranks, not only "
                     "on rank 0.") from exc

@@ -1,43 +1,42 @@
-"""Process group, device and backend, chosen once and passed explicitly.
+"""Process groups, device and backend, chosen once and passed explicitly.
 
 [Note: one place for the device]
-CUDA + NCCL when a GPU is present, CPU + gloo otherwise. Nothing else in shardwise looks at
-``torch.cuda.is_available()`` or at the backend name; components read ``ctx.device`` and the
-collective choices recorded here.
+CUDA + NCCL when a GPU is present, CPU + gloo otherwise (:func:`pick_device`). Nothing else in
+shardwise looks at ``torch.cuda.is_available()`` or at the backend name to choose; components
+read ``ctx.device`` and the collective choices recorded here (:class:`CommPolicy`).
+See [Note: parallel context] for the mesh and its named dimensions.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.distributed as dist
 
 from shardwise.comm.health import RankHealth
-from shardwise.errors import DistributedSetupError, JoinError
+from shardwise.errors import DistributedSetupError, JoinError, UsageError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 TIMEOUT_ENV = "SHARDWISE_TIMEOUT"
 
 
 @dataclass(frozen=True)
-class CommContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: Literal["gloo", "nccl", "none"]
-    group: "dist.ProcessGroup | None" = None
+class CommPolicy:
+    """How shardwise implements two collectives, decided once per context from the backend and
+    the config (``zero_optimization.reduce_scatter``); nothing changes it later."""
+
     # [Note: reduce-to-shard implementation]
     # gloo's reduce_scatter is about twice as slow as its all_reduce of the same buffer
     # (peers.md; benchmarks/collectives.py re-measures it), so on gloo a rank all-reduces the
     # bucket and keeps its chunk. NCCL's reduce-scatter moves half the data and wins there.
+    # DeepSpeed's ``"reduce_scatter": false`` asks for the plain all-reduce on every backend.
     reduce_scatter_via_all_reduce: bool = True
-    # join check, heartbeats, naming the rank behind a failed collective ([Note: rank health]);
-    # None when the caller built the process group itself
-    health: "RankHealth | None" = field(default=None, compare=False, repr=False)
     # [Note: all-gather implementation]
     # gloo's all_gather is 2-3x slower than every rank broadcasting its own chunk (async, all
     # at once) into the same flat buffer at 2 ranks (240k-4.8M fp32 elements: 1.2 vs 0.55 ms,
@@ -45,15 +44,168 @@ class CommContext:
     # elements (benchmarks/collectives.py). NCCL's all-gather is the right tool there.
     all_gather_via_broadcast: bool = False
 
+    @staticmethod
+    def for_backend(backend: str, reduce_scatter: bool = True) -> "CommPolicy":
+        gloo = backend == "gloo"
+        return CommPolicy(reduce_scatter_via_all_reduce=gloo or not reduce_scatter, all_gather_via_broadcast=gloo)
+
+
+@dataclass(frozen=True)
+class GroupContext:
+    """One process group a collective runs on: this rank's index in it, its size, and the
+    global rank of each member (``global_ranks[i]`` is group rank ``i``)."""
+
+    name: str
+    group: "dist.ProcessGroup | None"  # None: torch's default group (or no process group)
+    rank: int
+    size: int
+    global_ranks: tuple[int, ...]
+    device: torch.device
+    backend: Literal["gloo", "nccl", "none"]
+    policy: CommPolicy = CommPolicy()
+    health: "RankHealth | None" = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.size > 1
+
+    def global_rank(self, group_rank: int) -> int:
+        return self.global_ranks[group_rank]
+
+    @property
+    def is_world(self) -> bool:
+        return self.global_ranks == tuple(range(len(self.global_ranks))) and self.group is None
+
+
+# [Note: parallel context]
+# One ParallelContext per engine holds the device, the backend, the collective policy and a
+# torch DeviceMesh whose dimensions are named: today only "dp" (data parallel); "tp" and "pp"
+# come later. Every other dimension of a user's mesh *replicates*: its coordinates index
+# independent data-parallel groups that never talk to each other during training.
+# For each mesh dimension there is a GroupContext (``ctx.dp``, ``ctx.dim("replica")``): its
+# process group, this rank's *group-local* rank and its size. Collectives (comm/collectives.py)
+# take the GroupContext they run on, index chunks by the group rank, and convert to global
+# ranks only where torch asks for them (broadcast ``src``, monitored barrier, naming a failed
+# rank). ``ctx.world`` is the whole job (start-up fingerprint, checkpoint agreement,
+# auto-resume); ``ctx.rank`` / ``ctx.world_size`` stay the global rank and world size.
+# Who uses which dim: the ZeRO strategies (grad sync, flat buckets and shard padding, stage 3,
+# the backward scale 1/dp, the grad-norm reduction), the data sampler and the batch triangle
+# use ``dp``; zero.Init splits over ``dp``; nothing uses the replicating dims but checkpoints,
+# which refuse more than one replica group for now.
+# Without a process group (a plain single process): no mesh, a trivial dp of size 1.
+DP = "dp"
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int  # global
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: Literal["gloo", "nccl", "none"]
+    policy: CommPolicy
+    world: GroupContext
+    dims: dict[str, GroupContext]
+    mesh: "DeviceMesh | None" = field(default=None, compare=False, repr=False)
+    # join check, heartbeats, naming the rank behind a failed collective ([Note: rank health]);
+    # None when the caller built the process group itself
+    health: "RankHealth | None" = field(default=None, compare=False, repr=False)
+
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def dp(self) -> GroupContext:
+        return self.dims[DP]
 
-def _pick_device(local_rank: int) -> tuple[torch.device, Literal["gloo", "nccl"]]:
+    def dim(self, name: str) -> GroupContext:
+        try:
+            return self.dims[name]
+        except KeyError:
+            raise UsageError(f"the device mesh has no dimension {name!r} (it has {list(self.dims)})") from None
+
+    @property
+    def dp_replicas(self) -> int:
+        """How many independent data-parallel groups the mesh holds (1 for a 1-D dp mesh)."""
+        return self.world_size // self.dp.size
+
+
+def pick_device(local_rank: int = 0, backend: str | None = None) -> tuple[torch.device, Literal["gloo", "nccl"]]:
+    """The device and backend for this process: the one place shardwise decides them.
+
+    ``backend`` given (an existing process group): its device (NCCL -> this local rank's GPU,
+    anything else -> CPU). Otherwise CUDA + NCCL when a GPU is present, CPU + gloo if not. The
+    CLI (``shardwise env``), the launcher (threads per rank) and the RNG state use it too."""
+    if backend is not None:
+        if "nccl" in str(backend).lower():
+            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1)), "nccl"
+        return torch.device("cpu"), "gloo"
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
     return torch.device("cpu"), "gloo"
+
+
+def uses_cuda() -> bool:
+    """Whether :func:`pick_device` would choose a GPU (without creating a process group)."""
+    return pick_device(0)[1] == "nccl"
+
+
+def single_process_context(device: torch.device | None = None) -> ParallelContext:
+    """A plain single process: no process group, no mesh, a dp of size 1."""
+    if device is None:
+        device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))[0]
+    policy = CommPolicy()
+    world = GroupContext("world", None, 0, 1, (0,), device, "none", policy)
+    return ParallelContext(0, 1, 0, device, "none", policy, world, {DP: replace(world, name=DP)})
+
+
+def mesh_dp_size(mesh: "DeviceMesh | None") -> int:
+    """The data-parallel size ``init_context(mesh=mesh)`` will see, known before any
+    communication (the batch triangle is resolved for it); a named UsageError for a mesh
+    without a ``"dp"`` dimension."""
+    if mesh is None:
+        return expected_world_size()
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not isinstance(mesh, DeviceMesh):
+        raise UsageError(f"initialize(mesh=...) must be a torch.distributed.device_mesh.DeviceMesh; "
+                         f"got {type(mesh).__name__}")
+    names = tuple(mesh.mesh_dim_names or ())
+    if DP not in names:
+        raise UsageError(f"the device mesh passed to initialize(mesh=...) has no {DP!r} dimension (its "
+                         f"dimensions: {list(names) or 'unnamed'}). Name the data-parallel dimension "
+                         f"{DP!r}, e.g. init_device_mesh('cpu', (2, 4), mesh_dim_names=('replica', '{DP}')).")
+    return int(mesh.size(names.index(DP)))
+
+
+def _group_context(name: str, group, device: torch.device, backend, policy: CommPolicy,
+                   health: RankHealth | None) -> GroupContext:
+    ranks = tuple(dist.get_process_group_ranks(group))
+    if ranks == tuple(range(dist.get_world_size())):
+        group = None  # the default group: collectives run on it exactly as before meshes
+    return GroupContext(name, group, ranks.index(dist.get_rank()), len(ranks), ranks, device, backend, policy, health)
+
+
+def _mesh_context(mesh: "DeviceMesh | None", policy: CommPolicy, device: torch.device, backend,
+                  local_rank: int, health: RankHealth | None) -> ParallelContext:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if mesh is None:  # the default: one "dp" dimension over the whole world, on torch's default group
+        mesh = DeviceMesh.from_group(dist.group.WORLD, device.type, mesh_dim_names=(DP,))
+    mesh_dp_size(mesh)  # a DeviceMesh with a "dp" dimension
+    names = tuple(mesh.mesh_dim_names)
+    if mesh.mesh.numel() != world:
+        raise UsageError(f"the device mesh covers {mesh.mesh.numel()} ranks but the job has {world}; "
+                         "build it over every rank")
+    if mesh.device_type != device.type:
+        raise UsageError(f"the device mesh is for {mesh.device_type!r} but the process group "
+                         f"({backend}) runs on {device.type!r}; build it with "
+                         f"init_device_mesh({device.type!r}, ...)")
+    dims = {n: _group_context(n, mesh.get_group(n), device, backend, policy, health) for n in names}
+    world_group = GroupContext("world", None, rank, world, tuple(range(world)), device, backend, policy, health)
+    return ParallelContext(rank, world, local_rank, device, backend, policy, world_group, dims, mesh, health)
 
 
 def expected_world_size() -> int:
@@ -81,19 +233,15 @@ def resolve_timeout(config_s: float | None, env: "os._Environ[str] | dict[str, s
     return value
 
 
-def _context_from_group(allow_reduce_scatter: bool, health: RankHealth | None = None) -> CommContext:
-    backend = str(dist.get_backend()).lower()
-    rank, world = dist.get_rank(), dist.get_world_size()
+def _context_from_group(allow_reduce_scatter: bool, health: RankHealth | None = None,
+                        mesh: "DeviceMesh | None" = None) -> ParallelContext:
+    rank = dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if "nccl" in backend:
-        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    device, kind = pick_device(local_rank, backend=str(dist.get_backend()))
+    if kind == "nccl":
         torch.cuda.set_device(device)
-        kind: Literal["gloo", "nccl"] = "nccl"
-    else:
-        device, kind = torch.device("cpu"), "gloo"
-    via_all_reduce = kind == "gloo" or not allow_reduce_scatter
-    return CommContext(rank, world, local_rank, device, kind, None, via_all_reduce, health,
-                       all_gather_via_broadcast=kind == "gloo")
+    policy = CommPolicy.for_backend(kind, reduce_scatter=allow_reduce_scatter)
+    return _mesh_context(mesh, policy, device, kind, local_rank, health)
 
 
 _QUIESCE_REGISTERED = False
@@ -112,16 +260,25 @@ def _register_quiesce() -> None:
         _QUIESCE_REGISTERED = True
 
 
-def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = True) -> CommContext:
-    """Join (or create) the default process group and describe it.
+def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = True,
+                 mesh: "DeviceMesh | None" = None) -> ParallelContext:
+    """Join (or create) the default process group and describe it as a :class:`ParallelContext`.
 
     - A process group already initialised by the caller is used as it is.
     - Under torchrun (``RANK``/``WORLD_SIZE`` set) the group is created from the environment.
-    - Otherwise this is a plain single process: world size 1, no process group.
+    - Otherwise this is a plain single process: world size 1, no process group, no mesh.
+
+    ``mesh``: the caller's DeviceMesh (it needs a ``"dp"`` dimension; see [Note: parallel
+    context]); default: a 1-D mesh named ``("dp",)`` over the whole world.
+    ``allow_reduce_scatter``: the config's ``zero_optimization.reduce_scatter`` (the
+    :class:`CommPolicy` is decided here, once).
     """
     if dist.is_available() and dist.is_initialized():
         _register_quiesce()
-        return _context_from_group(allow_reduce_scatter)
+        return _context_from_group(allow_reduce_scatter, mesh=mesh)
+    if mesh is not None:
+        raise UsageError("initialize(mesh=...) needs the process group that built the mesh; none is "
+                         "initialised in this process")
     env_set = [v for v in _TORCHRUN_VARS if v in os.environ]
     if env_set and len(env_set) < len(_TORCHRUN_VARS):
         missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
@@ -131,9 +288,9 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
             "to run as a single process."
         )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device, backend = _pick_device(local_rank)
+    device, backend = pick_device(local_rank)
     if not env_set:
-        return CommContext(0, 1, 0, device, "none", None, True)
+        return single_process_context(device)
     if backend == "nccl":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s) if timeout_s else dist.default_pg_timeout

@@ -131,11 +131,13 @@ class RankHealth:
         self._store = self._raw = None
 
     # -- after a failure ------------------------------------------------------------------------
-    def suspects(self, wait_s: float = SUSPECT_WAIT_S) -> dict[int, str]:
-        """``{rank: why}`` for ranks that look dead or stuck (see [Note: rank health])."""
+    def suspects(self, wait_s: float = SUSPECT_WAIT_S, among: "tuple[int, ...] | None" = None) -> dict[int, str]:
+        """``{rank: why}`` for ranks that look dead or stuck (see [Note: rank health]); global
+        ranks. ``among``: the global ranks of the group whose collective failed (default: all)."""
         out: dict[int, str] = {}
+        members = set(range(self.world_size) if among is None else among)
         for r, info in sorted(self.peers.items()):
-            if r != self.rank and info.get("host") == self.host:
+            if r != self.rank and r in members and info.get("host") == self.host:
                 why = _describe_local(info)
                 if why:
                     out[r] = why
@@ -144,7 +146,7 @@ class RankHealth:
         try:
             store = dist.PrefixStore(self._prefix, self._raw.clone())
             store.set_timeout(timedelta(seconds=2))
-            others = [r for r in range(self.world_size) if r != self.rank]
+            others = [r for r in sorted(members) if r != self.rank]
             first = {r: store.add(f"hb/{r}", 0) for r in others}
             quiet = set(others)
             deadline = time.monotonic() + wait_s
@@ -156,16 +158,19 @@ class RankHealth:
             return {-1: f"(the rendezvous store is unreachable: {str(exc).splitlines()[0] if str(exc) else exc!r}; "
                         "its host, the launcher or rank 0, may be gone)"}
 
-    def collective_error(self, op: str, exc: BaseException) -> CollectiveError:
-        return collective_error(self.rank, op, exc, self)
+    def collective_error(self, op: str, exc: BaseException, among: "tuple[int, ...] | None" = None
+                         ) -> CollectiveError:
+        return collective_error(self.rank, op, exc, self, among)
 
 
-def collective_error(rank: int, op: str, exc: BaseException, health: RankHealth | None) -> CollectiveError:
-    """The named error for a collective ``op`` that raised ``exc`` on ``rank``; logged at once
-    (the launcher may stop this process before the traceback is printed)."""
+def collective_error(rank: int, op: str, exc: BaseException, health: RankHealth | None,
+                     among: "tuple[int, ...] | None" = None) -> CollectiveError:
+    """The named error for a collective ``op`` that raised ``exc`` on (global) ``rank``; logged
+    at once (the launcher may stop this process before the traceback is printed). ``among``:
+    the global ranks of the group it ran on (suspects are looked for there); None: all."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     timed_out = "timed out" in text.lower() or "timeout" in text.lower()
-    suspects = health.suspects() if health is not None else {}
+    suspects = health.suspects(among=among) if health is not None else {}
     ranks = tuple(r for r in suspects if r >= 0)
     if ranks:
         who = "; ".join(f"rank {r} {why}" for r, why in suspects.items())

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from shardwise.comm.collectives import broadcast
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import GroupContext, ParallelContext
 
 _ALIGN = 16
 CHUNK_BYTES = 64 << 20
@@ -62,32 +62,33 @@ def _chunks(tensors: Iterable[torch.Tensor], chunk_bytes: int) -> Iterator[list[
 
 
 @torch.no_grad()
-def broadcast_tensors(tensors: Iterable[torch.Tensor], ctx: CommContext, *, src: int = 0,
+def broadcast_tensors(tensors: Iterable[torch.Tensor], group: GroupContext, *, src: int = 0,
                       chunk_bytes: int = CHUNK_BYTES) -> None:
-    """Overwrite each tensor, in place, with rank ``src``'s bytes (call on every rank with the
-    same tensors in the same order: shapes and dtypes are checked at start-up)."""
-    if not ctx.is_distributed:
+    """Overwrite each tensor, in place, with group rank ``src``'s bytes (call on every rank of
+    the group with the same tensors in the same order: shapes and dtypes are checked at start-up)."""
+    if not group.is_distributed:
         return
     for batch in _chunks(tensors, chunk_bytes):
         total = sum(_padded(t.numel() * t.element_size()) for t in batch)
-        buf = torch.empty(total, dtype=torch.uint8, device=ctx.device)
+        buf = torch.empty(total, dtype=torch.uint8, device=group.device)
         offsets = []
         at = 0
         for t in batch:
             offsets.append(at)
             at += _padded(t.numel() * t.element_size())
-        if ctx.rank == src:
+        if group.rank == src:
             for t, o in zip(batch, offsets):
                 n = t.numel() * t.element_size()
-                buf[o:o + n].copy_(t.detach().contiguous().view(-1).view(torch.uint8).to(ctx.device))
-        broadcast(buf, ctx, src=src)
-        if ctx.rank != src:
+                buf[o:o + n].copy_(t.detach().contiguous().view(-1).view(torch.uint8).to(group.device))
+        broadcast(buf, group, src=src)
+        if group.rank != src:
             for t, o in zip(batch, offsets):
                 n = t.numel() * t.element_size()
                 t.copy_(buf[o:o + n].view(t.dtype).view(t.shape))
 
 
-def broadcast_module_state(module: nn.Module, ctx: CommContext, *, src: int = 0) -> None:
-    """Every rank's parameters and buffers become rank ``src``'s, bitwise (see [Note: one
-    starting point])."""
-    broadcast_tensors(module_tensors(module), ctx, src=src)
+def broadcast_module_state(module: nn.Module, ctx: ParallelContext, *, src: int = 0) -> None:
+    """Every rank's parameters and buffers become global rank ``src``'s, bitwise (see [Note: one
+    starting point]). Over the whole world: today every mesh dimension replicates the model
+    (dp, and the dims that index independent dp groups); tensor parallelism will narrow this."""
+    broadcast_tensors(module_tensors(module), ctx.world, src=src)

@@ -4,15 +4,16 @@
 raises one :class:`~shardwise.errors.ConfigError` listing every problem (JSON path, what was
 expected, "did you mean" for unknown keys), and returns a frozen :class:`Plan`.
 """
-from shardwise.config.plan import (BatchPlan, CheckpointPlan, LossScalePlan, OptimizerPlan, Plan, PrecisionPlan,
-                                   SchedulerPlan, ZeroPlan)
-from shardwise.config.resolve import load_config, resolve_config
+from shardwise.config.plan import (ActivationCheckpointingPlan, BatchPlan, CheckpointPlan, LossScalePlan,
+                                   OptimizerPlan, Plan, PrecisionPlan, SchedulerPlan, Stage3Policy, ZeroPlan)
+from shardwise.config.resolve import load_config, plan_for, resolve_config
 from shardwise.config.schema import (AUTO_UNRESOLVED, NOT_IMPLEMENTED, UNKNOWN_KEY,
                                      ConfigDeprecationWarning, ConfigWarning, DeepSpeedConfig,
                                      parse_config)
 
 __all__ = [
     "load_config",
+    "plan_for",
     "parse_config",
     "resolve_config",
     "DeepSpeedConfig",
@@ -29,4 +30,6 @@ __all__ = [
     "OptimizerPlan",
     "SchedulerPlan",
     "CheckpointPlan",
+    "ActivationCheckpointingPlan",
+    "Stage3Policy",
 ]

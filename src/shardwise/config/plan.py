@@ -1,12 +1,14 @@
 """Frozen policy objects handed to components after the config is validated and resolved.
 
 Components never see the raw JSON dict: each receives only its own policy. Defaults live in
-``schema.py``; these dataclasses carry resolved values only (no ``"auto"``, no ``None``
-meaning "use the default").
+``schema.py`` only: these dataclasses have no defaults of their own, ``resolve.py`` fills every
+field, and they carry resolved values only (no ``"auto"``, no ``None`` meaning "use the
+default"). Tests build plans through ``shardwise.config.plan_for`` (tests/unit/test_plan_defaults.py
+checks both rules).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 
@@ -24,7 +26,7 @@ class OptimizerPlan:
     """``optimizer {type, params}``; ``type`` is a DeepSpeed name or a torch.optim class name."""
 
     type: str
-    params: tuple[tuple[str, Any], ...] = ()  # sorted (key, value) pairs; lists become tuples
+    params: tuple[tuple[str, Any], ...]  # sorted (key, value) pairs; lists become tuples
 
     def kwargs(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params}
@@ -35,7 +37,7 @@ class SchedulerPlan:
     """``scheduler {type, params}``; DeepSpeed names or a torch.optim.lr_scheduler class name."""
 
     type: str
-    params: tuple[tuple[str, Any], ...] = ()
+    params: tuple[tuple[str, Any], ...]
 
     def kwargs(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.params}
@@ -45,12 +47,12 @@ class SchedulerPlan:
 class LossScalePlan:
     """fp16 loss scaling. ``static_scale`` > 0 means a fixed scale; 0 means dynamic."""
 
-    static_scale: float = 0.0
-    initial_scale_power: int = 16
-    loss_scale_window: int = 1000
-    hysteresis: int = 2
-    consecutive_hysteresis: bool = False
-    min_loss_scale: float = 1.0
+    static_scale: float
+    initial_scale_power: int
+    loss_scale_window: int
+    hysteresis: int
+    consecutive_hysteresis: bool
+    min_loss_scale: float
 
 
 @dataclass(frozen=True)
@@ -64,27 +66,36 @@ class PrecisionPlan:
     dtype by default, as DeepSpeed's, or fp32.
     """
 
-    compute: Literal["fp32", "bf16", "fp16"] = "fp32"
-    loss_scale: LossScalePlan | None = None  # set iff compute == "fp16"
+    compute: Literal["fp32", "bf16", "fp16"]
+    loss_scale: LossScalePlan | None  # set iff compute == "fp16"
     # fp32/bf16: what a NaN/inf loss or gradient norm does ("error" raises, "skip" skips the
     # step on every rank); fp16 always skips and backs the loss scale off
-    nonfinite: Literal["error", "skip"] = "error"
-    grads: Literal["fp32", "bf16", "fp16"] | None = None  # None: the compute dtype
+    nonfinite: Literal["error", "skip"]
+    grads: Literal["fp32", "bf16", "fp16"]  # resolved: the compute dtype unless fp32 is asked for
+
+
+@dataclass(frozen=True)
+class Stage3Policy:
+    """What the stage-3 runtime (``zero/stage3.py``) reads, in elements (see [Note: prefetch]
+    there); built by ``resolve.py`` and handed to ``apply_stage3`` untouched."""
+
+    prefetch_bucket_size: int | None  # None: the next unit only (config key unset)
+    param_persistence_threshold: int  # smaller parameters stay whole on every rank
+    max_live_parameters: int
+    max_reuse_distance: int
+    overlap_comm: bool
+    max_pending_reductions: int  # gradient reductions in flight with overlap_comm (not a key)
 
 
 @dataclass(frozen=True)
 class ZeroPlan:
-    stage: Literal[0, 1, 2, 3] = 0
-    reduce_bucket_size: int = 2_000_000  # elements (see schema.py [Note: bucket default])
-    allgather_bucket_size: int = 500_000_000  # elements
-    overlap_comm: bool = True
-    contiguous_gradients: bool = True
-    reduce_scatter: bool = True
-    # stage 3 (elements; see [Note: prefetch] in zero/stage3.py)
-    prefetch_bucket_size: int | None = None  # None: the next unit only (see [Note: prefetch])
-    param_persistence_threshold: int = 0
-    max_live_parameters: int = 1_000_000_000
-    max_reuse_distance: int = 1_000_000_000
+    stage: Literal[0, 1, 2, 3]
+    reduce_bucket_size: int  # elements (see schema.py [Note: bucket default])
+    allgather_bucket_size: int  # elements
+    overlap_comm: bool
+    contiguous_gradients: bool
+    reduce_scatter: bool
+    stage3: Stage3Policy  # the stage3_* keys (read at stage 3 only)
 
 
 @dataclass(frozen=True)
@@ -94,10 +105,10 @@ class CheckpointPlan:
     ``auto_resume`` ``initialize()`` loads the latest commit in ``dir`` when there is one; with
     ``save_interval`` the engine saves to ``dir`` every N optimizer steps."""
 
-    keep_last: int | None = None
-    dir: str | None = None
-    auto_resume: bool = False
-    save_interval: int | None = None
+    keep_last: int | None
+    dir: str | None
+    auto_resume: bool
+    save_interval: int | None
 
 
 @dataclass(frozen=True)
@@ -106,9 +117,9 @@ class ActivationCheckpointingPlan:
     None, ``"blocks"`` or class names; every ``every``-th) and whether the saved inputs go to
     host memory (see ``shardwise/checkpointing.py``)."""
 
-    modules: str | tuple[str, ...] | None = None
-    every: int = 1
-    cpu_checkpointing: bool = False
+    modules: str | tuple[str, ...] | None
+    every: int
+    cpu_checkpointing: bool
 
 
 @dataclass(frozen=True)
@@ -117,13 +128,13 @@ class Plan:
 
     world_size: int
     batch: BatchPlan
-    zero: ZeroPlan = field(default_factory=ZeroPlan)
-    precision: PrecisionPlan = field(default_factory=PrecisionPlan)
-    optimizer: OptimizerPlan | None = None
-    scheduler: SchedulerPlan | None = None
-    gradient_clipping: float = 1.0  # 0 disables clipping (the schema's default, as DeepSpeed's)
-    steps_per_print: int = 10
-    wall_clock_breakdown: bool = False
-    checkpoint: CheckpointPlan = field(default_factory=CheckpointPlan)
-    activation_checkpointing: ActivationCheckpointingPlan = field(default_factory=ActivationCheckpointingPlan)
-    comms_timeout_s: float | None = None  # process-group timeout (None: torch's default)
+    zero: ZeroPlan
+    precision: PrecisionPlan
+    optimizer: OptimizerPlan | None  # None: no optimizer section
+    scheduler: SchedulerPlan | None  # None: no scheduler section
+    gradient_clipping: float  # 0 disables clipping
+    steps_per_print: int
+    wall_clock_breakdown: bool
+    checkpoint: CheckpointPlan
+    activation_checkpointing: ActivationCheckpointingPlan
+    comms_timeout_s: float | None  # process-group timeout (None: torch's default)

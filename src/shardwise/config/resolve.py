@@ -13,9 +13,9 @@ import warnings
 from typing import Any, Optional, Union
 
 from shardwise.config.plan import (ActivationCheckpointingPlan, BatchPlan, CheckpointPlan, LossScalePlan,
-                                   OptimizerPlan, Plan, PrecisionPlan, SchedulerPlan, ZeroPlan)
-from shardwise.config.schema import (NOT_IMPLEMENTED, ConfigWarning, emit_warnings, parse_document,
-                                     sorted_problems)
+                                   OptimizerPlan, Plan, PrecisionPlan, SchedulerPlan, Stage3Policy, ZeroPlan)
+from shardwise.config.schema import (NOT_IMPLEMENTED, STAGE3_MAX_PENDING_REDUCTIONS, CheckpointSection,
+                                     ConfigWarning, emit_warnings, parse_document, sorted_problems)
 from shardwise.errors import ConfigError, ConfigProblem, UsageError
 
 Source = Union[str, "os.PathLike[str]", dict]
@@ -44,6 +44,15 @@ def load_config(source: Source, world_size: int) -> Plan:
     if problems or plan is None:
         raise ConfigError(sorted_problems(problems))
     return plan
+
+
+def plan_for(config: dict, world_size: int = 1) -> Plan:
+    """:func:`load_config` of a dict, for tests and tools that need a :class:`Plan` (the plan
+    dataclasses have no defaults of their own): with no batch key in ``config``,
+    ``train_micro_batch_size_per_gpu`` is 1."""
+    if not any(k in config for k in (_TB, _MB, _GAS)):
+        config = {_MB: 1, **config}
+    return load_config(config, world_size)
 
 
 def resolve_config(config: Any, world_size: int) -> Plan:
@@ -110,8 +119,8 @@ def _activation_checkpointing(ac: Any) -> ActivationCheckpointingPlan:
 
 def _checkpoint(ck: Any, problems: list[ConfigProblem], broken: frozenset[str]
                 ) -> CheckpointPlan:
-    if ck is None:
-        return CheckpointPlan()
+    if ck is None:  # no section: its defaults
+        ck = CheckpointSection()
     for key in ("auto_resume", "save_interval"):
         if getattr(ck, key) and not ck.dir and not _hit(broken, "checkpoint.dir"):
             problems.append(ConfigProblem(f"checkpoint.{key}", f"needs checkpoint.dir (where "
@@ -188,10 +197,8 @@ def _precision(cfg: Any, problems: list[ConfigProblem], broken: frozenset[str]
             f"can be kept in the compute dtype ({compute}) or in fp32",
             f'remove the key (gradients in {compute}) or set "fp32"'))
         return None
-    if bf16.enabled:
-        return PrecisionPlan(compute="bf16", grads=grads, nonfinite=cfg.nonfinite)
     if not fp16.enabled:
-        return PrecisionPlan(compute="fp32", grads=grads, nonfinite=cfg.nonfinite)
+        return PrecisionPlan(compute=compute, grads=grads, nonfinite=cfg.nonfinite, loss_scale=None)
     return PrecisionPlan(compute="fp16", grads=grads, nonfinite=cfg.nonfinite, loss_scale=LossScalePlan(
         static_scale=float(fp16.loss_scale), initial_scale_power=fp16.initial_scale_power,
         loss_scale_window=fp16.loss_scale_window, hysteresis=fp16.hysteresis,
@@ -200,9 +207,8 @@ def _precision(cfg: Any, problems: list[ConfigProblem], broken: frozenset[str]
 
 
 def _zero(zero: Any, problems: list[ConfigProblem]) -> Optional[ZeroPlan]:
-    # shardwise overlaps gradient reduction with backward by default at every stage (DeepSpeed
-    # turns it on by default only at stage 3); "overlap_comm": false reduces after backward.
-    overlap = zero.overlap_comm if zero.overlap_comm is not None else True
+    # the schema's default (True: shardwise overlaps at every stage) also for an explicit null
+    overlap = zero.overlap_comm if zero.overlap_comm is not None else type(zero).model_fields["overlap_comm"].default
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         if getattr(zero, key) < 1:
             problems.append(ConfigProblem(f"zero_optimization.{key}", "must be at least 1 element, got 0",
@@ -222,14 +228,15 @@ def _zero(zero: Any, problems: list[ConfigProblem]) -> Optional[ZeroPlan]:
     return ZeroPlan(stage=zero.stage, reduce_bucket_size=zero.reduce_bucket_size,
                     allgather_bucket_size=zero.allgather_bucket_size, overlap_comm=overlap,
                     contiguous_gradients=zero.contiguous_gradients,
-                    reduce_scatter=zero.reduce_scatter,
-                    # unset: gather one unit ahead (measured fastest; DeepSpeed's 5e7 elements
-                    # gathers a 25M model's every unit at once); set: DeepSpeed's meaning
-                    prefetch_bucket_size=(zero.stage3_prefetch_bucket_size
-                                          if "stage3_prefetch_bucket_size" in zero.model_fields_set else None),
-                    param_persistence_threshold=zero.stage3_param_persistence_threshold,
-                    max_live_parameters=zero.stage3_max_live_parameters,
-                    max_reuse_distance=zero.stage3_max_reuse_distance)
+                    reduce_scatter=zero.reduce_scatter, stage3=Stage3Policy(
+                        # unset: gather one unit ahead (measured fastest; DeepSpeed's 5e7 elements
+                        # gathers a 25M model's every unit at once); set: DeepSpeed's meaning
+                        prefetch_bucket_size=(zero.stage3_prefetch_bucket_size
+                                              if "stage3_prefetch_bucket_size" in zero.model_fields_set else None),
+                        param_persistence_threshold=zero.stage3_param_persistence_threshold,
+                        max_live_parameters=zero.stage3_max_live_parameters,
+                        max_reuse_distance=zero.stage3_max_reuse_distance, overlap_comm=overlap,
+                        max_pending_reductions=STAGE3_MAX_PENDING_REDUCTIONS))
 
 
 def _frozen(value: Any) -> Any:
@@ -285,4 +292,4 @@ def _names(key: Any, message: str) -> bool:
     return re.search(rf"(?<![\w.]){re.escape(str(key))}(?!\w)", message) is not None
 
 
-__all__ = ["load_config", "resolve_config"]
+__all__ = ["load_config", "resolve_config", "plan_for"]

@@ -139,9 +139,16 @@ class _ZeroBase(_Model):
     # after backward. 2e6 elements (8 MB fp32) measured best at 1M and 25M (benchmarks/README.md).
     reduce_bucket_size: _Elements = 2_000_000  # elements
     allgather_bucket_size: _Elements = 500_000_000  # elements
-    overlap_comm: typed("bool", nullable=True) = None  # None: DeepSpeed's stage default
+    # shardwise overlaps gradient reduction with backward at every stage (DeepSpeed by default
+    # only at stage 3); false reduces after backward; an explicit null reads as this default
+    overlap_comm: typed("bool", nullable=True) = True
     contiguous_gradients: Bool = True
     reduce_scatter: Bool = True
+
+
+# Not a config key: how many stage-3 gradient reductions may be in flight with overlap_comm
+# (zero/stage3.py); resolve.py puts it into the Stage3Policy.
+STAGE3_MAX_PENDING_REDUCTIONS = 2
 
 
 ZeroSection = create_model("ZeroSection", __base__=_ZeroBase, **{
@@ -219,6 +226,18 @@ class _TopLevel(_Model):
 DeepSpeedConfig = create_model("DeepSpeedConfig", __base__=_TopLevel, **{
     k: _catalogue_field(k, e) for k, e in K.TOP_LEVEL.items()})
 DeepSpeedConfig.__doc__ = "A validated DeepSpeed config document (every section, defaults filled)."
+
+
+def default(path: str) -> Any:
+    """The schema's default of the key at dotted ``path`` (``"zero_optimization.reduce_bucket_size"``):
+    for code outside the config (the estimator, the planner) that needs a default without a
+    config document, so that each default is written once."""
+    model: Any = DeepSpeedConfig
+    *sections, key = path.split(".")
+    for name in sections:
+        model = _submodel(model.model_fields[name])
+    field = model.model_fields[key]
+    return field.get_default(call_default_factory=True)
 
 
 def _field_kind(field: Any) -> Optional[str]:
@@ -505,6 +524,6 @@ def parse_config(source: Any) -> Any:
 
 __all__ = ["DeepSpeedConfig", "ZeroSection", "FP16Section", "BF16Section", "OptimizerSection",
            "SchedulerSection", "ParsedDocument", "parse_document", "parse_config",
-           "sorted_problems", "emit_warnings",
+           "sorted_problems", "emit_warnings", "default", "STAGE3_MAX_PENDING_REDUCTIONS",
            "ConfigWarning", "ConfigDeprecationWarning", "NOT_IMPLEMENTED", "AUTO_UNRESOLVED",
            "UNKNOWN_KEY"]

@@ -218,9 +218,9 @@ def needs_standalone(run: RunArgs, env: Mapping[str, str]) -> bool:
 
 
 def _cuda_available() -> bool:
-    import torch
+    from shardwise.comm.context import uses_cuda  # the device choice initialize() makes
 
-    return torch.cuda.is_available()
+    return uses_cuda()
 
 
 def build_torchrun_command(

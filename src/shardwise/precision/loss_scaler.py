@@ -124,7 +124,9 @@ class DynamicLossScaler(LossScaler):
 def make_loss_scaler(plan: PrecisionPlan) -> LossScaler:
     if plan.compute != "fp16":
         return NoLossScaler(plan.nonfinite)
-    ls = plan.loss_scale or LossScalePlan()
+    ls = plan.loss_scale
+    if ls is None:  # resolve.py always sets it for fp16
+        raise ValueError("an fp16 PrecisionPlan needs its loss_scale (build plans with shardwise.config.load_config)")
     if ls.static_scale > 0:
         return StaticLossScaler(ls.static_scale)
     return DynamicLossScaler(ls)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from shardwise.comm.buckets import BucketLayout
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import GroupContext
 
 
 class FlatBucket:
@@ -27,7 +27,7 @@ class FlatBucket:
         index: int,
         layout: BucketLayout,
         params: Sequence[nn.Parameter],
-        ctx: CommContext,
+        dp: GroupContext,
         *,
         sharded: bool,
         master_dtype: torch.dtype = torch.float32,
@@ -43,7 +43,7 @@ class FlatBucket:
                 view = self.param_flat[slot.offset : slot.offset + slot.numel]
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view_as(p)
-        self.lo, self.hi = layout.chunk_range(ctx.rank, ctx.world_size) if sharded else (0, layout.padded_numel)
+        self.lo, self.hi = layout.chunk_range(dp.rank, dp.size) if sharded else (0, layout.padded_numel)
         self.mixed = dtype != master_dtype
         own = self.param_flat[self.lo : self.hi]
         master = own.detach().to(master_dtype).clone() if self.mixed else own

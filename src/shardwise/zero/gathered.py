@@ -5,7 +5,9 @@ does not arrive within the communication timeout is named in a :class:`UsageErro
 the others hanging. With ``modifier_rank=r``, rank r's values are broadcast on exit and every
 rank takes its shard (and fp32 master) from them; without it, changes are discarded. Parameters
 that are not sharded by stage 3 (other stages, persistent parameters, plain models) pass
-through untouched, so the same code runs at every stage.
+through untouched, so the same code runs at every stage. "Every rank" and ``modifier_rank`` are
+about the data-parallel group the parameters are sharded over (``ctx.dp``; the whole job
+unless ``initialize(mesh=...)`` split it): ``modifier_rank`` is a rank within that group.
 
 Parameters still being built under ``shardwise.zero.Init`` (before ``shardwise.initialize``) are
 held whole on every rank for the duration (one gather each on entry): operations inside read
@@ -25,8 +27,8 @@ from shardwise.zero.stage3 import runtime_of
 _WAIT_S = 300.0  # bounded by the process-group timeout (comms_timeout / SHARDWISE_TIMEOUT) when shorter
 
 
-def _wait_s(ctx) -> float:
-    configured = ctx.health.timeout_s if ctx.health is not None else None
+def _wait_s(group) -> float:
+    configured = group.health.timeout_s if group.health is not None else None
     return min(_WAIT_S, configured) if configured else _WAIT_S
 
 
@@ -57,11 +59,11 @@ class GatheredParameters:
                     units.append(unit)
         for rt, units in self._held.values():
             units.sort(key=lambda u: u.index)  # the same gather order on every rank
-            require_all_ranks(rt.ctx, "shardwise.zero.GatheredParameters", _wait_s(rt.ctx))
+            require_all_ranks(rt.dp, "shardwise.zero.GatheredParameters", _wait_s(rt.dp))
             rt.hold(units)
         if self._init_held:
-            ctx = self._init_held[0].ctx
-            require_all_ranks(ctx, "shardwise.zero.GatheredParameters", _wait_s(ctx))
+            dp = self._init_held[0].ctx.dp
+            require_all_ranks(dp, "shardwise.zero.GatheredParameters", _wait_s(dp))
             for p in self._init_held:
                 p.hold()
         return self

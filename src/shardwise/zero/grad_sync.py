@@ -29,27 +29,27 @@ from typing import Callable, Sequence
 import torch
 
 from shardwise.comm.collectives import Handle, all_reduce, reduce_to_shard
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import GroupContext
 from shardwise.errors import UsageError
 from shardwise.zero.flat_bucket import FlatBucket
 
-ReduceFn = Callable[[torch.Tensor, CommContext], Handle]
+ReduceFn = Callable[[torch.Tensor, GroupContext], Handle]
 
 
-def all_reduce_async(t: torch.Tensor, ctx: CommContext) -> Handle:
-    return all_reduce(t, ctx, async_op=True)
+def all_reduce_async(t: torch.Tensor, dp: GroupContext) -> Handle:
+    return all_reduce(t, dp, async_op=True)
 
 
-def reduce_to_shard_async(t: torch.Tensor, ctx: CommContext) -> Handle:
-    return reduce_to_shard(t, ctx, async_op=True)
+def reduce_to_shard_async(t: torch.Tensor, dp: GroupContext) -> Handle:
+    return reduce_to_shard(t, dp, async_op=True)
 
 
 class _GradSyncBase:
     """Readiness counting and in-order launching shared by both gradient layouts."""
 
-    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool):
+    def __init__(self, buckets: Sequence[FlatBucket], dp: GroupContext, *, overlap: bool):
         self.buckets = list(buckets)
-        self.ctx = ctx
+        self.dp = dp  # the data-parallel group gradients are reduced over
         self.overlap = overlap
         self._expected = [len(b.params) for b in self.buckets]
         self._pending = list(self._expected)
@@ -132,14 +132,14 @@ class _GradSyncBase:
 class FullGradSync(_GradSyncBase):
     """Stages 0 and 1: a full gradient buffer per bucket, reduced at the boundary."""
 
-    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool, reduce_fn: ReduceFn,
+    def __init__(self, buckets: Sequence[FlatBucket], dp: GroupContext, *, overlap: bool, reduce_fn: ReduceFn,
                  grad_dtype: torch.dtype = torch.float32):
         self.grad_flats = [torch.zeros(b.layout.padded_numel, dtype=grad_dtype, device=b.param_flat.device)
                            for b in buckets]
         self._reduce_fn = reduce_fn
         self._handles: list[Handle] = []
         self._views = [b.param_flat.dtype == grad_dtype for b in buckets]  # p.grad is a view
-        super().__init__(buckets, ctx, overlap=overlap)
+        super().__init__(buckets, dp, overlap=overlap)
         self.attach_grad_views()
 
     def opt_grads(self) -> list[torch.Tensor]:
@@ -165,7 +165,7 @@ class FullGradSync(_GradSyncBase):
     def _launch(self, bucket: FlatBucket) -> None:
         if self._frozen(bucket):
             return
-        self._handles.append(self._reduce_fn(self.grad_flats[bucket.index], self.ctx))
+        self._handles.append(self._reduce_fn(self.grad_flats[bucket.index], self.dp))
 
     def before_backward(self, sync: bool) -> None:
         self._sync = sync
@@ -209,7 +209,7 @@ class ShardGradSync(_GradSyncBase):
 
     POOL_SIZE = 4
 
-    def __init__(self, buckets: Sequence[FlatBucket], ctx: CommContext, *, overlap: bool,
+    def __init__(self, buckets: Sequence[FlatBucket], dp: GroupContext, *, overlap: bool,
                  grad_dtype: torch.dtype = torch.float32):
         self.grad_dtype = grad_dtype
         self.grad_shards = [torch.zeros(b.numel, dtype=grad_dtype, device=b.param_flat.device) for b in buckets]
@@ -218,7 +218,7 @@ class ShardGradSync(_GradSyncBase):
         self._gaps = [self._uncovered(b) for b in buckets]
         self._staging: dict[int, torch.Tensor] = {}  # bucket index -> staging buffer in use
         self._in_flight: deque[tuple[FlatBucket, torch.Tensor, Handle]] = deque()
-        super().__init__(buckets, ctx, overlap=overlap)
+        super().__init__(buckets, dp, overlap=overlap)
 
     def opt_grads(self) -> list[torch.Tensor]:
         return list(self.grad_shards)
@@ -278,7 +278,7 @@ class ShardGradSync(_GradSyncBase):
             if not fired[i]:  # no gradient this backward (unused parameter): contributes zeros
                 bucket.param_view(i, view).zero_()
         full = self._staging.pop(bucket.index)
-        self._in_flight.append((bucket, full, reduce_to_shard(view, self.ctx, async_op=True)))
+        self._in_flight.append((bucket, full, reduce_to_shard(view, self.dp, async_op=True)))
 
     def _drain_one(self) -> None:
         bucket, full, handle = self._in_flight.popleft()

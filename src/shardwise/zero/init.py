@@ -48,7 +48,7 @@ from torch.nn.modules.module import (register_module_buffer_registration_hook,
 from torch.utils._pytree import tree_map
 
 from shardwise.comm.collectives import all_gather_shard, broadcast
-from shardwise.comm.context import CommContext, init_context
+from shardwise.comm.context import ParallelContext, init_context
 from shardwise.errors import UsageError
 from shardwise.zero.sharded_params import ShardedParameter
 
@@ -60,11 +60,12 @@ def _is_meta(t: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def broadcast_from_rank0(tensors: Iterable[torch.Tensor], ctx: CommContext) -> None:
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor], ctx: ParallelContext) -> None:
     """Give every tensor rank 0's values, in place (collective: same tensors, same order on
-    every rank). Large contiguous tensors are broadcast in their own storage (no copy); small
-    ones are packed as bytes into one buffer per ~1 MiB."""
-    if ctx.world_size == 1:
+    every rank of the data-parallel group ``ctx.dp``). Large contiguous tensors are broadcast in
+    their own storage (no copy); small ones are packed as bytes into one buffer per ~1 MiB."""
+    dp = ctx.dp
+    if dp.size == 1:
         return
     batch: list[torch.Tensor] = []
     size = 0
@@ -73,8 +74,8 @@ def broadcast_from_rank0(tensors: Iterable[torch.Tensor], ctx: CommContext) -> N
         nonlocal batch, size
         if not batch:
             return
-        flat = torch.cat([t.detach().contiguous().to(ctx.device).reshape(-1).view(torch.uint8) for t in batch])
-        broadcast(flat, ctx, src=0)
+        flat = torch.cat([t.detach().contiguous().to(dp.device).reshape(-1).view(torch.uint8) for t in batch])
+        broadcast(flat, dp, src=0)
         off = 0
         for t in batch:
             n = t.numel() * t.element_size()
@@ -84,9 +85,9 @@ def broadcast_from_rank0(tensors: Iterable[torch.Tensor], ctx: CommContext) -> N
 
     for t in tensors:
         n = t.numel() * t.element_size()
-        if n >= _BATCH_BYTES and t.is_contiguous() and t.device == ctx.device:
+        if n >= _BATCH_BYTES and t.is_contiguous() and t.device == dp.device:
             d = t.detach()
-            broadcast(d.view(torch.uint8) if d.dtype == torch.bool else d, ctx, src=0)
+            broadcast(d.view(torch.uint8) if d.dtype == torch.bool else d, dp, src=0)
             continue
         batch.append(t)
         size += n
@@ -107,13 +108,15 @@ class _Store:
         self.holds = 0
 
 
-def _chunk_of(full: torch.Tensor, ctx: CommContext, into: torch.Tensor | None = None) -> torch.Tensor:
-    """This rank's padded chunk of ``full`` (written into ``into`` when it has the right size)."""
+def _chunk_of(full: torch.Tensor, ctx: ParallelContext, into: torch.Tensor | None = None) -> torch.Tensor:
+    """This rank's padded chunk of ``full`` (written into ``into`` when it has the right size);
+    split over the data-parallel group."""
     n = full.numel()
-    per = -(-n // ctx.world_size)
+    dp = ctx.dp
+    per = -(-n // dp.size)
     if into is None or into.numel() != per or into.dtype != full.dtype:
-        into = torch.zeros(per, dtype=full.dtype, device=ctx.device)
-    lo, hi = min(ctx.rank * per, n), min((ctx.rank + 1) * per, n)
+        into = torch.zeros(per, dtype=full.dtype, device=dp.device)
+    lo, hi = min(dp.rank * per, n), min((dp.rank + 1) * per, n)
     into[:hi - lo].copy_(full.detach().reshape(-1)[lo:hi])
     return into
 
@@ -122,18 +125,18 @@ class InitParameter(ShardedParameter):
     """A parameter split across ranks during construction under :class:`Init`."""
 
     store: _Store
-    ctx: CommContext
+    ctx: ParallelContext
 
     @staticmethod
     def __new__(cls, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
-                requires_grad: bool, chunk: "torch.Tensor | _Store | None", ctx: CommContext):
+                requires_grad: bool, chunk: "torch.Tensor | _Store | None", ctx: ParallelContext):
         t = ShardedParameter.__new__(cls, name, shape, dtype, device, requires_grad)
         t.store = chunk if isinstance(chunk, _Store) else _Store(chunk)
         t.ctx = ctx
         return t
 
     @staticmethod
-    def split(t: torch.Tensor, name: str, ctx: CommContext) -> "InitParameter":
+    def split(t: torch.Tensor, name: str, ctx: ParallelContext) -> "InitParameter":
         """Keep this rank's chunk of ``t`` (``t`` as it is on this rank: see
         :func:`broadcast_from_rank0` for making it rank 0's first)."""
         out = InitParameter(name, t.shape, t.dtype, ctx.device, t.requires_grad, _chunk_of(t, ctx), ctx)
@@ -155,21 +158,21 @@ class InitParameter(ShardedParameter):
         """The whole tensor (collective unless held: every rank must call it for the same parameter)."""
         if self.store.held is not None:
             return self.store.held
-        chunk, world = self.chunk, self.ctx.world_size
-        if world == 1:
+        chunk, dp = self.chunk, self.ctx.dp
+        if dp.size == 1:
             return chunk[:self.numel()].view(self.shape)
-        flat = torch.empty(chunk.numel() * world, dtype=self.dtype, device=chunk.device)
-        flat.view(world, -1)[self.ctx.rank].copy_(chunk)
-        all_gather_shard(flat, self.ctx, async_op=False)
+        flat = torch.empty(chunk.numel() * dp.size, dtype=self.dtype, device=chunk.device)
+        flat.view(dp.size, -1)[dp.rank].copy_(chunk)
+        all_gather_shard(flat, dp, async_op=False)
         return flat[:self.numel()].view(self.shape)
 
     def _keep(self, full: torch.Tensor) -> None:
         """``full`` was written: take rank 0's version and keep this rank's chunk of it."""
         if self.store.held is not None:
             return  # held: the write went into the held tensor; released later
-        if self.ctx.world_size > 1:
+        if self.ctx.dp.size > 1:
             full = full.contiguous()
-            broadcast(full.view(torch.uint8) if full.dtype == torch.bool else full, self.ctx, src=0)
+            broadcast(full.view(torch.uint8) if full.dtype == torch.bool else full, self.ctx.dp, src=0)
         _chunk_of(full, self.ctx, into=self.store.chunk)
 
     # -- `p.data` / `p.data = t` ---------------------------------------------------------------
@@ -190,7 +193,7 @@ class InitParameter(ShardedParameter):
             store.held, store.holds = new.detach().to(self.ctx.device), self.store.holds
         else:
             full = new.detach().to(self.ctx.device)
-            if self.ctx.world_size > 1:
+            if self.ctx.dp.size > 1:
                 full = full.clone()
                 broadcast_from_rank0([full], self.ctx)
             store = _Store(_chunk_of(full, self.ctx))
@@ -220,12 +223,12 @@ class InitParameter(ShardedParameter):
             return
         src = 0 if modifier_rank is None else modifier_rank
         held = held.contiguous()
-        if self.ctx.world_size > 1:
-            broadcast(held.view(torch.uint8) if held.dtype == torch.bool else held, self.ctx, src=src)
+        if self.ctx.dp.size > 1:
+            broadcast(held.view(torch.uint8) if held.dtype == torch.bool else held, self.ctx.dp, src=src)
         store.chunk = _chunk_of(held, self.ctx, into=store.chunk)
 
     def __repr__(self, *, tensor_contents=None) -> str:
-        return f"InitParameter({self.sw_name!r}, shape={tuple(self.shape)}, split across {self.ctx.world_size} ranks)"
+        return f"InitParameter({self.sw_name!r}, shape={tuple(self.shape)}, split across {self.ctx.dp.size} ranks)"
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -271,7 +274,7 @@ class Init:
     ``shardwise.initialize`` with ZeRO stage 3. ``enabled=False`` builds normally.
     Requires the process group (torchrun, or ``run_distributed`` in tests)."""
 
-    def __init__(self, config: Any = None, enabled: bool = True, ctx: CommContext | None = None, **_ignored):
+    def __init__(self, config: Any = None, enabled: bool = True, ctx: ParallelContext | None = None, **_ignored):
         self.enabled = enabled
         self.ctx = ctx
         self._hooks: list = []

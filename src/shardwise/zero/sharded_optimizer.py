@@ -40,7 +40,7 @@ from typing import Sequence
 import torch
 
 from shardwise.comm.collectives import all_gather_shard, all_reduce_scalar
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import GroupContext
 from shardwise.errors import UsageError
 from shardwise.precision.loss_scaler import LossScaler
 from shardwise.zero.flat_bucket import FlatBucket
@@ -89,7 +89,7 @@ class ShardedStep:
         self,
         buckets: Sequence[FlatBucket],
         optimizer: torch.optim.Optimizer,
-        ctx: CommContext,
+        dp: GroupContext,
         scaler: LossScaler,
         grads: Sequence[torch.Tensor],
         *,
@@ -99,7 +99,7 @@ class ShardedStep:
     ):
         self.buckets = list(buckets)
         self.optimizer = optimizer
-        self.ctx = ctx
+        self.dp = dp  # the data-parallel group the chunks are split over
         self.scaler = scaler
         self.grads_sharded = grads_sharded
         self.params_sharded = params_sharded
@@ -112,7 +112,7 @@ class ShardedStep:
         else:
             norms = torch._foreach_norm(self._grads, 2.0, dtype=torch.float32)
             local = float(torch.stack(norms).double().pow(2).sum())
-        return all_reduce_scalar(local, self.ctx) if self.grads_sharded else local
+        return all_reduce_scalar(local, self.dp) if self.grads_sharded else local
 
     def step(self, step_index: int) -> StepResult:
         frozen = frozen_buckets(self.buckets)  # before any collective: every rank raises alike
@@ -139,7 +139,7 @@ class ShardedStep:
         for b in self.buckets:
             b.copy_master_to_params()
         if self.params_sharded:
-            handles = [all_gather_shard(b.param_flat, self.ctx, async_op=True) for b in self.buckets]
+            handles = [all_gather_shard(b.param_flat, self.dp, async_op=True) for b in self.buckets]
             for h in handles:
                 h.wait()
         return StepResult(True, norm)

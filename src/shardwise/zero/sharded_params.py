@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from shardwise.comm.buckets import BucketLayout
 from shardwise.comm.collectives import DONE, Handle, all_gather_shard
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import GroupContext
 from shardwise.errors import UsageError
 
 
@@ -124,16 +124,16 @@ class FlatShard:
     checkpoint code reads them (``layout``, ``params``, ``lo``, ``hi``, ``opt_param``).
     """
 
-    def __init__(self, index: int, layout: BucketLayout, values: Sequence[torch.Tensor | None], ctx: CommContext,
+    def __init__(self, index: int, layout: BucketLayout, values: Sequence[torch.Tensor | None], dp: GroupContext,
                  *, dtype: torch.dtype, device: torch.device, trainable: bool, resident: bool,
                  master_dtype: torch.dtype = torch.float32, grad_dtype: torch.dtype = torch.float32):
         self.index = index
         self.layout = layout
-        self.ctx = ctx
+        self.dp = dp  # the data-parallel group the shard is split over
         self.dtype = dtype
         self.trainable = trainable
         self.resident = resident
-        self.lo, self.hi = layout.chunk_range(ctx.rank, ctx.world_size)
+        self.lo, self.hi = layout.chunk_range(dp.rank, dp.size)
         self.params: list[torch.Tensor] = []  # what the module registers (placeholders / full); set by the unit
         # (a zero.Init parameter is gathered by `reshape` here, one parameter at a time)
         full = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
@@ -146,7 +146,7 @@ class FlatShard:
             self.shard = full[self.lo:self.hi]
         else:
             self.full_flat = None
-            self.shard = chunk.clone() if ctx.world_size > 1 else chunk
+            self.shard = chunk.clone() if dp.size > 1 else chunk
         self.mixed = dtype != master_dtype
         if trainable:
             master = self.shard.detach().to(master_dtype).clone() if self.mixed else self.shard
@@ -233,11 +233,11 @@ class FlatShard:
         """A full flat buffer of this shard's parameters and the handle that fills it."""
         if self.full_flat is not None:
             return self.full_flat, DONE
-        if self.ctx.world_size == 1:
+        if self.dp.size == 1:
             return self.shard, DONE
         flat = torch.empty(self.layout.padded_numel, dtype=self.dtype, device=self.shard.device)
         flat[self.lo:self.hi].copy_(self.shard)
-        return flat, all_gather_shard(flat, self.ctx, async_op=True)
+        return flat, all_gather_shard(flat, self.dp, async_op=True)
 
     @torch.no_grad()
     def copy_master_to_params(self) -> None:

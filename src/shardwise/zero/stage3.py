@@ -1,7 +1,8 @@
 """ZeRO stage 3 at run time: gather a fetch unit before its module runs, free it after, reduce
 its gradients to their owners as soon as they are complete, prefetch the next unit.
 
-``apply_stage3(model, groups, policy, ctx, dtype)`` shards a plain (fully built) model in place
+``apply_stage3(model, groups, policy, dp, dtype)`` shards a plain (fully built) model in place
+over the data-parallel group ``dp`` (``ctx.dp``)
 and returns the :class:`Stage3Runtime` that owns the hooks. The user's model code knows nothing.
 
 [Note: saved parameters]
@@ -61,7 +62,6 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterable, Sequence
 
@@ -70,21 +70,12 @@ import torch.nn as nn
 
 from shardwise.comm.buckets import assign_buckets
 from shardwise.comm.collectives import Handle, broadcast, reduce_to_shard
-from shardwise.comm.context import CommContext
+from shardwise.comm.context import GroupContext
+from shardwise.config.plan import Stage3Policy  # built by config/resolve.py; re-exported here
 from shardwise.zero.sharded_params import FlatShard, ParamRecord, ShardedUnit, ShardState
 from shardwise.zero.units import ROOT, declared_externals, declared_unit_classes, fetch_units
 
 _NO_SPLIT = 2 ** 62  # one flat buffer per (unit, group, dtype)
-
-
-@dataclass(frozen=True)
-class Stage3Policy:
-    prefetch_bucket_size: int | None = None  # elements; None: the next unit only
-    param_persistence_threshold: int = 0  # elements; smaller parameters stay whole
-    max_live_parameters: int = 1_000_000_000
-    max_reuse_distance: int = 1_000_000_000
-    overlap_comm: bool = True
-    max_pending_reductions: int = 2
 
 
 def _in_backward() -> bool:
@@ -115,11 +106,11 @@ def runtime_of(param: torch.Tensor) -> tuple["Stage3Runtime", ShardedUnit] | Non
 
 class Stage3Runtime:
     def __init__(self, root: nn.Module, units: list[ShardedUnit], resident: ShardedUnit | None,
-                 ctx: CommContext, policy: Stage3Policy, externals: dict[int, list[ShardedUnit]]):
+                 dp: GroupContext, policy: Stage3Policy, externals: dict[int, list[ShardedUnit]]):
         self.root = root
         self.units = units  # index 0 is the root unit
         self.resident = resident
-        self.ctx = ctx
+        self.dp = dp  # the data-parallel group parameters are sharded over
         self.policy = policy
         self._externals = externals
         self._by_param: dict[int, ShardedUnit] = {}
@@ -388,7 +379,7 @@ class Stage3Runtime:
                     staging[slot.offset:slot.offset + slot.numel].zero_()
         shard.fired = bytearray(len(shard.layout.slots))
         shard.n_fired = 0
-        handle = reduce_to_shard(staging, self.ctx, async_op=True)
+        handle = reduce_to_shard(staging, self.dp, async_op=True)
         self._pending.append((shard, staging, handle))
         limit = self.policy.max_pending_reductions if self.policy.overlap_comm else 0
         while len(self._pending) > limit:
@@ -428,7 +419,7 @@ class Stage3Runtime:
             return
         from shardwise.comm.collectives import all_gather_shard
 
-        handles = [all_gather_shard(s.full_flat, self.ctx, async_op=True) for s in self.resident.shards]
+        handles = [all_gather_shard(s.full_flat, self.dp, async_op=True) for s in self.resident.shards]
         for h in handles:
             h.wait()
 
@@ -443,7 +434,7 @@ class Stage3Runtime:
         for unit in units:
             if modifier_rank is not None:
                 for shard, flat in zip(unit.shards, unit.flats):
-                    broadcast(flat, self.ctx, src=modifier_rank)
+                    broadcast(flat, self.dp, src=modifier_rank)
                     shard.set_from_full(flat)
             unit.users -= 1
             if self._depth == 0 or unit.users == 0:
@@ -479,16 +470,16 @@ def _registrations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tuple[str, nn.Parameter]],
-                group_of: dict[int, int], regs: dict[int, list], ctx: CommContext, dtype: torch.dtype,
+                group_of: dict[int, int], regs: dict[int, list], dp: GroupContext, dtype: torch.dtype,
                 grad_dtype: torch.dtype, *, resident: bool) -> ShardedUnit:
     keys = [(group_of.get(id(p), -1) if p.requires_grad else -1, dtype if p.is_floating_point() else p.dtype,
-             ctx.device) for _, p in params]
-    layouts = assign_buckets([p.numel() for _, p in params], keys, _NO_SPLIT, ctx.world_size) if params else []
+             dp.device) for _, p in params]
+    layouts = assign_buckets([p.numel() for _, p in params], keys, _NO_SPLIT, dp.size) if params else []
     shards, records = [], []
     for si, lay in enumerate(layouts):
         members = [params[s.param_index] for s in lay.slots]
         group, shard_dtype, device = lay.group_key
-        shard = FlatShard(si, lay, [p for _, p in members], ctx, dtype=shard_dtype, device=device,
+        shard = FlatShard(si, lay, [p for _, p in members], dp, dtype=shard_dtype, device=device,
                           trainable=group >= 0, resident=resident,
                           grad_dtype=torch.float32 if grad_dtype == torch.float32 else shard_dtype)
         shard.group = group
@@ -504,7 +495,7 @@ def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tu
 
 
 def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]], policy: Stage3Policy,
-                 ctx: CommContext, dtype: torch.dtype = torch.float32,
+                 dp: GroupContext, dtype: torch.dtype = torch.float32,
                  grad_dtype: torch.dtype = torch.float32) -> Stage3Runtime:
     """Shard ``model``'s parameters into fetch units in place and install the stage-3 hooks.
     Floating-point parameters are kept in ``dtype``, their gradients in ``grad_dtype`` (fp32, or
@@ -526,14 +517,14 @@ def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]
             (small if p.numel() < threshold else big).append((pname, p))
         if spec.name != ROOT and not big:
             continue
-        units.append(_build_unit(len(units), spec.name, modules[spec.name], big, group_of, regs, ctx, dtype,
+        units.append(_build_unit(len(units), spec.name, modules[spec.name], big, group_of, regs, dp, dtype,
                                  grad_dtype, resident=False))
-    resident = _build_unit(len(units), "<persistent>", None, small, group_of, regs, ctx, dtype, grad_dtype,
+    resident = _build_unit(len(units), "<persistent>", None, small, group_of, regs, dp, dtype, grad_dtype,
                            resident=True) if small else None
     for i, shard in enumerate(s for u in units + ([resident] if resident else []) for s in u.shards):
         shard.index = i  # unique across the model (the checkpoint keys buckets by it)
     externals = _resolve_externals(model, units, name_of)
-    return Stage3Runtime(model, units, resident, ctx, policy, externals)
+    return Stage3Runtime(model, units, resident, dp, policy, externals)
 
 
 def _resolve_externals(model: nn.Module, units: list[ShardedUnit], name_of: dict[int, str]
