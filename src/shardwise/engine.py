@@ -19,7 +19,7 @@ from shardwise.config.plan import Plan
 from shardwise.comm.collectives import all_gather_object
 from shardwise.errors import NonFiniteError, UsageError
 from shardwise.precision.policy import prepare_inputs
-from shardwise.strategy import DataParallelStrategy
+from shardwise.strategy import Strategy
 
 log = logging.getLogger("shardwise")
 
@@ -28,7 +28,7 @@ class Engine:
     def __init__(
         self,
         module: nn.Module,
-        strategy: DataParallelStrategy,
+        strategy: Strategy,
         plan: Plan,
         ctx: ParallelContext,
         lr_scheduler: Any = None,

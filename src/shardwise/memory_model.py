@@ -72,7 +72,7 @@ def trainable_params(model: nn.Module) -> tuple[list[nn.Parameter], int]:
 
 # -- stages 0-2 ---------------------------------------------------------------------------------
 def bucket_layouts(model: nn.Module, world_size: int, bucket_numel: int = BUCKET_NUMEL) -> list[BucketLayout]:
-    """The buckets :class:`shardwise.strategy.DataParallelStrategy` builds for ``model`` (one
+    """The buckets :class:`shardwise.strategy.FlatBucketStrategy` builds for ``model`` (one
     param group; all floating-point parameters share the compute dtype and device)."""
     trainable, _ = trainable_params(model)
     return assign_buckets([p.numel() for p in trainable], [(0, "compute", "device")] * len(trainable),

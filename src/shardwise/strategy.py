@@ -1,5 +1,12 @@
 """Data-parallel strategies, picked once from a registry keyed by ZeRO stage.
 
+:class:`Strategy` is the engine's interface (a protocol), with two implementations:
+:class:`FlatBucketStrategy` (stages 0-2: parameters live in flat buckets; the stage picks the
+kind of gradient sync and whether the optimizer sees this rank's chunk, :class:`FlatStage`)
+and :class:`Stage3Strategy` (parameters sharded per fetch unit, ``zero/stage3.py``). Both
+compose a :class:`ShardedStep` and the loss scaler; what they share is plain functions
+(:func:`prepare_module`, :func:`scaled_backward`, :func:`memory_totals`), not a base class.
+
 Each runs over the context's data-parallel group (``ctx.dp``; [Note: parallel context]): "rank"
 and "size" below are the dp rank and dp size, which equal the global ones on a 1-D mesh.
 
@@ -19,7 +26,8 @@ looks at the stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from functools import partial
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,13 +37,13 @@ from shardwise.comm.context import ParallelContext
 from shardwise.comm.replicate import broadcast_module_state
 from shardwise.config.plan import Plan
 from shardwise.errors import UsageError
-from shardwise.precision.loss_scaler import make_loss_scaler
+from shardwise.precision.loss_scaler import LossScaler, make_loss_scaler
 from shardwise.precision.policy import compute_dtype, grad_dtype
 from shardwise.zero.flat_bucket import FlatBucket
 from shardwise.zero.grad_sync import FullGradSync, ShardGradSync, all_reduce_async, reduce_to_shard_async
-from shardwise.zero.sharded_optimizer import ShardedStep, StepResult
+from shardwise.zero.sharded_optimizer import OptimizerChunk, ShardedStep, StepResult
 from shardwise.zero.sharded_params import ShardedParameter
-from shardwise.zero.stage3 import apply_stage3
+from shardwise.zero.stage3 import Stage3Runtime, apply_stage3
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
@@ -70,21 +78,126 @@ class ParamGroups:
         return ParamGroups(tuple(params), tuple(options))
 
 
-class DataParallelStrategy:
-    """Shared machinery; subclasses fix how gradients and parameters are partitioned."""
+class Strategy(Protocol):
+    """What the engine (and ``checkpoint/``) calls; it never looks at the stage otherwise."""
 
-    stage: int = -1
-    params_sharded: bool = False  # optimizer sees this rank's chunk; parameters all-gathered
+    stage: int
+    ctx: ParallelContext
+    dtype: torch.dtype  # compute dtype
+    grad_dtype: torch.dtype
+    scaler: LossScaler
+    optimizer: torch.optim.Optimizer
+    buckets: Sequence[OptimizerChunk]  # what the optimizer steps (FlatBucket / FlatShard)
+
+    @property
+    def loss_scale(self) -> float: ...
+
+    @property
+    def backward_scale(self) -> float: ...
+
+    def before_backward(self, sync: bool) -> None: ...
+
+    def after_backward(self, sync: bool) -> None: ...
+
+    def step(self, step_index: int) -> StepResult: ...
+
+    def zero_grad(self) -> None: ...
+
+    def discard_gradients(self) -> None:
+        """Finish whatever reductions a backward outside ``engine.backward`` started (every rank
+        ran the same code) and drop all gradients, so that training can go on."""
+
+    def after_load(self) -> None:
+        """A checkpoint was written into the parameters / master weights."""
+
+    def memory_report(self, module: nn.Module) -> dict[str, int]: ...
+
+    # the checkpoint seam ([Note: state pieces] in zero/pieces.py): checkpoint/ calls only these
+    def state_pieces(self, module: nn.Module) -> list:
+        """The ``StatePiece`` list this rank writes (every rank calls it)."""
+
+    def scalar_state(self) -> dict:
+        """The loss scaler's state (JSON)."""
+
+    def load_pieces(self, module: nn.Module, source: Any, *, optimizer: bool = True,
+                    scalar_state: dict | None = None) -> Callable[[], None]:
+        """Phase 1 of a load from a ``PieceSource`` (checked, nothing touched); returns phase 2."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`prepare_module` decided: the compute and gradient dtypes and the loss scaler."""
+
+    dtype: torch.dtype
+    grad_dtype: torch.dtype
+    scaler: LossScaler
+
+
+def prepare_module(module: nn.Module, plan: Plan, ctx: ParallelContext) -> Prepared:
+    """The setup every strategy shares: the dtypes and loss scaler; the module moved to the device
+    and dtype, with rank 0's parameters and buffers on every rank."""
+    if not plan.zero.reduce_scatter and not ctx.policy.reduce_scatter_via_all_reduce:
+        # the CommPolicy is decided once, where the context is built (init_context)
+        raise UsageError("the config sets zero_optimization.reduce_scatter=false but the context's "
+                         "CommPolicy uses reduce-scatter; build the context with "
+                         "init_context(allow_reduce_scatter=plan.zero.reduce_scatter)")
+    dtype = compute_dtype(plan.precision)
+    prepared = Prepared(dtype, grad_dtype(plan.precision), make_loss_scaler(plan.precision))
+    if not any(isinstance(p, ShardedParameter) for p in module.parameters()):  # zero.Init: stage 3 casts
+        module.to(device=ctx.device, dtype=dtype) if dtype != torch.float32 else module.to(ctx.device)
+    broadcast_module_state(module, ctx)  # [Note: one starting point]
+    return prepared
+
+
+def scaled_backward(scaler: LossScaler, ctx: ParallelContext) -> float:
+    """What the loss is multiplied by before backward (per micro-step, before 1/gas).
+
+    [Note: averaging in the loss] ``1 / dp_size`` is folded in here, so summed reductions
+    over the data-parallel group yield the mean gradient without a pass over the gradients;
+    exact when the dp size is a power of two.
+    """
+    return scaler.scale / ctx.dp.size
+
+
+def memory_totals(params: int, grads: int, master: int, state: int, **extra: int) -> dict[str, int]:
+    """A ``memory_report``: bytes per kind and their total (``extra`` is not counted in it)."""
+    return {"params": params, "grads": grads, "master_params": master, "optimizer_state": state,
+            "total": params + grads + master + state, **extra}
+
+
+@dataclass(frozen=True)
+class FlatStage:
+    """How one of stages 0-2 uses its flat buckets (see the table above)."""
+
+    stage: int
+    grad_sync: Literal["all_reduce", "reduce_to_shard", "own_chunk"]  # full buffers reduced how, or own chunk only
+    optimizer_sees_chunk: bool  # the optimizer steps this rank's chunk; parameters all-gathered after
+
+
+FLAT_STAGES = {
+    0: FlatStage(0, "all_reduce", optimizer_sees_chunk=False),  # plain data parallelism
+    1: FlatStage(1, "reduce_to_shard", optimizer_sees_chunk=True),  # optimizer state, fp32 masters split
+    2: FlatStage(2, "own_chunk", optimizer_sees_chunk=True),  # gradients split too
+}
+
+
+class FlatBucketStrategy:
+    """ZeRO stages 0-2: every trainable parameter a view into a flat bucket
+    ([Note: flat bucket storage]), gradients reduced per bucket by ``zero/grad_sync.py``."""
 
     def __init__(
         self,
+        flat_stage: FlatStage,
         module: nn.Module,
         groups: ParamGroups,
         plan: Plan,
         ctx: ParallelContext,
         make_optimizer: OptimizerFactory,
     ):
-        self._setup(module, plan, ctx)
+        prepared = prepare_module(module, plan, ctx)
+        self.stage = flat_stage.stage
+        self.ctx = ctx
+        self.dtype, self.grad_dtype, self.scaler = prepared.dtype, prepared.grad_dtype, prepared.scaler
         dp = ctx.dp
 
         trainable: list[nn.Parameter] = []
@@ -97,12 +210,12 @@ class DataParallelStrategy:
         layouts = assign_buckets(
             [p.numel() for p in trainable], keys, plan.zero.reduce_bucket_size, dp.size
         )
-        sharded = self.params_sharded
-        self.buckets = [
-            FlatBucket(i, lay, [trainable[s.param_index] for s in lay.slots], dp, sharded=sharded)
+        chunk = flat_stage.optimizer_sees_chunk
+        self.buckets: list[FlatBucket] = [
+            FlatBucket(i, lay, [trainable[s.param_index] for s in lay.slots], dp, optimizer_sees_chunk=chunk)
             for i, lay in enumerate(layouts)
         ]
-        self.grad_sync = self._make_grad_sync(plan)
+        self.grad_sync = _make_grad_sync(flat_stage, self.buckets, plan, dp, self.grad_dtype)
         opt_groups = [
             {**opts, "params": [b.opt_param for b in self.buckets if b.layout.group_key[0] == gi]}
             for gi, opts in enumerate(groups.options)
@@ -114,34 +227,10 @@ class DataParallelStrategy:
             dp,
             self.scaler,
             self.grad_sync.opt_grads(),
-            grads_sharded=sharded,
-            params_sharded=sharded,
+            norm_needs_all_reduce=chunk,  # each rank's opt grads cover its own chunk only
+            gather_after_step=[b.param_flat for b in self.buckets] if chunk else (),
             clip=plan.gradient_clipping,
         )
-
-    def _setup(self, module: nn.Module, plan: Plan, ctx: ParallelContext) -> None:
-        """Context, compute dtype, loss scaler; the module moved to the device and dtype, with
-        rank 0's parameters and buffers on every rank."""
-        if not plan.zero.reduce_scatter and not ctx.policy.reduce_scatter_via_all_reduce:
-            # the CommPolicy is decided once, where the context is built (init_context)
-            raise UsageError("the config sets zero_optimization.reduce_scatter=false but the context's "
-                             "CommPolicy uses reduce-scatter; build the context with "
-                             "init_context(allow_reduce_scatter=plan.zero.reduce_scatter)")
-        self.ctx = ctx
-        self.dtype = compute_dtype(plan.precision)
-        self.grad_dtype = grad_dtype(plan.precision)
-        self.scaler = make_loss_scaler(plan.precision)
-        if not any(isinstance(p, ShardedParameter) for p in module.parameters()):  # zero.Init: stage 3 casts
-            module.to(device=ctx.device, dtype=self.dtype) if self.dtype != torch.float32 else module.to(ctx.device)
-        broadcast_module_state(module, ctx)  # [Note: one starting point]
-
-    @staticmethod
-    def _report(params: int, grads: int, master: int, state: int, **extra: int) -> dict[str, int]:
-        return {"params": params, "grads": grads, "master_params": master, "optimizer_state": state,
-                "total": params + grads + master + state, **extra}
-
-    def _make_grad_sync(self, plan: Plan):
-        raise NotImplementedError
 
     # -- the engine's interface -------------------------------------------------------------
     @property
@@ -150,13 +239,7 @@ class DataParallelStrategy:
 
     @property
     def backward_scale(self) -> float:
-        """What the loss is multiplied by before backward (per micro-step, before 1/gas).
-
-        [Note: averaging in the loss] ``1 / dp_size`` is folded in here, so summed reductions
-        over the data-parallel group yield the mean gradient without a pass over the gradients;
-        exact when the dp size is a power of two.
-        """
-        return self.scaler.scale / self.ctx.dp.size
+        return scaled_backward(self.scaler, self.ctx)
 
     def before_backward(self, sync: bool) -> None:
         self.grad_sync.before_backward(sync)
@@ -201,41 +284,40 @@ class DataParallelStrategy:
         grads = nbytes(self.grad_sync.tensors())
         master = nbytes(b.opt_param for b in self.buckets)  # 0 when aliased to params (fp32)
         state = nbytes(v for st in self.optimizer.state.values() for v in st.values())
-        return self._report(params, grads, master, state)
+        return memory_totals(params, grads, master, state)
+
+    # -- the checkpoint seam ([Note: state pieces] in zero/pieces.py) ---------------------------
+    def state_pieces(self, module: nn.Module) -> list:
+        """The ``StatePiece`` list this rank writes: its chunk of every parameter (fp32 masters)
+        and optimizer state, frozen parameters and buffers on rank 0."""
+        from shardwise.zero.pieces import flat_state_pieces
+
+        return flat_state_pieces(self, module)
+
+    def scalar_state(self) -> dict:
+        """The loss scaler's state (JSON)."""
+        return self.scaler.state_dict()
+
+    def load_pieces(self, module: nn.Module, source: Any, *, optimizer: bool = True,
+                    scalar_state: dict | None = None) -> Callable[[], None]:
+        """Read whole parameters and this rank's optimizer state from ``source`` (a
+        ``PieceSource``), checked, into new buffers; returns the call that installs them."""
+        from shardwise.zero.pieces import load_flat_pieces
+
+        return load_flat_pieces(self, module, source, whole=True, optimizer=optimizer, scalar_state=scalar_state)
 
 
-class ReplicatedStrategy(DataParallelStrategy):
-    """ZeRO stage 0: plain data parallelism with bucketed, overlapped all-reduce."""
-
-    stage = 0
-
-    def _make_grad_sync(self, plan: Plan):
-        return FullGradSync(self.buckets, self.ctx.dp, overlap=plan.zero.overlap_comm, reduce_fn=all_reduce_async,
-                            grad_dtype=self.grad_dtype)
-
-
-class OptimizerShardedStrategy(DataParallelStrategy):
-    """ZeRO stage 1: optimizer state and fp32 master weights partitioned."""
-
-    stage = 1
-    params_sharded = True
-
-    def _make_grad_sync(self, plan: Plan):
-        return FullGradSync(self.buckets, self.ctx.dp, overlap=plan.zero.overlap_comm, reduce_fn=reduce_to_shard_async,
-                            grad_dtype=self.grad_dtype)
+def _make_grad_sync(flat_stage: FlatStage, buckets: list[FlatBucket], plan: Plan, dp, grad_dtype: torch.dtype):
+    """Stages 0-1 keep a full gradient buffer per bucket and all-reduce it (0) or reduce it to
+    its owner (1); stage 2 keeps only this rank's chunk."""
+    overlap = plan.zero.overlap_comm
+    if flat_stage.grad_sync == "own_chunk":
+        return ShardGradSync(buckets, dp, overlap=overlap, grad_dtype=grad_dtype)
+    reduce_fn = all_reduce_async if flat_stage.grad_sync == "all_reduce" else reduce_to_shard_async
+    return FullGradSync(buckets, dp, overlap=overlap, reduce_fn=reduce_fn, grad_dtype=grad_dtype)
 
 
-class GradientShardedStrategy(DataParallelStrategy):
-    """ZeRO stage 2: gradients partitioned too."""
-
-    stage = 2
-    params_sharded = True
-
-    def _make_grad_sync(self, plan: Plan):
-        return ShardGradSync(self.buckets, self.ctx.dp, overlap=plan.zero.overlap_comm, grad_dtype=self.grad_dtype)
-
-
-class ParamShardedStrategy(DataParallelStrategy):
+class Stage3Strategy:
     """ZeRO stage 3: parameters partitioned too, gathered per fetch unit (``zero/stage3.py``).
 
     The optimizer sees one flat chunk per (fetch unit, param group, dtype); gradients are
@@ -244,19 +326,29 @@ class ParamShardedStrategy(DataParallelStrategy):
     """
 
     stage = 3
-    params_sharded = True
 
     def __init__(self, module: nn.Module, groups: ParamGroups, plan: Plan, ctx: ParallelContext,
                  make_optimizer: OptimizerFactory):
-        self._setup(module, plan, ctx)
-        self.runtime = apply_stage3(module, groups.params, plan.zero.stage3, ctx.dp, self.dtype, self.grad_dtype)
+        prepared = prepare_module(module, plan, ctx)
+        self.ctx = ctx
+        self.dtype, self.grad_dtype, self.scaler = prepared.dtype, prepared.grad_dtype, prepared.scaler
+        self.runtime: Stage3Runtime = apply_stage3(module, groups.params, plan.zero.stage3, ctx.dp, self.dtype,
+                                                   self.grad_dtype)
         self.buckets = [s for s in self.runtime.shards() if s.trainable]
         opt_groups = [{**opts, "params": [s.opt_param for s in self.buckets if s.group == gi]}
                       for gi, opts in enumerate(groups.options)]
         self.optimizer = make_optimizer(opt_groups)
+        # the persistent parameters are gathered by runtime.after_step
         self._step = ShardedStep(self.buckets, self.optimizer, ctx.dp, self.scaler, [s.grad for s in self.buckets],
-                                 grads_sharded=True,
-                                 params_sharded=False, clip=plan.gradient_clipping)
+                                 norm_needs_all_reduce=True, clip=plan.gradient_clipping)
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale
+
+    @property
+    def backward_scale(self) -> float:
+        return scaled_backward(self.scaler, self.ctx)
 
     def before_backward(self, sync: bool) -> None:
         pass
@@ -293,21 +385,45 @@ class ParamShardedStrategy(DataParallelStrategy):
         grads = nbytes(s.grad for s in shards)
         master = nbytes(s.opt_param for s in shards if s.mixed and s.opt_param is not None)
         state = nbytes(v for st in self.optimizer.state.values() for v in st.values())
-        return self._report(params, grads, master, state, gathered_peak=self.runtime.gathered_peak)
+        return memory_totals(params, grads, master, state, gathered_peak=self.runtime.gathered_peak)
+
+    # -- the checkpoint seam ([Note: state pieces] in zero/pieces.py) ---------------------------
+    def state_pieces(self, module: nn.Module) -> list:
+        """The ``StatePiece`` list this rank writes: its range of every parameter (fp32 masters)
+        and optimizer state, frozen parameters (gathered: every rank calls) and buffers on rank 0."""
+        from shardwise.zero.pieces import flat_state_pieces
+
+        return flat_state_pieces(self, module)
+
+    def scalar_state(self) -> dict:
+        """The loss scaler's state (JSON)."""
+        return self.scaler.state_dict()
+
+    def load_pieces(self, module: nn.Module, source: Any, *, optimizer: bool = True,
+                    scalar_state: dict | None = None) -> Callable[[], None]:
+        """Read only this rank's range of every parameter and its optimizer state from
+        ``source`` (a ``PieceSource``), checked, into new buffers; returns the call that
+        installs them (collective: frozen parameters are gathered)."""
+        from shardwise.zero.pieces import load_flat_pieces
+
+        return load_flat_pieces(self, module, source, whole=False, optimizer=optimizer, scalar_state=scalar_state)
 
 
-STRATEGIES: dict[int, type[DataParallelStrategy]] = {
-    0: ReplicatedStrategy,
-    1: OptimizerShardedStrategy,
-    2: GradientShardedStrategy,
-    3: ParamShardedStrategy,
+StrategyFactory = Callable[[nn.Module, ParamGroups, Plan, ParallelContext, OptimizerFactory], Strategy]
+
+STRATEGIES: dict[int, StrategyFactory] = {
+    0: partial(FlatBucketStrategy, FLAT_STAGES[0]),
+    1: partial(FlatBucketStrategy, FLAT_STAGES[1]),
+    2: partial(FlatBucketStrategy, FLAT_STAGES[2]),
+    3: Stage3Strategy,
 }
 
 
 def create_strategy(
     module: nn.Module, groups: ParamGroups, plan: Plan, ctx: ParallelContext, make_optimizer: OptimizerFactory
-) -> DataParallelStrategy:
+) -> Strategy:
     return STRATEGIES[plan.zero.stage](module, groups, plan, ctx, make_optimizer)
 
 
-__all__: Sequence[str] = ["ParamGroups", "DataParallelStrategy", "STRATEGIES", "create_strategy"]
+__all__: Sequence[str] = ["ParamGroups", "Strategy", "FlatStage", "FLAT_STAGES", "FlatBucketStrategy",
+                          "Stage3Strategy", "STRATEGIES", "create_strategy", "prepare_module"]

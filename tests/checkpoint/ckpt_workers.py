@@ -12,7 +12,7 @@ import shardwise
 import shardwise.zero
 from model import GPT, GPTConfig
 from shardwise.checkpoint import files as ckfiles
-from shardwise.checkpoint.layout import regions, split_state
+from shardwise.zero.pieces import regions, split_state
 from shardwise.errors import CheckpointError
 
 SEQ = 16
@@ -350,3 +350,16 @@ def two_rank_cases(root: str) -> dict:
             result = f"{type(exc).__name__}: {exc}"
         out[name] = {"result": result, "unchanged": C.same(before, C.snapshot(engine))}
     return out
+
+
+# -- (6) the committed fixtures of older formats --------------------------------------------------
+
+
+def fixture_save(out_dir: str, stage: int = 1) -> dict:
+    """``small_engine(seed=0, steps=2, extra=True)`` at this world size and ``stage``, saved
+    under ``out_dir`` as ``global_step2``; returns this rank's view of what was saved (for
+    ``fixtures/make_fixture.py``, which merges the ranks' views into the expected values)."""
+    engine, model = small_engine(seed=0, steps=2, stage=stage, extra=True)
+    engine.save_checkpoint(out_dir, tag="global_step2")
+    return {"model": whole_state(model), "state": per_param_state(engine), "global_steps": engine.global_steps,
+            "lr": engine.get_lr()}

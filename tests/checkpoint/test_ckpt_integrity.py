@@ -3,6 +3,7 @@ not regular files, tags with a newline, format-1 checkpoints: every failed load 
 :class:`CheckpointError` and changes nothing, on every rank (issue 11, Checkpoints)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 import ckpt_corrupt as C
 import ckpt_workers as W
 from shardwise.checkpoint import committed_tags, consolidate
+from shardwise.checkpoint import manifest as M
 from shardwise.errors import CheckpointError, ShardwiseError
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -230,6 +232,96 @@ def test_format1_fixture_still_loads(tmp_path):
     # format 1 is checked as strictly as format 2: a flipped bit and an edited header fail
     C.edit_header(tmp_path / "v1" / TAG, "rank00000.safetensors", _header_dtype)
     _fails(tmp_path / "v1", r"is I32 of shape", extra=False)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_format2_fixture_still_loads_bitwise(tmp_path, stage):
+    """``fixtures/format2`` was written by the format-2 code (``fixtures/make_fixture.py format2
+    --world 2 --stage 1``: ``W.small_engine(seed=0, steps=2, extra=True)`` at 2 ranks, ZeRO-1),
+    before format 3; ``format2_expected.*`` hold its state. Loaded at world 1, ZeRO 0 and 3."""
+    shutil.copytree(os.path.join(FIXTURES, "format2"), tmp_path / "v2")
+    doc = C.read_doc(tmp_path / "v2" / TAG)
+    assert (doc["format_version"], doc["world_size"], doc["zero_stage"]) == (2, 2, 1)
+    expected = load_file(os.path.join(FIXTURES, "format2_expected.safetensors"))
+    with open(os.path.join(FIXTURES, "format2_expected.json")) as f:
+        meta = json.load(f)
+    engine, model = W.small_engine(seed=3, steps=1, stage=stage, extra=True)
+    engine.load_checkpoint(tmp_path / "v2")
+    assert engine.global_steps == meta["global_steps"] == 2
+    assert engine.get_lr() == meta["lr"]
+    whole = W.whole_state(model)
+    assert sorted(f"model.{k}" for k in whole if k != "head.weight") == sorted(k for k in expected if k.startswith("model."))
+    for k, v in whole.items():
+        if k != "head.weight":
+            assert torch.equal(v, expected[f"model.{k}"]), k
+    seen = set()
+    for name, entry in W.per_param_state(engine).items():
+        for key, pieces in entry.items():
+            if key in ("param", "master"):
+                continue
+            seen.add(f"optim.{name}.{key}")
+            for start, t in pieces:
+                assert torch.equal(t, expected[f"optim.{name}.{key}"][start:start + t.numel()]), (name, key)
+    assert seen == {k for k in expected if k.startswith("optim.")}
+    assert all(st["step"].item() == 2 for st in engine.optimizer.state.values())
+    assert torch.equal(consolidate(tmp_path / "v2")["gate"], expected["model.gate"])
+    # format 2 is checked as strictly as format 3: an edited header fails
+    C.edit_header(tmp_path / "v2" / TAG, "rank00001.safetensors", _header_dtype)
+    _fails(tmp_path / "v2", r"is I32 of shape")
+
+
+def test_format3_manifest_is_merged_from_every_rank(two_rank):
+    """The world-2 checkpoint is format 3; a tensor that only rank 1 holds (``lin.bias``) has its
+    entry from rank 1's pieces; the piece identity covers the global shape."""
+    root, _ = two_rank
+    doc = C.read_doc(root / "pristine" / TAG)
+    assert doc["format_version"] == 3
+    owners = {name: {p["rank"] for p in t["pieces"]} for name, t in doc["tensors"].items()}
+    assert owners["frozen"] == owners["scale"] == {0} and owners["gate"] == {0, 1}
+    assert any(ranks == {1} for name, ranks in owners.items()), owners
+    ident = M.piece_identity("w", "param", "param:w", "float32", 0, 4, [2, 2])
+    assert json.loads(ident) == ["w", "param", "param:w", "float32", 0, 4, [2, 2]]
+    assert json.loads(M.piece_identity("w", "param", "param:w", "float32", 0, 4, [2, 2], version=2)) == \
+        ["w", "param", "param:w", "float32", 0, 4]
+    assert M.piece_identity("w", "param", "param:w", "float32", 0, 4, [2, 2], version=1) == b""
+
+
+def test_format3_shape_edit_fails_the_piece_checksum(ckpt):
+    """Format 3's identity covers the global shape: a manifest whose tensor shape was changed (and
+    its own checksum recomputed) fails on the piece checksum even where the model is not asked."""
+    from shardwise.checkpoint.reader import PieceReader
+
+    C.edit_doc(ckpt / TAG, lambda doc: doc["tensors"]["gate"].__setitem__("shape", [8, 8]))
+    m = M.read_manifest(str(ckpt / TAG))
+    with PieceReader(str(ckpt / TAG), m) as reader, pytest.raises(CheckpointError, match="checksum mismatch"):
+        reader.read("gate", "param", 0, 64)
+
+
+def _described(rank, name="w", kind="param", start=0, stop=4, group=0, scalars=None, dtype="float32"):
+    return {"name": name, "kind": kind, "key": f"param:{name}" if kind == "param" else f"optim.{kind}:{name}",
+            "shape": [4], "start": start, "stop": stop, "dtype": dtype, "model_dtype": "float32", "group": group,
+            "scalars": scalars or {}, "file": f"rank{rank:05d}.safetensors", "rank": rank, "crc32": 7}
+
+
+def test_merge_pieces_groups_kinds_and_refuses_disagreeing_ranks():
+    from shardwise.checkpoint.save import merge_pieces
+
+    step = {"step": {"tensor": False, "value": 2}}
+    ranks = [[_described(0, stop=2, scalars=step), _described(0, kind="exp_avg", stop=2, scalars=step)],
+             [_described(1, start=2, scalars=step), _described(1, kind="exp_avg", start=2, scalars=step),
+              _described(1, name="b", group=None, stop=4)]]
+    tensors = merge_pieces(ranks, ["b", "w"])
+    assert list(tensors) == ["b", "w"]
+    w = tensors["w"]
+    assert (w["optimizer_state"], w["state_dtypes"], w["optimizer_scalars"]) == (["exp_avg"], {"exp_avg": "float32"}, step)
+    assert [(p["rank"], p["start"], p["stop"], sorted(p["keys"])) for p in w["pieces"]] == \
+        [(0, 0, 2, ["exp_avg", "param"]), (1, 2, 4, ["exp_avg", "param"])]
+    assert tensors["b"]["trainable"] is False
+    ranks[1][0] = _described(1, start=2, scalars={"step": {"tensor": False, "value": 3}})
+    with pytest.raises(CheckpointError, match="rank 1 describes param of 'w'"):
+        merge_pieces(ranks, ["b", "w"])
+    with pytest.raises(CheckpointError, match="no rank holds the values"):
+        merge_pieces([[_described(0, kind="exp_avg")]], ["w"])
 
 
 def test_errors_are_shardwise_errors():

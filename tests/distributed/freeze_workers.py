@@ -171,13 +171,13 @@ def stage3_frozen_units() -> dict:
     engine, *_ = shardwise.initialize(model=model, config=config(3))
     rt = engine.strategy.runtime
     launched: list[str] = []
-    orig = rt._launch
+    orig = rt.reduction._launch
 
     def spy(shard):
         launched.append(next(u.name for u in rt.all_units() if shard in u.shards))
         orig(shard)
 
-    rt._launch = spy
+    rt.reduction._launch = spy
     seen: dict[str, list[bool]] = {}
 
     def record(name, module, args) -> None:  # after shardwise's pre-hook: the gathered parameters

@@ -10,7 +10,8 @@ everything phase 2 will hand to the loss scaler, LR scheduler, param groups, RNG
 loader is checked against what they hold now (same keys, types and lengths; RNG states tried
 on scratch generators). The outcome of every rank is all-gathered: if any rank failed, *every*
 rank raises the same :class:`CheckpointError` and no rank has changed anything. Phase 2 copies
-the buffers into the live parameters, master weights and optimizer state and restores
+the buffers into the live parameters, master weights and optimizer state (both phases are
+the strategy's ``load_pieces``: [Note: state pieces]) and restores
 counters, loss scaler, LR scheduler, RNG and the data loader's position; it cannot meet bad
 input, and its outcome is all-gathered too, so no rank reports success while another failed.
 """
@@ -18,17 +19,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import copy
 import logging
 import random
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from shardwise.checkpoint import manifest as M
 from shardwise.checkpoint import rng
-from shardwise.checkpoint.layout import Region, other_tensors, regions, scalar_value, state_names, whole_others
 from shardwise.checkpoint.reader import PieceReader, verify_files
 from shardwise.checkpoint.agree import outcome, raise_failed
 from shardwise.checkpoint.save import join_timeout, require_one_replica
@@ -41,51 +40,25 @@ log = logging.getLogger("shardwise")
 @dataclass
 class _Staged:
     manifest: dict
-    flats: dict[int, torch.Tensor] = field(default_factory=dict)
-    masters: dict[int, torch.Tensor] = field(default_factory=dict)
-    states: dict[int, dict[str, Any]] = field(default_factory=dict)
-    others: dict[str, torch.Tensor] = field(default_factory=dict)
-    trainable: list[str] = field(default_factory=list)
+    install: Callable[[], None]  # phase 2 of the strategy's load_pieces
 
 
 def _layout(m: dict) -> str:
     return f"saved at world size {m['world_size']}, ZeRO stage {m['zero_stage']}, {m['compute_dtype']}"
 
 
-def _check_compatible(engine, m: dict, regs: list[Region], others: dict, with_optimizer: bool) -> None:
-    saved = m["tensors"]
-    here = {r.name: list(r.shape) for r in regs} | {n: list(t.shape) for n, t in others.items()}
-    missing = sorted(set(here) - set(saved))
-    unexpected = sorted(set(saved) - set(here))
-    shapes = [f"{n}: saved {saved[n]['shape']}, model {here[n]}" for n in sorted(set(here) & set(saved))
-              if saved[n]["shape"] != here[n]]
-    current = (f"loading at world size {engine.ctx.dp.size}, ZeRO stage {engine.strategy.stage}")
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"not in the model: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if shapes:
-            parts.append("shape differs: " + "; ".join(shapes[:8]))
-        raise CheckpointError(f"the checkpoint does not match the model ({_layout(m)}; {current}): "
-                              + " | ".join(parts))
-    trainable = {r.name for r in regs}
-    frozen_diff = sorted(n for n in here if saved[n]["trainable"] != (n in trainable) and n in saved)
-    if with_optimizer:
-        if m["optimizer"] != type(engine.optimizer).__name__:
-            raise CheckpointError(
-                f"the checkpoint's optimizer state is for {m['optimizer']}, the engine uses "
-                f"{type(engine.optimizer).__name__}; pass load_optimizer_states=False to load the "
-                "weights only")
-        if len(m["param_groups"]) != len(engine.optimizer.param_groups):
-            raise CheckpointError(f"the checkpoint has {len(m['param_groups'])} optimizer param groups, "
-                                  f"the engine has {len(engine.optimizer.param_groups)}; pass "
-                                  "load_optimizer_states=False to load the weights only")
-        moved = [r.name for r in regs if saved[r.name]["group"] not in (None, r.group)]
-        if frozen_diff or moved:
-            raise CheckpointError(f"parameters changed trainable/param-group membership since the save "
-                                  f"({(frozen_diff + moved)[:8]}); pass load_optimizer_states=False")
+def _check_optimizer(engine, m: dict) -> None:
+    """With optimizer state: the same optimizer class and number of param groups. (The
+    tensors themselves are checked by the strategy's load_pieces.)"""
+    if m["optimizer"] != type(engine.optimizer).__name__:
+        raise CheckpointError(
+            f"the checkpoint's optimizer state is for {m['optimizer']}, the engine uses "
+            f"{type(engine.optimizer).__name__}; pass load_optimizer_states=False to load the "
+            "weights only")
+    if len(m["param_groups"]) != len(engine.optimizer.param_groups):
+        raise CheckpointError(f"the checkpoint has {len(m['param_groups'])} optimizer param groups, "
+                              f"the engine has {len(engine.optimizer.param_groups)}; pass "
+                              "load_optimizer_states=False to load the weights only")
 
 
 def _same_shape(saved: Any, current: Any, where: str, out: list[str]) -> None:
@@ -153,12 +126,7 @@ def _check_state(engine, m: dict, with_optimizer: bool, module_only: bool, with_
             for k, v in saved.items():
                 if k != "params" and k in group:
                     _same_shape(v, group[k], f"param_groups[{i}].{k}", out)
-    if not module_only:
-        if m["loss_scaler"]:
-            try:
-                copy.copy(engine.strategy.scaler).load_state_dict(m["loss_scaler"])
-            except (KeyError, TypeError, ValueError) as exc:
-                out.append(f"loss_scaler: not a state of {type(engine.strategy.scaler).__name__} ({exc})")
+    if not module_only:  # (the loss scaler's state is checked by the strategy's load_pieces)
         sched = engine.lr_scheduler
         if with_scheduler and sched is not None and m["lr_scheduler"] is not None:
             _check_scheduler(sched, m["lr_scheduler"], out)
@@ -187,65 +155,13 @@ def _stage(engine, path: str, with_optimizer: bool, module_only: bool = False,
     m = M.read_manifest(path)
     M.check_files(path, m)
     verify_files(path, m)
-    strategy = engine.strategy
-    regs = regions(engine.module, strategy.buckets)
-    others = other_tensors(engine.module, {r.name for r in regs})
-    _check_compatible(engine, m, regs, others, with_optimizer)
+    if with_optimizer:
+        _check_optimizer(engine, m)
+    with PieceReader(path, m) as reader:  # [Note: state pieces]: the strategy reads what its layout needs
+        install = engine.strategy.load_pieces(engine.module, reader, optimizer=with_optimizer,
+                                              scalar_state=None if module_only else m["loss_scaler"])
     _check_state(engine, m, with_optimizer, module_only, with_scheduler)
-    staged = _Staged(m)
-    staged.trainable = [r.name for r in regs]
-    saved = m["tensors"]
-    by_bucket: dict[int, list[Region]] = {}
-    for r in regs:
-        by_bucket.setdefault(r.bucket.index, []).append(r)
-    with PieceReader(path, m) as reader:
-        for bucket in strategy.buckets:
-            # stages 0-2 keep whole parameters; stage 3 only this rank's [lo, hi)
-            flat = torch.zeros_like(bucket.param_flat) if bucket.holds_full else \
-                torch.zeros(bucket.hi - bucket.lo, dtype=bucket.shard.dtype, device=bucket.shard.device)
-            master = torch.zeros_like(bucket.opt_param.detach()) if bucket.mixed else None
-            bregs = by_bucket.get(bucket.index, [])
-            keys = {tuple(saved[r.name]["optimizer_state"]) for r in bregs}
-            scalars = {str(sorted(saved[r.name]["optimizer_scalars"].items())) for r in bregs}
-            if with_optimizer and (len(keys) > 1 or len(scalars) > 1):
-                raise CheckpointError(f"parameters {[r.name for r in bregs][:4]} ... have different optimizer "
-                                      "state kinds or step counts in the checkpoint; they cannot share a "
-                                      "bucket: pass load_optimizer_states=False")
-            state_keys = list(keys.pop()) if keys else []
-            new_state = {k: None for k in state_keys}
-            for r in bregs:
-                a, b = r.clip(bucket.lo, bucket.hi)
-                if bucket.holds_full:
-                    full = reader.read(r.name, "param", 0, r.numel)
-                    flat[r.offset:r.offset + r.numel] = full.to(flat.dtype)
-                    mine = full[a:b]
-                elif a < b:
-                    mine = reader.read(r.name, "param", a, b)
-                    r.opt_slice(flat, a, b).copy_(mine)
-                if a == b:
-                    continue
-                if master is not None:
-                    r.opt_slice(master, a, b).copy_(mine)
-                if not with_optimizer:
-                    continue
-                for k in state_keys:
-                    piece = reader.read(r.name, k, a, b)
-                    if new_state[k] is None:
-                        new_state[k] = torch.zeros(bucket.opt_param.numel(), dtype=piece.dtype)
-                    r.opt_slice(new_state[k], a, b).copy_(piece)
-            staged.flats[bucket.index] = flat
-            if master is not None:
-                staged.masters[bucket.index] = master
-            if with_optimizer:
-                device = bucket.opt_param.device
-                state = {k: scalar_value(v, device) for k, v in saved[bregs[0].name]["optimizer_scalars"].items()} \
-                    if bregs else {}
-                for k, t in new_state.items():
-                    state[k] = (t if t is not None else torch.zeros(bucket.opt_param.numel())).to(device)
-                staged.states[bucket.index] = state
-        for name, t in others.items():
-            staged.others[name] = reader.read(name, "param", 0, t.numel()).reshape(t.shape)
-    return staged
+    return _Staged(m, install)
 
 
 def _restore_groups(optimizer, saved_groups: list[dict]) -> None:
@@ -265,21 +181,7 @@ def _restore_groups(optimizer, saved_groups: list[dict]) -> None:
 @torch.no_grad()
 def _apply(engine, staged: _Staged, with_optimizer: bool, module_only: bool, with_scheduler: bool) -> None:
     m = staged.manifest
-    strategy = engine.strategy
-    for bucket in strategy.buckets:
-        (bucket.param_flat if bucket.holds_full else bucket.shard).copy_(staged.flats[bucket.index])
-        if bucket.index in staged.masters:
-            bucket.opt_param.detach().copy_(staged.masters[bucket.index])
-        if with_optimizer:
-            engine.optimizer.state.pop(bucket.opt_param, None)
-            if staged.states[bucket.index]:
-                engine.optimizer.state[bucket.opt_param] = staged.states[bucket.index]
-    with whole_others(engine.module, set(staged.trainable), modifier_rank=0):  # stage 3: frozen ones
-        canonical, _ = state_names(engine.module)
-        for name, t in staged.others.items():
-            canonical[name].detach().copy_(t)
-    strategy.after_load()
-    strategy.zero_grad()
+    staged.install()  # parameters, masters, optimizer state, loss scaler (module_only: not the scaler)
     if with_optimizer:
         _restore_groups(engine.optimizer, m["param_groups"])
     if module_only:
@@ -287,8 +189,6 @@ def _apply(engine, staged: _Staged, with_optimizer: bool, module_only: bool, wit
     c = m["counters"]
     engine.global_steps, engine.global_samples = c["global_steps"], c["global_samples"]
     engine.skipped_steps, engine.micro_steps = c["skipped_steps"], c["micro_steps"]
-    if m["loss_scaler"]:
-        strategy.scaler.load_state_dict(m["loss_scaler"])
     if with_scheduler and engine.lr_scheduler is not None and m["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(m["lr_scheduler"])
     rank = engine.ctx.dp.rank

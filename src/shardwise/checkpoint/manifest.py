@@ -20,9 +20,19 @@ The manifest carries a crc32 of its own content, and is validated field by field
 [Note: piece identity]
 From format version 2 on, a piece's crc32 covers its identity, not only its bytes: the crc
 starts from the crc32 of :func:`piece_identity` (tensor name, kind, safetensors key, dtype, element
-range) and continues over the bytes. A manifest whose pieces were swapped (a weight's piece
-pointing at Adam's first moment, two ranges or files exchanged) therefore fails its checksum
-even when the bytes are intact. Format 1 checkpoints (crc32 over the bytes only) still load.
+range; from format 3 on also the tensor's global shape) and continues over the bytes. A
+manifest whose pieces were swapped (a weight's piece pointing at Adam's first moment, two
+ranges or files exchanged) therefore fails its checksum even when the bytes are intact.
+Format 1 (crc32 over the bytes only) and format 2 (identity without the shape) checkpoints
+still load.
+
+[Note: manifest from every rank's pieces]
+From format 3 on the manifest's ``tensors`` are merged from the piece descriptions that every
+rank sends after writing its file (``strategy.state_pieces``, [Note: state pieces]), not
+built from rank 0's view of the layout: each tensor's shape, dtypes, param group and optimizer
+scalars come from the ranks that hold a piece of it, must agree between them, and the merged
+manifest is validated ([Note: manifest validation]) before it is committed. Format 3's pieces
+are otherwise laid out as format 2's.
 
 [Note: bounded reads]
 Only regular files (or symlinks to them) are read anywhere in a checkpoint, each bounded:
@@ -40,10 +50,11 @@ from typing import Any
 
 from shardwise.checkpoint.files import is_regular, open_regular, read_regular
 from shardwise.errors import CheckpointError
+from shardwise.zero.pieces import PARAM, piece_key
 
 FORMAT = "shardwise-checkpoint"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, 3)
 MAX_LATEST_BYTES = 4096
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
@@ -59,16 +70,22 @@ def shard_file(rank: int) -> str:
 
 
 def param_key(name: str) -> str:
-    return f"param:{name}"
+    return piece_key(name, PARAM)
 
 
 def state_key(state: str, name: str) -> str:
-    return f"optim.{state}:{name}"
+    return piece_key(name, state)
 
 
-def piece_identity(name: str, kind: str, key: str, dtype: str, start: int, stop: int) -> bytes:
-    """What a format-2 piece checksum covers besides the bytes (see [Note: piece identity])."""
-    return json.dumps([name, kind, key, dtype, start, stop], separators=(",", ":")).encode()
+def piece_identity(name: str, kind: str, key: str, dtype: str, start: int, stop: int,
+                   shape: list[int] | None = None, version: int = FORMAT_VERSION) -> bytes:
+    """What a piece checksum covers besides the bytes (see [Note: piece identity]): nothing in
+    format 1; name, kind, key, dtype and range in format 2; and the tensor's global shape
+    from format 3 on."""
+    if version < 2:
+        return b""
+    fields = [name, kind, key, dtype, start, stop] + ([list(shape or [])] if version >= 3 else [])
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def check_tag(tag: Any) -> str | None:

@@ -9,6 +9,9 @@ the manifest records for it and shape ``[stop - start]``, and the file holds not
 header edited by hand (``F32`` -> ``I32``), two keys or ranges exchanged, or files swapped is a
 :class:`CheckpointError` naming file and tensor; the piece checksums then cover the bytes and,
 from format 2 on, their identity ([Note: piece identity]).
+
+:class:`PieceReader` is the :class:`~shardwise.zero.pieces.PieceSource` that
+``strategy.load_pieces`` reads from ([Note: state pieces]).
 """
 from __future__ import annotations
 
@@ -171,7 +174,10 @@ class PieceReader:
     def __init__(self, ckpt_path: str, manifest: dict):
         self.path = ckpt_path
         self.manifest = manifest
-        self.identity = manifest["format_version"] >= 2
+        self.version = manifest["format_version"]
+        # a PieceSource ([Note: state pieces]): what strategy.load_pieces reads
+        self.layout = (f"saved at world size {manifest['world_size']}, ZeRO stage {manifest['zero_stage']}, "
+                       f"{manifest['compute_dtype']}")
         self._stack = ExitStack()
         self._handles: dict[str, _ShardFile] = {}
 
@@ -180,6 +186,12 @@ class PieceReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @property
+    def tensors(self) -> dict[str, dict]:
+        """The manifest's entry of every saved tensor (shape, trainable, group, optimizer_state,
+        optimizer_scalars, pieces, ...)."""
+        return self.manifest["tensors"]
 
     def close(self) -> None:
         self._handles.clear()
@@ -204,7 +216,7 @@ class PieceReader:
         if t.numel() != piece["stop"] - piece["start"] or t.dtype != dtype_from_name(dtype):
             raise CheckpointError(f"tensor {key!r} in {path} is {t.numel()} x {t.dtype}, the manifest says "
                                   f"{piece['stop'] - piece['start']} x {dtype}")
-        seed = M.piece_identity(name, kind, key, dtype, piece["start"], piece["stop"]) if self.identity else b""
+        seed = M.piece_identity(name, kind, key, dtype, piece["start"], piece["stop"], entry["shape"], self.version)
         if zlib.crc32(tensor_bytes(t), zlib.crc32(seed)) & 0xFFFFFFFF != piece["crc32"][kind]:
             raise CheckpointError(f"checksum mismatch for tensor {key!r} in shard file {path}: the "
                                   "file is corrupt (a bit flipped on disk, or it was modified), or the "

@@ -7,12 +7,15 @@
 3. *Prepare* (rank 0, result broadcast): create ``save_dir``, remove stale ``.tmp-*`` /
    ``.trash-*`` leftovers of interrupted saves, create ``<save_dir>/.tmp-<tag>``, check the
    JSON state (client state, LR scheduler) can be written.
-4. *Write* (every rank): its ``rank{r}.safetensors`` into the temporary directory, fsync
-   file and directory. Errors (disk full, ...) are caught, not raised yet.
+4. *Write* (every rank): the pieces its strategy holds (``strategy.state_pieces``, [Note:
+   state pieces]) as its ``rank{r}.safetensors`` into the temporary directory, fsync file
+   and directory. Errors (disk full, ...) are caught, not raised yet.
 5. *Agree* (all-gather of each rank's outcome): if any rank failed, rank 0 removes the
    temporary directory and every rank raises the same error naming the failed ranks, paths
    and bytes. Nothing was committed; retention did not run.
-6. *Commit* (rank 0, result broadcast): write ``manifest.json`` last and fsync it; fsync the
+6. *Commit* (rank 0, result broadcast): merge the manifest from every rank's piece
+   descriptions (gathered in step 5; [Note: manifest from every rank's pieces]) and validate
+   it; write ``manifest.json`` last and fsync it; fsync the
    directory; rename it to ``<save_dir>/<tag>`` (an existing tag is moved aside first);
    fsync ``save_dir``; replace ``latest`` atomically; apply ``checkpoint.keep_last``
    (oldest first, never the new checkpoint). A crash anywhere before the rename leaves only
@@ -31,9 +34,10 @@ from shardwise.checkpoint import manifest as M
 from shardwise.checkpoint import rng
 from shardwise.checkpoint.agree import outcome, raise_failed
 from shardwise.checkpoint.files import atomic_write_text, dtype_name, fsync_dir, remove_tree, write_safetensors
-from shardwise.checkpoint.layout import other_tensors, regions, split_state, state_names, whole_others
+from shardwise.checkpoint.schema import validate
 from shardwise.comm.collectives import all_gather_object, barrier, broadcast_object
 from shardwise.errors import CheckpointError, CollectiveTimeoutError, UsageError
+from shardwise.zero.pieces import PARAM, state_names
 
 log = logging.getLogger("shardwise")
 
@@ -86,59 +90,68 @@ def _group_options(optimizer) -> list[dict]:
 
 
 def _write_rank_file(engine, tmp: str) -> dict:
-    """Step 4 on one rank: its pieces of every parameter and optimizer state, plus whole
-    frozen parameters / buffers on rank 0. Returns what the manifest needs from this rank."""
-    ctx, strategy = engine.ctx, engine.strategy
-    rank, world = ctx.dp.rank, ctx.dp.size  # one file per dp rank (require_one_replica)
-    regs = regions(engine.module, strategy.buckets)
-    tensors, pieces, scalars, state_keys, state_dtypes = {}, [], {}, {}, {}
-    split = {b.index: split_state(engine.optimizer, b) for b in strategy.buckets}
-    for reg in regs:
-        elementwise, sc = split[reg.bucket.index]
-        if sc:
-            scalars[reg.name] = sc
-        state_keys[reg.name] = sorted(elementwise)
-        state_dtypes[reg.name] = {k: dtype_name(t.dtype) for k, t in elementwise.items()}
-        lo, hi = reg.bucket.layout.chunk_range(rank, world)
-        a, b = reg.clip(lo, hi)
-        if a == b:
-            continue
-        keys = {"param": M.param_key(reg.name)}
-        tensors[keys["param"]] = reg.opt_slice(reg.bucket.opt_param.detach(), a, b)
-        for k, t in elementwise.items():
-            keys[k] = M.state_key(k, reg.name)
-            tensors[keys[k]] = reg.opt_slice(t, a, b)
-        pieces.append({"name": reg.name, "start": a, "stop": b, "keys": keys})
-    extra = {}
-    trainable = {r.name for r in regs}
-    with whole_others(engine.module, trainable):
-        if rank == 0:
-            for name, t in other_tensors(engine.module, trainable).items():
-                tensors[M.param_key(name)] = t.detach().reshape(-1).clone()
-                extra[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
-                pieces.append({"name": name, "start": 0, "stop": t.numel(), "keys": {"param": M.param_key(name)}})
+    """Step 4 on one rank: the pieces its strategy holds ([Note: state pieces]) into its file.
+    Returns what the manifest needs from this rank: each piece's description (no values)."""
+    rank = engine.ctx.dp.rank  # one file per dp rank (require_one_replica)
     file = M.shard_file(rank)
-    seeds = {key: M.piece_identity(p["name"], kind, key, dtype_name(tensors[key].dtype), p["start"], p["stop"])
-             for p in pieces for kind, key in p["keys"].items()}  # [Note: piece identity]
+    tensors, described = {}, []
+    for p in engine.strategy.state_pieces(engine.module):
+        if p.key in tensors:
+            raise CheckpointError(f"the strategy gave two pieces stored under {p.key!r} on rank {rank}")
+        tensors[p.key] = p.tensor
+        described.append({"name": p.name, "kind": p.kind, "key": p.key, "shape": list(p.global_shape),
+                          "start": p.elements[0], "stop": p.elements[1], "dtype": dtype_name(p.tensor.dtype),
+                          "model_dtype": dtype_name(p.model_dtype), "group": p.group, "scalars": dict(p.scalars),
+                          "file": file, "rank": rank})
+    seeds = {d["key"]: M.piece_identity(d["name"], d["kind"], d["key"], d["dtype"], d["start"], d["stop"], d["shape"])
+             for d in described}  # [Note: piece identity]
     info = write_safetensors(os.path.join(tmp, file), tensors, rank, {"format": M.FORMAT, "rank": str(rank)},
                              seeds)
     fsync_dir(tmp)
     crcs = info.pop("tensors")
-    for piece in pieces:
-        piece["file"] = file
-        piece["rank"] = rank
-        piece["crc32"] = {k: crcs[key] for k, key in piece["keys"].items()}
+    for d in described:
+        d["crc32"] = crcs[d["key"]]
     loader = getattr(engine, "training_dataloader", None)
     return {
         "file": {file: {**info, "rank": rank}},
-        "pieces": pieces,
-        "scalars": scalars,
-        "state_keys": state_keys,
-        "state_dtypes": state_dtypes,
-        "extra": extra,
+        "pieces": described,
         "rank_state": {"rng": rng.capture(),
                        "data_loader": loader.state_dict() if hasattr(loader, "state_dict") else None},
     }
+
+
+def merge_pieces(ranks: list[list[dict]], order: list[str]) -> dict[str, dict]:
+    """The manifest's ``tensors`` (in ``order``, the module's state-dict order) from every rank's
+    piece descriptions ([Note: manifest from every rank's pieces]). The ranks holding pieces of
+    one tensor must describe it alike."""
+    specs: dict[str, dict] = {}
+    dtypes: dict[str, dict[str, str]] = {}
+    pieces: dict[str, dict[tuple, dict]] = {}
+    for described in ranks:
+        for d in described:
+            name = d["name"]
+            spec = {"shape": d["shape"], "dtype": d["model_dtype"], "trainable": d["group"] is not None,
+                    "group": d["group"], "optimizer_scalars": d["scalars"]}
+            held = specs.setdefault(name, spec)
+            kinds = dtypes.setdefault(name, {})
+            if held != spec or kinds.setdefault(d["kind"], d["dtype"]) != d["dtype"]:
+                raise CheckpointError(f"rank {d['rank']} describes {d['kind']} of {name!r} as {spec} ({d['dtype']}), "
+                                      f"another rank as {held} ({kinds[d['kind']]}); the ranks' state does not agree")
+            piece = pieces.setdefault(name, {}).setdefault((d["rank"], d["start"], d["stop"]), {
+                "start": d["start"], "stop": d["stop"], "keys": {}, "file": d["file"], "rank": d["rank"], "crc32": {}})
+            piece["keys"][d["kind"]] = d["key"]
+            piece["crc32"][d["kind"]] = d["crc32"]
+    tensors: dict[str, dict] = {}
+    for name in [n for n in order if n in specs] + [n for n in specs if n not in order]:
+        spec, kinds = specs[name], dtypes[name]
+        if PARAM not in kinds:
+            raise CheckpointError(f"no rank holds the values of {name!r}, only its {sorted(kinds)}")
+        states = {k: v for k, v in kinds.items() if k != PARAM}
+        tensors[name] = {"shape": spec["shape"], "dtype": spec["dtype"], "saved_dtype": kinds[PARAM],
+                         "trainable": spec["trainable"], "group": spec["group"], "optimizer_state": sorted(states),
+                         "optimizer_scalars": spec["optimizer_scalars"], "state_dtypes": states,
+                         "pieces": list(pieces[name].values())}
+    return tensors
 
 
 def _prepare(save_dir: str, tag: str, tmp: str, engine, client_state: Any) -> dict:
@@ -158,29 +171,10 @@ def _prepare(save_dir: str, tag: str, tmp: str, engine, client_state: Any) -> di
 
 def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict]) -> dict:
     strategy = engine.strategy
-    regs = regions(engine.module, strategy.buckets)
-    _, aliases = state_names(engine.module)
-    tensors: dict[str, dict] = {}
-    for reg in regs:
-        p = reg.bucket.params[reg.slot_index]
-        tensors[reg.name] = {
-            "shape": list(reg.shape), "dtype": dtype_name(p.dtype),
-            "saved_dtype": dtype_name(reg.bucket.opt_param.dtype), "trainable": True,
-            "group": reg.group, "optimizer_state": ranks[0]["state_keys"].get(reg.name, []),
-            "optimizer_scalars": ranks[0]["scalars"].get(reg.name, {}),
-            "state_dtypes": ranks[0]["state_dtypes"].get(reg.name, {}), "pieces": [],
-        }
-    for name, spec in ranks[0]["extra"].items():
-        tensors[name] = {"shape": spec["shape"], "dtype": spec["dtype"], "saved_dtype": spec["dtype"],
-                         "trainable": False, "group": None, "optimizer_state": [],
-                         "optimizer_scalars": {}, "state_dtypes": {}, "pieces": []}
-    order, _ = state_names(engine.module)
-    tensors = {name: tensors[name] for name in order if name in tensors}  # model.state_dict() order
+    order, aliases = state_names(engine.module)
     files: dict[str, dict] = {}
     for r in ranks:
         files.update(r["file"])
-        for piece in r["pieces"]:
-            tensors[piece.pop("name")]["pieces"].append(piece)
     return {
         "tag": tag,
         "created_ns": time.time_ns(),
@@ -191,14 +185,14 @@ def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict]) -> dict:
         "param_groups": _group_options(engine.optimizer),
         "counters": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                      "skipped_steps": engine.skipped_steps, "micro_steps": engine.micro_steps},
-        "loss_scaler": strategy.scaler.state_dict(),
+        "loss_scaler": strategy.scalar_state(),
         "lr_scheduler": prepared["lr_scheduler"],
         "client_state": prepared["client_state"],
         "ranks": [r["rank_state"] for r in ranks],
         "aliases": aliases,
         "state_dict_keys": list(engine.module.state_dict().keys()),
         "files": files,
-        "tensors": tensors,
+        "tensors": merge_pieces([r["pieces"] for r in ranks], list(order)),
         "hf_config": hf_config(engine.module),
     }
 
@@ -220,8 +214,13 @@ def hf_config(module) -> dict | None:
 
 def _commit(save_dir: str, tag: str, tmp: str, body: dict, save_latest: bool, keep_last: int | None) -> str:
     """Step 6 on rank 0."""
+    text = M.encode(body)
+    try:  # the merged manifest is checked as a load checks it, before anything is committed
+        validate(json.loads(text), os.path.join(tmp, M.MANIFEST))
+    except CheckpointError as exc:
+        raise CheckpointError(f"the manifest merged from the ranks' pieces is inconsistent (a bug): {exc}") from None
     with open(os.path.join(tmp, M.MANIFEST), "w", encoding="utf-8") as f:
-        f.write(M.encode(body))
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(tmp)

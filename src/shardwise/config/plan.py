@@ -77,7 +77,7 @@ class PrecisionPlan:
 @dataclass(frozen=True)
 class Stage3Policy:
     """What the stage-3 runtime (``zero/stage3.py``) reads, in elements (see [Note: prefetch]
-    there); built by ``resolve.py`` and handed to ``apply_stage3`` untouched."""
+    in ``zero/prefetch.py``); built by ``resolve.py`` and handed to ``apply_stage3`` untouched."""
 
     prefetch_bucket_size: int | None  # None: the next unit only (config key unset)
     param_persistence_threshold: int  # smaller parameters stay whole on every rank

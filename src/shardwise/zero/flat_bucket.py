@@ -20,7 +20,11 @@ from shardwise.comm.context import GroupContext
 
 
 class FlatBucket:
-    """Storage and views for one bucket. Holds no policy: strategies decide what to keep."""
+    """Storage and views for one bucket. Holds no policy: strategies decide what to keep.
+
+    An :class:`~shardwise.zero.sharded_optimizer.OptimizerChunk`: ``opt_param`` covers
+    ``[lo, hi)``, this rank's chunk when ``optimizer_sees_chunk`` (stages 1-2), else the whole
+    bucket (stage 0)."""
 
     def __init__(
         self,
@@ -29,7 +33,7 @@ class FlatBucket:
         params: Sequence[nn.Parameter],
         dp: GroupContext,
         *,
-        sharded: bool,
+        optimizer_sees_chunk: bool,
         master_dtype: torch.dtype = torch.float32,
     ):
         self.index = index
@@ -43,7 +47,7 @@ class FlatBucket:
                 view = self.param_flat[slot.offset : slot.offset + slot.numel]
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view_as(p)
-        self.lo, self.hi = layout.chunk_range(dp.rank, dp.size) if sharded else (0, layout.padded_numel)
+        self.lo, self.hi = layout.chunk_range(dp.rank, dp.size) if optimizer_sees_chunk else (0, layout.padded_numel)
         self.mixed = dtype != master_dtype
         own = self.param_flat[self.lo : self.hi]
         master = own.detach().to(master_dtype).clone() if self.mixed else own
@@ -53,6 +57,7 @@ class FlatBucket:
         self.backwards = 0
 
     holds_full = True  # every rank keeps the whole flat buffer (param_flat)
+    trainable = True  # only parameters that require grad at initialize are bucketed
 
     @property
     def numel(self) -> int:

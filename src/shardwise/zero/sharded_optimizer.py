@@ -35,22 +35,56 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
+import torch.nn as nn
 
+from shardwise.comm.buckets import BucketLayout
 from shardwise.comm.collectives import all_gather_shard, all_reduce_scalar
 from shardwise.comm.context import GroupContext
 from shardwise.errors import UsageError
 from shardwise.precision.loss_scaler import LossScaler
-from shardwise.zero.flat_bucket import FlatBucket
+
+
+class OptimizerChunk(Protocol):
+    """What the optimizer steps for one flat buffer on this rank: ``FlatBucket`` (stages 0-2)
+    and ``FlatShard`` (stage 3) both are one. :class:`ShardedStep` and ``checkpoint/`` read
+    only these names (the checkpoint also reads the full buffer, ``param_flat``, where
+    ``holds_full``, and this rank's chunk, ``shard``, where not)."""
+
+    index: int  # unique among the strategy's chunks (the checkpoint keys buckets by it)
+    layout: BucketLayout  # the flat buffer: slots (offset, numel per parameter), padding, group key
+    params: list  # per slot: the tensor the module registers
+    lo: int  # this rank's range [lo, hi) of the flat buffer that opt_param covers
+    hi: int
+    opt_param: nn.Parameter | None  # what the optimizer steps (None: not trainable)
+    mixed: bool  # opt_param is a separate fp32 master (bf16/fp16 compute), not the parameters
+    holds_full: bool  # every rank keeps the whole flat buffer
+    trainable: bool
+
+    @property
+    def numel(self) -> int: ...
+
+    def own(self, flat: torch.Tensor) -> torch.Tensor: ...
+
+    def copy_master_to_params(self) -> None: ...
+
+    # [Note: freezing after initialize]
+    def note_backward(self) -> None: ...
+
+    def step_mask(self) -> bytearray | None: ...
+
+    def reset_step_mask(self) -> None: ...
+
+    def param_names(self) -> list[str]: ...
 
 
 class PartiallyFrozenBucketError(UsageError):
     """Some parameters of one optimizer bucket were frozen after initialize, others were not."""
 
 
-def frozen_buckets(buckets: Sequence) -> list[bool]:
+def frozen_buckets(buckets: Sequence[OptimizerChunk]) -> list[bool]:
     """Per bucket: skipped by this step (see [Note: freezing after initialize])."""
     out = []
     for b in buckets:
@@ -83,26 +117,31 @@ class StepResult:
 
 
 class ShardedStep:
-    """Runs the optimizer on this rank's chunks and makes the updated parameters whole again."""
+    """Runs the optimizer on this rank's chunks and makes the updated parameters whole again.
+
+    ``norm_needs_all_reduce``: each rank holds the gradients of its own chunk only, so the
+    squared norm is summed over the group. ``gather_after_step``: full flat buffers whose
+    chunks the step updated on their owners, all-gathered after a step that was applied.
+    """
 
     def __init__(
         self,
-        buckets: Sequence[FlatBucket],
+        buckets: Sequence[OptimizerChunk],
         optimizer: torch.optim.Optimizer,
         dp: GroupContext,
         scaler: LossScaler,
         grads: Sequence[torch.Tensor],
         *,
-        grads_sharded: bool,
-        params_sharded: bool,
+        norm_needs_all_reduce: bool,
+        gather_after_step: Sequence[torch.Tensor] = (),
         clip: float,
     ):
         self.buckets = list(buckets)
         self.optimizer = optimizer
         self.dp = dp  # the data-parallel group the chunks are split over
         self.scaler = scaler
-        self.grads_sharded = grads_sharded
-        self.params_sharded = params_sharded
+        self.norm_needs_all_reduce = norm_needs_all_reduce
+        self.gather_after_step = list(gather_after_step)
         self.clip = clip
         self._grads = list(grads)  # per bucket: the gradient of its opt_param, in the gradient dtype
 
@@ -112,7 +151,7 @@ class ShardedStep:
         else:
             norms = torch._foreach_norm(self._grads, 2.0, dtype=torch.float32)
             local = float(torch.stack(norms).double().pow(2).sum())
-        return all_reduce_scalar(local, self.dp) if self.grads_sharded else local
+        return all_reduce_scalar(local, self.dp) if self.norm_needs_all_reduce else local
 
     def step(self, step_index: int) -> StepResult:
         frozen = frozen_buckets(self.buckets)  # before any collective: every rank raises alike
@@ -138,8 +177,7 @@ class ShardedStep:
                 b.opt_param.grad = None  # the transient fp32 copy
         for b in self.buckets:
             b.copy_master_to_params()
-        if self.params_sharded:
-            handles = [all_gather_shard(b.param_flat, self.dp, async_op=True) for b in self.buckets]
-            for h in handles:
-                h.wait()
+        handles = [all_gather_shard(flat, self.dp, async_op=True) for flat in self.gather_after_step]
+        for h in handles:
+            h.wait()
         return StepResult(True, norm)

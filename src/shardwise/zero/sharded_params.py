@@ -18,7 +18,7 @@ For every parameter of a stage-3 model shardwise keeps:
   becomes a one-element tensor expanded to the full shape (no memory, right shape, so that
   autograd can still accumulate a late gradient into it). Autograd's graph refers to these
   objects, never to the placeholders or the gathered buffer (see [Note: saved parameters] in
-  stage3.py).
+  hooks.py).
 
 A unit is :attr:`ShardState.SHARDED`, ``GATHERING`` (all-gather in flight) or ``GATHERED``;
 transitions are checked.
@@ -120,8 +120,9 @@ class ParamRecord:
 class FlatShard:
     """The parameters of one unit and one (param group, dtype), sharded in one flat buffer.
 
-    Exposes the same names as :class:`~shardwise.zero.flat_bucket.FlatBucket` where the
-    checkpoint code reads them (``layout``, ``params``, ``lo``, ``hi``, ``opt_param``).
+    An :class:`~shardwise.zero.sharded_optimizer.OptimizerChunk` like
+    :class:`~shardwise.zero.flat_bucket.FlatBucket` (``layout``, ``params``, ``lo``, ``hi``,
+    ``opt_param``, step masks), so that ``ShardedStep`` and the checkpoint read both alike.
     """
 
     def __init__(self, index: int, layout: BucketLayout, values: Sequence[torch.Tensor | None], dp: GroupContext,
@@ -156,7 +157,7 @@ class FlatShard:
         else:
             self.opt_param = None
             self.grad = None
-        # gradient staging for the current backward (see stage3.py); allocated uninitialised,
+        # gradient staging for the current backward (see zero/reduction.py); allocated uninitialised,
         # so the elements no parameter covers (alignment, padding) are zeroed at launch
         self.gaps: list[tuple[int, int]] = []
         end = 0

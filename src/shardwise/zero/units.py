@@ -22,8 +22,7 @@ read, so this runs on a model built on the meta device.
 """
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch.nn as nn
@@ -130,8 +129,24 @@ def fetch_units(model: nn.Module, *, unit_classes: Sequence[type | str] | None =
 
 
 # -- user declarations (read when stage 3 is applied) -----------------------------------------
-_UNIT_CLASSES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_EXTERNAL: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+DECLARATIONS_ATTR = "_shardwise_stage3_declarations"
+
+
+@dataclass
+class Stage3Declarations:
+    """What the user declared about one module for stage 3, kept on the module instance itself
+    (``module.__dict__[DECLARATIONS_ATTR]``, so it lives and dies with the module, and is copied
+    with it): read by ``apply_stage3``, the memory model and the planner."""
+
+    unit_classes: tuple | None = None  # set_fetch_units(model, ...): on the model
+    external_params: list = field(default_factory=list)  # register_external_parameter(module, ...)
+
+
+def _declarations(module: nn.Module, *, create: bool = False) -> Stage3Declarations | None:
+    found = module.__dict__.get(DECLARATIONS_ATTR)
+    if found is None and create:
+        found = module.__dict__[DECLARATIONS_ATTR] = Stage3Declarations()
+    return found
 
 
 def set_fetch_units(model: nn.Module, unit_classes: Sequence[type | str]) -> None:
@@ -140,22 +155,28 @@ def set_fetch_units(model: nn.Module, unit_classes: Sequence[type | str]) -> Non
     ``shardwise.initialize``. A class that does not occur in the model is an error then."""
     if isinstance(unit_classes, (type, str)):
         unit_classes = [unit_classes]
-    _UNIT_CLASSES[model] = tuple(unit_classes)
+    _declarations(model, create=True).unit_classes = tuple(unit_classes)
 
 
 def declared_unit_classes(model: nn.Module) -> tuple | None:
-    return _UNIT_CLASSES.get(model)
+    found = _declarations(model)
+    return found.unit_classes if found is not None else None
 
 
 def register_external_parameter(module: nn.Module, param: nn.Parameter) -> None:
     """Declare that ``module``'s forward uses ``param`` although another fetch unit owns it
     (e.g. ``F.linear(x, self.other.weight)`` across units): stage 3 then gathers the owner's
     unit whenever ``module``'s unit runs. Inside one unit nothing needs declaring."""
-    _EXTERNAL.setdefault(module, []).append(param)
+    _declarations(module, create=True).external_params.append(param)
 
 
 def declared_externals(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
-    return [(m, p) for m in model.modules() for p in _EXTERNAL.get(m, ())]
+    out = []
+    for m in model.modules():
+        found = _declarations(m)
+        if found is not None:
+            out.extend((m, p) for p in found.external_params)
+    return out
 
 
 __all__ = ["FetchUnit", "UnknownUnitClassError", "fetch_units", "ROOT", "set_fetch_units",
