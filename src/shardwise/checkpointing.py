@@ -138,6 +138,14 @@ def apply_activation_checkpointing(model: nn.Module, policy: ActivationCheckpoin
         _SETTINGS.cpu_checkpointing = True
     if policy.modules is None:
         return model
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        # a key/value cache grows during the forward, so a recomputed layer would see its own
+        # keys twice; transformers turns the cache off under gradient checkpointing for the same
+        # reason (it only helps generation)
+        config.use_cache = False
+        log.warning("activation checkpointing: set %s.config.use_cache = False (a key/value cache "
+                    "cannot be recomputed)", type(model).__name__)
     names = []
     for name, module in checkpointed_modules(model, policy.modules, policy.every):
         if "forward" in module.__dict__:

@@ -40,8 +40,9 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 
 def checkpointing(model, gc: str | None) -> None:
-    """``gc``: None (off), "default" (transformers' own default), "reentrant", "non_reentrant"."""
-    if gc is None:
+    """``gc``: None (off), "default" (transformers' own default), "reentrant", "non_reentrant";
+    "config": shardwise's ``activation_checkpointing.modules`` instead (nothing to do here)."""
+    if gc is None or gc == "config":
         return
     kwargs = {"default": None, "reentrant": {"use_reentrant": True},
               "non_reentrant": {"use_reentrant": False}}[gc]
@@ -70,12 +71,16 @@ def config() -> dict:
 
 
 def sharded(kind: str, steps: int, use_init: bool = False, gc: str | None = None,
-            gc_before_initialize: bool = False) -> dict:
+            gc_before_initialize: bool = False, stage: int = 3) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
-    model = build(kind, use_init, config())
+    cfg = config()
+    cfg["zero_optimization"] = {**cfg["zero_optimization"], "stage": stage} if stage == 3 else {"stage": stage}
+    if gc == "config":  # every decoder layer, without touching the model
+        cfg["activation_checkpointing"] = {"modules": "blocks"}
+    model = build(kind, use_init, cfg)
     if gc_before_initialize:
         checkpointing(model, gc)
-    engine, *_ = shardwise.initialize(model=model, config=config())
+    engine, *_ = shardwise.initialize(model=model, config=cfg)
     if not gc_before_initialize:
         checkpointing(model, gc)
     per = BATCH // world
@@ -88,8 +93,9 @@ def sharded(kind: str, steps: int, use_init: bool = False, gc: str | None = None
         t = torch.tensor([loss.item()], dtype=torch.float64)
         dist.all_reduce(t)
         losses.append(t.item() / world)
-    units = [u.name for u in engine.strategy.runtime.units]
-    return {"losses": losses, "params": snapshot(model), "units": units}
+    units = [u.name for u in engine.strategy.runtime.units] if stage == 3 else []
+    wrapped = sorted(n for n, m in model.named_modules() if "forward" in m.__dict__)
+    return {"losses": losses, "params": snapshot(model), "units": units, "wrapped": wrapped}
 
 
 def memory_reports(kind: str, stages: list[int]) -> list[dict]:

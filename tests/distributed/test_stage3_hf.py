@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_workers import reference, sharded
+pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e '.[test]')")
+
+from hf_workers import reference, sharded  # noqa: E402
 from shardwise.testing import run_distributed
 
 STEPS = 10
@@ -103,3 +105,17 @@ def test_hf_gradient_checkpointing_enabled_before_initialize_against_checkpointe
     torch.testing.assert_close(r["losses"], want["losses"], rtol=1e-6, atol=0)
     for k, v in want["params"].items():
         torch.testing.assert_close(r["params"][k], v, rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_config_activation_checkpointing_on_hf_models(stage, kind_and_reference, unchecked):
+    """``activation_checkpointing: {"modules": "blocks"}`` wraps each decoder layer's forward
+    (no model code touched) and trains like plain transformers at 2 ranks (tolerances as in
+    test_hf_gradient_checkpointing)."""
+    kind, ref = kind_and_reference
+    blocks = {"gpt2": "transformer.h.", "llama": "model.layers."}[kind]
+    for r, u in zip(run_distributed(sharded, 2, kind, STEPS, False, "config", False, stage), unchecked):
+        assert r["wrapped"] == [f"{blocks}{i}" for i in range(3)]
+        torch.testing.assert_close(r["losses"], ref["losses"], rtol=1e-6, atol=0)
+        for k, v in u["params"].items():
+            torch.testing.assert_close(r["params"][k], v, rtol=0, atol=3e-5, msg=lambda m, k=k: f"{k}: {m}")

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from init_workers import pretrained_run, resize_run, save_random, seeded_run
+pytest.importorskip("transformers", reason="the Hugging Face tests need transformers (pip install -e '.[test]')")
+
+from init_workers import pretrained_run, resize_run, save_random, seeded_run  # noqa: E402
 from shardwise.testing import run_distributed
 
 STEPS = 4

@@ -15,7 +15,7 @@ from model import GPT, GPTConfig
 MICRO = 4
 
 
-def saved_bytes(cfg: GPTConfig, dtype: torch.dtype, every: int) -> int:
+def saved_bytes(cfg: GPTConfig, dtype: torch.dtype, every: int, micro: int = MICRO) -> int:
     torch.manual_seed(0)
     model = GPT(cfg).to(dtype)
     if every:
@@ -36,7 +36,7 @@ def saved_bytes(cfg: GPTConfig, dtype: torch.dtype, every: int) -> int:
     if every:  # a checkpointed block's input is kept by the checkpoint itself
         for block in model.blocks[every - 1::every]:
             block.register_forward_pre_hook(lambda _m, args: keep(args[0]))
-    x = torch.randint(0, cfg.vocab_size, (MICRO, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, cfg.vocab_size, (micro, cfg.seq_len + 1), generator=torch.Generator().manual_seed(1))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(x[:, :-1], x[:, 1:])
     return sum(kept.values())
