@@ -70,8 +70,14 @@ def summary(err: str) -> str:
 def test_sigkill_one_rank_mid_step(tmp_path):
     code, err, ended = launch(tmp_path, config(), "kill")
     assert code != 0
-    # the survivor names the dead rank; the launcher names the first failure and its signal
-    assert "CollectiveError: rank 0: all_reduce" in err and "rank 1 exited" in err, err[-3000:]
+    # the survivor names the dead rank; the launcher names the first failure and its signal.
+    # torchrun SIGTERMs the survivor as soon as it sees rank 1 gone, which can be before gloo
+    # fails the survivor's all_reduce (seen in 3 of ~15 runs on a loaded machine): then it is the
+    # launcher's stop that ends rank 0, and the summary line below is the whole report
+    if "CollectiveError: rank 0: all_reduce" in err:
+        assert "rank 1 exited" in err, err[-3000:]
+    else:
+        assert "closing signal SIGTERM" in err, err[-3000:]
     assert "rank 1 failed first" in summary(err) and "SIGKILL" in summary(err)
     check_bound(tmp_path, ended)
 
