@@ -38,6 +38,16 @@ FROM_SCHEMA = {
     "activation_checkpointing.modules": "activation_checkpointing.modules",
     "activation_checkpointing.every": "activation_checkpointing.every",
     "activation_checkpointing.cpu_checkpointing": "activation_checkpointing.cpu_checkpointing",
+    # offload: no offload section, no aio section, no offload.host_memory_budget
+    **{f"offload.optimizer.{k}": f"zero_optimization.offload_optimizer.{k}"
+       for k in ("device", "nvme_path", "pin_memory", "buffer_count", "pipeline_read", "pipeline_write",
+                 "fast_init", "ratio")},
+    **{f"offload.param.{k}": f"zero_optimization.offload_param.{k}"
+       for k in ("device", "nvme_path", "pin_memory", "buffer_count", "buffer_size", "max_in_cpu")},
+    **{f"offload.aio.{k}": f"aio.{k}"
+       for k in ("block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events")},
+    "offload.sub_group_size": "zero_optimization.sub_group_size",
+    "offload.host_memory_budget": "offload.host_memory_budget",
 }
 # resolved rules, not copies of one key's default
 RESOLVED = {
@@ -70,7 +80,8 @@ def leaves(obj, prefix=""):
 def test_plan_dataclasses_have_no_defaults():
     assert {c.__name__ for c in PLAN_CLASSES} >= {
         "Plan", "BatchPlan", "ZeroPlan", "Stage3Policy", "PrecisionPlan", "LossScalePlan", "OptimizerPlan",
-        "SchedulerPlan", "CheckpointPlan", "ActivationCheckpointingPlan"}
+        "SchedulerPlan", "CheckpointPlan", "ActivationCheckpointingPlan", "OffloadPlan", "OptimizerOffloadPolicy",
+        "ParamOffloadPolicy", "AioPolicy"}
     for cls in PLAN_CLASSES:
         for f in dataclasses.fields(cls):
             assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, \
@@ -89,6 +100,7 @@ def test_every_plan_field_carries_the_schema_default():
     for path, value in RESOLVED.items():
         assert got[path] == value, path
     assert got["zero.overlap_comm"] is True  # shardwise overlaps at every stage
+    assert not plan.offload.enabled
 
 
 def test_fp16_loss_scale_carries_the_schema_defaults():

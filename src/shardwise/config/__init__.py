@@ -4,8 +4,10 @@
 raises one :class:`~shardwise.errors.ConfigError` listing every problem (JSON path, what was
 expected, "did you mean" for unknown keys), and returns a frozen :class:`Plan`.
 """
-from shardwise.config.plan import (ActivationCheckpointingPlan, BatchPlan, CheckpointPlan, LossScalePlan,
-                                   OptimizerPlan, Plan, PrecisionPlan, SchedulerPlan, Stage3Policy, ZeroPlan)
+from shardwise.config.plan import (ActivationCheckpointingPlan, AioPolicy, BatchPlan, CheckpointPlan,
+                                   LossScalePlan, OffloadPlan, OptimizerOffloadPolicy, OptimizerPlan,
+                                   ParamOffloadPolicy, Plan, PrecisionPlan, SchedulerPlan, Stage3Policy,
+                                   ZeroPlan)
 from shardwise.config.resolve import load_config, plan_for, resolve_config
 from shardwise.config.schema import (AUTO_UNRESOLVED, NOT_IMPLEMENTED, UNKNOWN_KEY,
                                      ConfigDeprecationWarning, ConfigWarning, DeepSpeedConfig,
@@ -32,4 +34,8 @@ __all__ = [
     "CheckpointPlan",
     "ActivationCheckpointingPlan",
     "Stage3Policy",
+    "OffloadPlan",
+    "OptimizerOffloadPolicy",
+    "ParamOffloadPolicy",
+    "AioPolicy",
 ]

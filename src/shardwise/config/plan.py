@@ -123,6 +123,63 @@ class ActivationCheckpointingPlan:
 
 
 @dataclass(frozen=True)
+class OptimizerOffloadPolicy:
+    """``zero_optimization.offload_optimizer``: where the fp32 master (when it is not the
+    parameters themselves) and the optimizer state of this rank's chunks live
+    (``shardwise/offload/``). ``device`` "none" means resident, and then the other fields are
+    unused."""
+
+    device: Literal["none", "cpu", "nvme"]
+    nvme_path: str | None  # set iff device == "nvme" (checked to be a writable directory)
+    pin_memory: bool  # page-lock host buffers (CUDA only; a no-op on a CPU-only machine)
+    buffer_count: int  # swap buffers (one tensor kind of one tile each)
+    pipeline_read: bool  # read the next tile while this one steps
+    pipeline_write: bool  # leave a tile's write in flight while the next steps
+    fast_init: bool  # build the swap files tile by tile, never the whole state in memory
+    ratio: float  # fraction of the chunks (by elements, the last ones) offloaded; 1.0: all
+
+
+@dataclass(frozen=True)
+class ParamOffloadPolicy:
+    """``zero_optimization.offload_param`` (stage 3 only): where each unit's parameter shard
+    lives between its gathers."""
+
+    device: Literal["none", "cpu", "nvme"]
+    nvme_path: str | None  # set iff device == "nvme"
+    pin_memory: bool
+    buffer_count: int  # parameter swap buffers
+    buffer_size: int  # elements per parameter swap buffer
+    max_in_cpu: int  # elements of parameter shards that may stay in host memory
+
+
+@dataclass(frozen=True)
+class AioPolicy:
+    """The top-level ``aio`` section, as shardwise's I/O engine (``offload/aio.py``) reads it."""
+
+    block_size: int  # bytes per request
+    queue_depth: int  # requests in flight (= I/O threads)
+    intra_op_parallelism: int
+    single_submit: bool
+    overlap_events: bool
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """Everything the offload tiers read: both offload sections, ``aio``, the tile size and
+    shardwise's ``offload.host_memory_budget``."""
+
+    optimizer: OptimizerOffloadPolicy
+    param: ParamOffloadPolicy
+    aio: AioPolicy
+    sub_group_size: int  # elements per tile of the offloaded optimizer step
+    host_memory_budget: int | None  # bytes every host buffer of the offload path fits in; None: no limit
+
+    @property
+    def enabled(self) -> bool:
+        return self.optimizer.device != "none" or self.param.device != "none"
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the engine needs, resolved for one world size."""
 
@@ -138,3 +195,4 @@ class Plan:
     checkpoint: CheckpointPlan
     activation_checkpointing: ActivationCheckpointingPlan
     comms_timeout_s: float | None  # process-group timeout (None: torch's default)
+    offload: OffloadPlan  # zero_optimization.offload_* / sub_group_size, aio, offload

@@ -14,8 +14,10 @@ print), non-JSON Python objects and self-containing dicts are described, not pri
 """
 from __future__ import annotations
 
+import decimal
 import json
 import math
+import re
 from typing import Annotated, Any, NamedTuple, Optional
 
 from pydantic import BeforeValidator
@@ -70,6 +72,20 @@ POS_SCALE = Range(0, 2.0**MAX_SCALE_POWER, lo_open=True)  # fp16 min_loss_scale
 NON_NEG = Range(0, FP32_MAX)  # gradient_clipping and other non-negative reals
 TIMEOUT = Range(0, MAX_TIMEOUT_S, lo_open=True)  # comms_timeout, seconds
 COUNT_OR_OFF = Range(-1, INT64_MAX)  # DeepSpeed's "-1 = off/all" integers
+# offload (zero_optimization.offload_optimizer / offload_param / sub_group_size, aio, offload)
+MAX_IO_QUEUE = 1024  # aio.queue_depth and intra_op_parallelism: each request in flight is a thread
+MAX_BLOCK = 2**30  # aio.block_size, bytes (DeepSpeed's default is 1 MiB)
+BLOCK_ALIGN = 4096  # aio.block_size is a whole number of pages (O_DIRECT I/O)
+BUFFERS = Range(1, MAX_BATCH)  # swap-buffer counts
+POS_ELEMENTS = Range(1, MAX_ELEMENTS)  # offload_param.buffer_size, elements
+# zero_optimization.sub_group_size, elements per tile: no upper bound of its own, as DeepSpeed
+# configs write 1e14 for "one tile" (the Hugging Face ZeRO-3 template)
+TILE = Range(1, INT64_MAX)
+FRACTION = Range(0, 1, lo_open=True)  # offload_optimizer.ratio
+UNIT = Range(0, 1)  # offload_optimizer.cpuadam_cores_perc
+IO_QUEUE = Range(1, MAX_IO_QUEUE)
+BLOCK = Range(BLOCK_ALIGN, MAX_BLOCK)
+BYTES = Range(0, INT64_MAX, lo_open=True)  # offload.host_memory_budget
 
 # Catalogue type names (``schema_keys``) -> (scalar kind, range). A catalogue integer whose
 # DeepSpeed default is -1 (meaning "off" or "all") is declared "int-1".
@@ -178,11 +194,40 @@ def check_path(v: Any) -> str:
     return v
 
 
+# offload.host_memory_budget: decimal and binary units, case-insensitive, optional space
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BYTES_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([+-]?[0-9]{1,4}))?\s*([A-Za-z]*)\s*")
+BYTES_FORMS = ('an integer, or a string such as "12GB", "512MiB", "1.5e9" or "24 GiB" (KB, MB, GB, TB: '
+               "powers of 1000; KiB, MiB, GiB, TiB: powers of 1024; any case)")
+
+
+def check_bytes(v: Any) -> int:
+    """A size in bytes: an integer (an integral JSON float too, as for every integer key) or a
+    string of a number and an optional unit (:data:`BYTE_UNITS`); rounded to whole bytes."""
+    if not isinstance(v, str) or isinstance(v, HugeInt):
+        try:
+            return check_int(v)
+        except PydanticCustomError:
+            raise PydanticCustomError("sw_type", "expected a number of bytes: {forms}, got {got}",
+                                      {"forms": BYTES_FORMS, "got": got(v)}) from None
+    match = _BYTES_RE.fullmatch(v) if len(v) <= 64 else None
+    unit = BYTE_UNITS.get(match.group(3).lower()) if match else None
+    if match is None or unit is None:
+        raise PydanticCustomError("sw_value", "expected a number of bytes: {forms}, got {got}",
+                                  {"forms": BYTES_FORMS, "got": got(v)})
+    number = decimal.Decimal(match.group(1)).scaleb(int(match.group(2) or 0)) * unit
+    if number > INT64_MAX:  # also keeps a 1e9999 from becoming a huge integer
+        return INT64_MAX + 1  # refused by the range, with the user's text
+    return int(number.to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
+
+
 CHECKS = {"int": (check_int, int), "float": (check_float, float),
-          "bool": (check_bool, bool), "str": (check_str, str), "path": (check_path, str)}
+          "bool": (check_bool, bool), "str": (check_str, str), "path": (check_path, str),
+          "bytes": (check_bytes, int)}
 
 
-def _ranged(check: Any, rng: Optional[Range]) -> Any:
+def _ranged(check: Any, rng: Optional[Range], multiple: Optional[int] = None) -> Any:
     if rng is None:
         return check
 
@@ -192,17 +237,24 @@ def _ranged(check: Any, rng: Optional[Range]) -> Any:
         if wrong:
             raise PydanticCustomError("sw_range", "{wrong}, got {got} (allowed: {allowed})",
                                       {"wrong": wrong, "got": got(v), "allowed": rng.text()})
+        if multiple is not None and value % multiple:
+            lower = value // multiple * multiple
+            near = " or ".join(str(n) for n in (lower, lower + multiple) if rng.problem(n) is None)
+            raise PydanticCustomError("sw_range", "must be a multiple of {m}, got {got} (e.g. {near})",
+                                      {"m": multiple, "got": got(v), "near": near})
         return value
     return validate
 
 
-def typed(kind: str, rng: Optional[Range] = None, nullable: bool = False) -> Any:
-    """``Annotated`` type for a JSON scalar ``kind`` ("int", ...) inside ``rng``, optionally
-    ``null``-able. Numeric kinds must be given a range (see [Note: every number has a range])."""
+def typed(kind: str, rng: Optional[Range] = None, nullable: bool = False,
+          multiple: Optional[int] = None) -> Any:
+    """``Annotated`` type for a JSON scalar ``kind`` ("int", ...) inside ``rng`` (and a
+    ``multiple`` of an integer, where given), optionally ``null``-able. Numeric kinds must be
+    given a range (see [Note: every number has a range])."""
     check, base = CHECKS[kind]
-    if kind in ("int", "float") and rng is None:
+    if kind in ("int", "float", "bytes") and rng is None:
         raise TypeError(f"a numeric config key needs a range ({kind})")
-    validate = _ranged(check, rng)
+    validate = _ranged(check, rng, multiple)
     if not nullable:
         return Annotated[base, BeforeValidator(validate)]
     return Annotated[Optional[base], BeforeValidator(lambda v: None if v is None else validate(v))]
@@ -216,4 +268,4 @@ def catalogue_type(name: str) -> Any:
 
 
 __all__ = ["Range", "KINDS", "typed", "catalogue_type", "got", "show", "parse_int", "HugeInt",
-           "check_int", "check_str", "MAX_DEPTH", "INT64_MAX", "FP32_MAX"]
+           "check_int", "check_str", "check_bytes", "BYTE_UNITS", "MAX_DEPTH", "INT64_MAX", "FP32_MAX"]

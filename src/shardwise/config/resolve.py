@@ -1,8 +1,19 @@
 """The one cross-field step: a validated config plus the world size become a frozen Plan.
 
 Only rules that look at more than one key, or at the world size, live here: the batch
-triangle, fp16 vs bf16, stage-dependent defaults, and the optimizer/scheduler checks owned
-by ``shardwise.optim``. Everything a single key can say is checked in ``schema.py``.
+triangle, fp16 vs bf16, stage-dependent defaults, the offload rules (stages, ``nvme_path``)
+and the optimizer/scheduler checks owned by ``shardwise.optim``. Everything a single key can
+say is checked in ``schema.py``.
+
+[Note: offload rules]
+``offload_param`` needs stage 3 (parameters are offloaded shard by shard) and
+``offload_optimizer`` needs stage 1 or higher (it moves this rank's optimizer shard; DeepSpeed
+refuses stage 0 too). Device ``"nvme"`` needs ``nvme_path``: an existing directory this
+process can create files in (write and search permission), checked here, on every rank, and
+only for an nvme device; it is resolved to an absolute path (``~`` expanded). DeepSpeed at
+stages 1-2 silently turns an optimizer offload to ``"nvme"`` into ``"cpu"``; shardwise does
+what was asked. With optimizer offload to nvme, a ``sub_group_size`` over 1e8 elements is
+said out loud (a ConfigWarning): every swap buffer holds a tile of up to that many fp32 values.
 """
 from __future__ import annotations
 
@@ -12,10 +23,14 @@ import re
 import warnings
 from typing import Any, Optional, Union
 
-from shardwise.config.plan import (ActivationCheckpointingPlan, BatchPlan, CheckpointPlan, LossScalePlan,
-                                   OptimizerPlan, Plan, PrecisionPlan, SchedulerPlan, Stage3Policy, ZeroPlan)
-from shardwise.config.schema import (NOT_IMPLEMENTED, STAGE3_MAX_PENDING_REDUCTIONS, CheckpointSection,
-                                     ConfigWarning, emit_warnings, parse_document, sorted_problems)
+from shardwise.config.plan import (ActivationCheckpointingPlan, AioPolicy, BatchPlan, CheckpointPlan,
+                                   LossScalePlan, OffloadPlan, OptimizerOffloadPolicy, OptimizerPlan,
+                                   ParamOffloadPolicy, Plan, PrecisionPlan, SchedulerPlan, Stage3Policy,
+                                   ZeroPlan)
+from shardwise.config.schema import (NOT_IMPLEMENTED, STAGE3_MAX_PENDING_REDUCTIONS, AioSection,
+                                     CheckpointSection, ConfigWarning, OffloadOptimizerSection,
+                                     OffloadParamSection, OffloadSection, emit_warnings, parse_document,
+                                     sorted_problems, with_note)
 from shardwise.errors import ConfigError, ConfigProblem, UsageError
 
 Source = Union[str, "os.PathLike[str]", dict]
@@ -38,7 +53,7 @@ def load_config(source: Source, world_size: int) -> Plan:
     plan = None
     if parsed.config is not None:
         plan, more = _resolve(parsed.config, world_size, parsed.broken)
-        problems += more
+        problems += [with_note(p, parsed.notes) for p in more]
     if plan is None and not problems:  # internal invariant; never expected
         problems.append(ConfigProblem("", "the config could not be resolved"))
     if problems or plan is None:
@@ -93,6 +108,7 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optiona
         "optimizer": _spec(cfg.optimizer, "optimizer", problems, broken),
         "scheduler": _spec(cfg.scheduler, "scheduler", problems, broken),
         "checkpoint": _checkpoint(cfg.checkpoint, problems, broken),
+        "offload": _offload(cfg, problems, broken),
     }
     if problems or broken or any(results[k] is None for k in ("batch", "precision", "zero")):
         return None, problems
@@ -102,7 +118,8 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optiona
                 steps_per_print=cfg.steps_per_print,
                 wall_clock_breakdown=cfg.wall_clock_breakdown,
                 checkpoint=results["checkpoint"], comms_timeout_s=cfg.comms_timeout,
-                activation_checkpointing=_activation_checkpointing(cfg.activation_checkpointing))
+                activation_checkpointing=_activation_checkpointing(cfg.activation_checkpointing),
+                offload=results["offload"])
     return plan, problems
 
 
@@ -237,6 +254,96 @@ def _zero(zero: Any, problems: list[ConfigProblem]) -> Optional[ZeroPlan]:
                         max_live_parameters=zero.stage3_max_live_parameters,
                         max_reuse_distance=zero.stage3_max_reuse_distance, overlap_comm=overlap,
                         max_pending_reductions=STAGE3_MAX_PENDING_REDUCTIONS))
+
+
+_Z = "zero_optimization"
+_OPT, _PAR = f"{_Z}.offload_optimizer", f"{_Z}.offload_param"
+NVME_TILE_WARN = 100_000_000  # elements: sub_group_size above this with nvme is said out loud
+
+
+def _offload(cfg: Any, problems: list[ConfigProblem], broken: frozenset[str]) -> OffloadPlan:
+    """``Plan.offload`` (see [Note: offload rules]); an absent section is its defaults."""
+    zero = cfg.zero_optimization
+    opt = zero.offload_optimizer or OffloadOptimizerSection()
+    par = zero.offload_param or OffloadParamSection()
+    aio, extra = cfg.aio or AioSection(), cfg.offload or OffloadSection()
+    stage_known = not _hit(broken, f"{_Z}.stage")
+    if par.device != "none" and zero.stage != 3 and stage_known:
+        problems.append(ConfigProblem(
+            f"{_PAR}.device", f'offload_param.device "{par.device}" needs ZeRO stage 3 (parameters are '
+            f"offloaded shard by shard); zero_optimization.stage is {zero.stage}",
+            'set zero_optimization.stage to 3, or remove offload_param (or set its device to "none")'))
+    if opt.device != "none" and zero.stage == 0 and stage_known:
+        problems.append(ConfigProblem(
+            f"{_OPT}.device", f'offload_optimizer.device "{opt.device}" needs ZeRO stage 1 or higher (it '
+            "moves this rank's shard of the optimizer state; DeepSpeed refuses stage 0 too)",
+            'use stage 1: set zero_optimization.stage to 1 (or offload_optimizer.device to "none")'))
+    opt_dir = _nvme_dir(opt, _OPT, problems, broken)
+    par_dir = _nvme_dir(par, _PAR, problems, broken)
+    if (opt.device != "none" and opt.pipeline and not (opt.pipeline_read or opt.pipeline_write)
+            and "pipeline" in opt.model_fields_set):
+        warnings.warn("zero_optimization.offload_optimizer.pipeline has no effect of its own (DeepSpeed "
+                      "derives it from pipeline_read and pipeline_write): set those to overlap swap I/O "
+                      "with the step", ConfigWarning, stacklevel=2)
+    tile = zero.sub_group_size
+    if opt.device == "nvme" and tile > NVME_TILE_WARN and not _hit(broken, f"{_Z}.sub_group_size"):
+        per = 4 * tile
+        warnings.warn(
+            f"zero_optimization.sub_group_size is {tile:,} elements with offload_optimizer.device "
+            f'"nvme": each swap buffer holds up to sub_group_size x 4 bytes ({_gb(per)} per buffer, '
+            f"x buffer_count {opt.buffer_count} = {_gb(per * opt.buffer_count)} of host memory); "
+            "5e7 (200 MB per buffer) works on a 24 GiB machine", ConfigWarning, stacklevel=2)
+    return OffloadPlan(
+        optimizer=OptimizerOffloadPolicy(
+            device=opt.device, nvme_path=opt_dir, pin_memory=opt.pin_memory,
+            buffer_count=opt.buffer_count, pipeline_read=opt.pipeline_read,
+            pipeline_write=opt.pipeline_write, fast_init=opt.fast_init, ratio=float(opt.ratio)),
+        param=ParamOffloadPolicy(
+            device=par.device, nvme_path=par_dir, pin_memory=par.pin_memory,
+            buffer_count=par.buffer_count, buffer_size=par.buffer_size, max_in_cpu=par.max_in_cpu),
+        aio=AioPolicy(block_size=aio.block_size, queue_depth=aio.queue_depth,
+                      intra_op_parallelism=aio.intra_op_parallelism, single_submit=aio.single_submit,
+                      overlap_events=aio.overlap_events),
+        sub_group_size=tile, host_memory_budget=extra.host_memory_budget)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def _nvme_dir(section: Any, path: str, problems: list[ConfigProblem], broken: frozenset[str]
+              ) -> Optional[str]:
+    """The absolute ``nvme_path`` of an nvme ``section`` (None for another device), after
+    checking that it is a directory this process can create files in."""
+    if section.device != "nvme":
+        return None
+    key = f"{path}.nvme_path"
+    if _hit(broken, key, f"{path}.device"):
+        return None
+    if section.nvme_path is None:
+        problems.append(ConfigProblem(key, 'device "nvme" needs nvme_path: the directory the swap '
+                                      "files go in", 'add "nvme_path": "/a/directory/on/a/local/nvme"'))
+        return None
+    given = section.nvme_path
+    where = os.path.abspath(os.path.expanduser(given))
+    name = f"nvme_path {given!r}" + (f" ({where})" if where != given else "")
+    try:
+        exists, is_dir = os.path.exists(where), os.path.isdir(where)
+        usable = is_dir and os.access(where, os.W_OK | os.X_OK)
+    except (OSError, ValueError):  # a name the file system cannot take
+        exists = is_dir = usable = False
+    if not exists:
+        problems.append(ConfigProblem(key, f"{name} does not exist",
+                                      f"create it (mkdir -p {where}) on a fast local disk, or fix the path"))
+    elif not is_dir:
+        problems.append(ConfigProblem(key, f"{name} is not a directory",
+                                      "point nvme_path at a directory (the swap files go inside it)"))
+    elif not usable:
+        problems.append(ConfigProblem(key, f"{name} is not writable by this process (it needs write and "
+                                      "search permission to create the swap files)",
+                                      "change its owner or mode (chmod u+wx), or choose a directory you "
+                                      "can write"))
+    return where
 
 
 def _frozen(value: Any) -> Any:

@@ -17,7 +17,8 @@ is closed (``schema_keys.Section``); loading never raises (``load.py``).
 Every DeepSpeed key is known (here or in ``schema_keys.py``). A key shardwise implements is
 typed and used. A key it does not implement is accepted only while it asks for nothing (its
 DeepSpeed default, or its section's switch is off); otherwise it is refused with "shardwise
-does not implement yet". Defaults are written once, here and in ``schema_keys.py``.
+does not implement yet" (and why, where there is more to say: ``aio.use_gds`` is CUDA-only).
+Defaults are written once, here and in ``schema_keys.py``.
 """
 import copy
 import difflib
@@ -60,9 +61,11 @@ _Elements = typed("int", R.ELEMENTS)
 _OptPath = typed("path", nullable=True)  # a non-empty string without NUL bytes
 
 
-def _default_only(default: Any, accept: tuple | None = None) -> Any:
-    """A known key shardwise does not implement: accepted at ``default`` (or ``accept``)."""
-    extra = {"sw": "default"} | ({"sw_accept": list(accept)} if accept else {})
+def _default_only(default: Any, accept: tuple | None = None, why: str | None = None) -> Any:
+    """A known key shardwise does not implement: accepted at ``default`` (or ``accept``);
+    ``why``, where given, is said in the refusal."""
+    extra = ({"sw": "default"} | ({"sw_accept": list(accept)} if accept else {})
+             | ({"sw_why": why} if why else {}))
     return Field(default, json_schema_extra=extra)
 
 
@@ -132,6 +135,74 @@ class BF16Section(_Model):
     bf16_optimizer_states: Bool = _default_only(False)
 
 
+# [Note: offload keys]
+# zero_optimization.offload_optimizer / offload_param / sub_group_size and the top-level aio
+# section, as shardwise's offload tiers (shardwise/offload/) read them through
+# plan.OffloadPlan; defaults are DeepSpeed 0.19's. resolve.py holds the rules across keys
+# (stages, nvme_path). Unlike DeepSpeed, which at stages 1-2 silently turns an optimizer
+# offload to "nvme" into "cpu", shardwise does what is asked at every stage.
+
+_Device = Annotated[Literal["none", "cpu", "nvme"], BeforeValidator(check_str)]
+_Buffers = typed("int", R.BUFFERS)
+
+
+class _OffloadBase(_Model):
+    """What both offload sections share. ``device`` switches the section on: while it is
+    "none" the other keys change nothing (see [Note: known, accepted, refused])."""
+
+    sw_gate = "device"
+    device: _Device = "none"
+    # the directory the swap files go in: read with device "nvme" only, which needs it (an
+    # existing, writable directory; resolved to an absolute path)
+    nvme_path: _OptPath = None
+    # page-lock the host buffers (CUDA only). Default true as DeepSpeed's since 0.19 (its PR #8207)
+    pin_memory: Bool = True
+
+
+class OffloadOptimizerSection(_OffloadBase):
+    buffer_count: _Buffers = 4  # swap buffers (nvme)
+    pipeline_read: Bool = False  # nvme: read the next tile while this one steps
+    pipeline_write: Bool = False  # nvme: leave a tile's write in flight while the next steps
+    # DeepSpeed derives it (pipeline_read or pipeline_write) and ignores what is written here:
+    # accepted with any value; it has no effect of its own here either
+    pipeline: Bool = _inert(False)
+    fast_init: Bool = False  # nvme: build the swap files tile by tile
+    ratio: typed("float", R.FRACTION) = 1.0  # share of the optimizer state offloaded (last chunks)
+    super_offload: Bool = _default_only(False, why="SuperOffload, DeepSpeed's optimizer offload "
+                                        "for NVIDIA Grace-Hopper superchips only")
+    # DeepSpeedCPUAdam tuning (gradient conversion on the host; share of the host cores its
+    # kernel uses): shardwise steps a torch optimizer on the host, so these have no effect here
+    convert_grad_on_cpu: Bool = _inert(True)
+    cpuadam_cores_perc: typed("float", R.UNIT) = _inert(0.8)
+
+
+class OffloadParamSection(_OffloadBase):  # stage 3 only (resolve.py)
+    buffer_count: _Buffers = 5  # parameter swap buffers (nvme)
+    buffer_size: typed("int", R.POS_ELEMENTS) = 100_000_000  # elements per swap buffer
+    max_in_cpu: _Elements = 1_000_000_000  # elements of shards also kept in host memory (nvme)
+
+
+class AioSection(_Model):
+    """Read by shardwise's threaded pread/pwrite engine (``offload/aio.py``): queue_depth x
+    intra_op_parallelism requests of block_size bytes in flight."""
+
+    block_size: typed("int", R.BLOCK, multiple=R.BLOCK_ALIGN) = 1_048_576  # bytes per request
+    queue_depth: typed("int", R.IO_QUEUE) = 8
+    intra_op_parallelism: typed("int", R.IO_QUEUE) = 1
+    # libaio submission and event tuning: no effect on pread/pwrite threads
+    single_submit: Bool = _inert(False)
+    overlap_events: Bool = _inert(True)
+    thread_count: typed("int", R.KINDS["int"][1]) = _inert(1)  # old key DeepSpeed no longer reads
+    use_gds: Bool = _default_only(False, why="GPUDirect Storage is CUDA-only; shardwise's I/O "
+                                  "engine uses pread/pwrite")
+
+
+class OffloadSection(_Model):
+    # shardwise: bytes every host buffer of the offload path must fit in; null: no limit. An
+    # integer or a string such as "12GB", "512MiB", "1.5e9", "24 GiB" (ranges.check_bytes)
+    host_memory_budget: typed("bytes", R.BYTES, nullable=True) = None
+
+
 class _ZeroBase(_Model):
     stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(check_int)] = 0
     # [Note: bucket default] DeepSpeed's default is 5e8 elements; for shardwise the bucket is
@@ -144,6 +215,10 @@ class _ZeroBase(_Model):
     overlap_comm: typed("bool", nullable=True) = True
     contiguous_gradients: Bool = True
     reduce_scatter: Bool = True
+    offload_optimizer: Optional[OffloadOptimizerSection] = None  # see [Note: offload keys]
+    offload_param: Optional[OffloadParamSection] = None
+    # elements per tile of the offloaded optimizer step (DeepSpeed's default)
+    sub_group_size: typed("int", R.TILE) = 1_000_000_000
 
 
 # Not a config key: how many stage-3 gradient reductions may be in flight with overlap_comm
@@ -221,6 +296,8 @@ class _TopLevel(_Model):
     comms_timeout: typed("float", R.TIMEOUT, nullable=True) = None
     # shardwise: a NaN/inf loss or gradient norm outside fp16: "error" (raise) or "skip" the step
     nonfinite: Annotated[Literal["error", "skip"], BeforeValidator(check_str)] = "error"
+    aio: Optional[AioSection] = None  # see [Note: offload keys]
+    offload: Optional[OffloadSection] = None  # shardwise: offload.host_memory_budget
 
 
 DeepSpeedConfig = create_model("DeepSpeedConfig", __base__=_TopLevel, **{
@@ -347,11 +424,13 @@ def _unknown_key_hint(loc: tuple) -> str:
     elif loc[0] == "zero_optimization" and len(loc) == 2:
         known += list(K.ZERO_SYNONYMS) + ["cpu_offload", "cpu_offload_param"]
     close = closest(key, known)
-    if close:
-        return f"did you mean '{close}'?"
-    if loc[0] in ("optimizer", "scheduler") and len(loc) == 2:
-        return f"{loc[0]} settings go inside '{loc[0]}.params'"
     elsewhere = [p for p in _where_else(key) if p != _loc_path(loc[:-1])]
+    # a key of exactly one other section is misplaced, not misspelt ("offload_optimizer" at
+    # the top level is not "optimizer"), unless it is a key of this section in another case
+    if close and (len(elsewhere) != 1 or close.lower() == key.lower()):
+        return f"did you mean '{close}'?"
+    if loc[0] in ("optimizer", "scheduler") and len(loc) == 2 and len(elsewhere) != 1:
+        return f"{loc[0]} settings go inside '{loc[0]}.params'"
     if len(elsewhere) == 1:
         return f"'{key}' belongs in '{elsewhere[0]}'" if elsewhere[0] != "the top level" else \
             f"'{key}' belongs at the top level"
@@ -390,10 +469,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _refuse(path: str, value: Any, default: Any) -> ConfigProblem:
+def _refuse(path: str, value: Any, default: Any, why: str | None = None) -> ConfigProblem:
     fix = "remove it" if default is None else f"remove it or set it to {show(default)}"
     what = "this section" if isinstance(value, dict) else show(value)
-    return ConfigProblem(path, f"{what} asks for a DeepSpeed option {NOT_IMPLEMENTED}; {fix}")
+    because = f" ({why})" if why else ""
+    return ConfigProblem(path, f"{what} asks for a DeepSpeed option {NOT_IMPLEMENTED}{because}; {fix}")
 
 
 def _unimplemented(model: type[_Model], raw: dict, path: str, skip: set[str],
@@ -417,11 +497,12 @@ def _unimplemented(model: type[_Model], raw: dict, path: str, skip: set[str],
         if field is None or sub_path in skip or key == model.sw_gate:
             continue
         kind, sub = _field_kind(field), _submodel(field)
-        accept = (field.json_schema_extra or {}).get("sw_accept", [field.default])
+        extra = field.json_schema_extra or {}
+        accept = extra.get("sw_accept", [field.default])
         if kind == "presence" and value is not None:
             out.append(_refuse(sub_path, value, None))
         elif kind == "default" and not any(_same(value, a) for a in accept):
-            out.append(_refuse(sub_path, value, field.default))
+            out.append(_refuse(sub_path, value, field.default, extra.get("sw_why")))
         elif sub is not None and isinstance(value, dict) and kind != "presence":
             _unimplemented(sub, value, sub_path, skip, out)
 
@@ -438,6 +519,7 @@ class ParsedDocument(NamedTuple):
     problems: list[ConfigProblem]
     broken: frozenset[str]
     warnings: Warn
+    notes: dict[str, str]  # JSON path -> where its value came from (an old spelling)
 
 
 def parse_document(source: Any) -> ParsedDocument:
@@ -445,7 +527,7 @@ def parse_document(source: Any) -> ParsedDocument:
     problems: list[ConfigProblem] = []
     doc = _load(source, problems)
     if doc is None:
-        return ParsedDocument(None, problems, frozenset(), [])
+        return ParsedDocument(None, problems, frozenset(), [], {})
     unreadable = {p.path for p in problems}
     _duplicates(doc, "", problems)
     found_auto: list[ConfigProblem] = []
@@ -459,8 +541,8 @@ def parse_document(source: Any) -> ParsedDocument:
     _unimplemented(DeepSpeedConfig, doc, "", {p.path for p in schema}, problems)
     config, removed = _healthy(doc)
     broken = unreadable | removed | {p.path for p in found_auto + schema}
-    everything = [_with_note(p, notes) for p in problems + found_auto + schema]
-    return ParsedDocument(config, everything, frozenset(broken), warns)
+    everything = [with_note(p, notes) for p in problems + found_auto + schema]
+    return ParsedDocument(config, everything, frozenset(broken), warns, notes)
 
 
 def _healthy(doc: dict) -> tuple[Optional[Any], set[str]]:
@@ -491,7 +573,8 @@ def _healthy(doc: dict) -> tuple[Optional[Any], set[str]]:
     return None, removed
 
 
-def _with_note(problem: ConfigProblem, notes: dict[str, str]) -> ConfigProblem:
+def with_note(problem: ConfigProblem, notes: dict[str, str]) -> ConfigProblem:
+    """``problem`` with the note of its path (``ParsedDocument.notes``) added to its hint."""
     for path, note in notes.items():
         if problem.path == path or problem.path.startswith(path + "."):
             hint = f"{problem.hint}; {note}" if problem.hint else note
@@ -524,6 +607,7 @@ def parse_config(source: Any) -> Any:
 
 __all__ = ["DeepSpeedConfig", "ZeroSection", "FP16Section", "BF16Section", "OptimizerSection",
            "SchedulerSection", "ParsedDocument", "parse_document", "parse_config",
-           "sorted_problems", "emit_warnings", "default", "STAGE3_MAX_PENDING_REDUCTIONS",
+           "sorted_problems", "emit_warnings", "with_note", "default", "OffloadOptimizerSection",
+           "OffloadParamSection", "AioSection", "OffloadSection", "STAGE3_MAX_PENDING_REDUCTIONS",
            "ConfigWarning", "ConfigDeprecationWarning", "NOT_IMPLEMENTED", "AUTO_UNRESOLVED",
            "UNKNOWN_KEY"]

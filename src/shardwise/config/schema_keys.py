@@ -68,31 +68,8 @@ def _enabled(**fields: tuple) -> Section:
 
 _OPAQUE = ("dict?", None)  # a nested object shardwise passes over (its owner is refused)
 
-# --- inside "zero_optimization" (implemented keys live in schema.ZeroSection) -----------
-
-OFFLOAD_PARAM = Section({
-    "device": (("none", "cpu", "nvme"), "none"),
-    "nvme_path": ("str?", None),
-    "buffer_count": ("int", 5),
-    "buffer_size": ("int", 100_000_000),
-    "max_in_cpu": ("int", 1_000_000_000),
-    "pin_memory": ("bool", False),
-}, gate="device")
-
-OFFLOAD_OPTIMIZER = Section({
-    "device": (("none", "cpu", "nvme"), "none"),
-    "nvme_path": ("str?", None),
-    "buffer_count": ("int", 4),
-    "pin_memory": ("bool", False),
-    "pipeline": ("bool", False),
-    "pipeline_read": ("bool", False),
-    "pipeline_write": ("bool", False),
-    "fast_init": ("bool", False),
-    "ratio": ("float", 1.0),
-    "super_offload": ("bool", False),
-    "convert_grad_on_cpu": ("bool", True),
-    "cpuadam_cores_perc": ("float", 0.8),
-}, gate="device")
+# --- inside "zero_optimization" (implemented keys live in schema.ZeroSection: the offload
+# sections and sub_group_size too, see schema.py [Note: offload keys]) --------------------
 
 ZERO: dict[str, tuple] = {
     "allgather_partitions": ("bool", True),
@@ -101,10 +78,7 @@ ZERO: dict[str, tuple] = {
     "elastic_checkpoint": ("bool", False, INERT),  # default was true before 0.9
     "compute_grad_norm": ("bool", True),
     "parameter_alignment": ("bool", False),
-    "offload_param": (OFFLOAD_PARAM, None),
-    "offload_optimizer": (OFFLOAD_OPTIMIZER, None),
     "zenflow": _OPAQUE,
-    "sub_group_size": ("int", 1_000_000_000, (1_000_000_000, 1_000_000_000_000)),
     "stage3_prefetch_bucket_size": ("elements", 50_000_000, INERT),  # implemented (stage 3)
     # DeepSpeed: 100_000. shardwise: 0 -- small parameters share their unit's one all-gather, so
     # keeping them whole saves no collective and costs memory (README "ZeRO stage 3")
@@ -160,13 +134,10 @@ _MONITOR = {"output_path": ("str?", ""), "job_name": ("str", "DeepSpeedJobName")
 TOP_LEVEL: dict[str, tuple] = {
     # accepted with any value: they change nothing shardwise does
     "zero_allow_untested_optimizer": ("bool", False, INERT),  # any torch optimizer works
-    "zero_force_ds_cpu_optimizer": ("bool", True, INERT),  # only matters with offload
+    # DeepSpeed insists on its own CPU Adam with offload; shardwise steps any torch optimizer
+    "zero_force_ds_cpu_optimizer": ("bool", True, INERT),
     "vocabulary_size": ("int?", None, INERT),  # DeepSpeed only warns about alignment
-    "aio": (Section({
-        "block_size": ("int", 1_048_576, INERT), "queue_depth": ("int", 8, INERT),
-        "thread_count": ("int", 1, INERT), "intra_op_parallelism": ("int", 1, INERT),
-        "single_submit": ("bool", False, INERT), "overlap_events": ("bool", True, INERT),
-        "use_gds": ("bool", False)}), None),  # only used by NVMe offload (refused)
+    # "aio": hand-written in schema.py (read by the offload tiers' I/O engine)
     "timers": (Section({"throughput": (Section({
         "enabled": ("bool", True, INERT), "synchronized": ("bool", True, INERT)}), None)}),
         None),
