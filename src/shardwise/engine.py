@@ -213,6 +213,11 @@ class Engine:
     def memory_report(self) -> dict[str, int]:
         return self.strategy.memory_report(self.module)
 
+    def destroy(self) -> None:
+        """Release what the engine holds outside Python objects (DeepSpeed's name): offload's
+        swap files and I/O threads. Also done at interpreter exit; the engine is unusable after."""
+        self.strategy.close()
+
     def parameters(self, recurse: bool = True):
         return self.module.parameters(recurse)
 

@@ -43,6 +43,7 @@ from shardwise.zero.flat_bucket import FlatBucket
 from shardwise.zero.grad_sync import FullGradSync, ShardGradSync, all_reduce_async, reduce_to_shard_async
 from shardwise.zero.sharded_optimizer import OptimizerChunk, ShardedStep, StepResult
 from shardwise.zero.sharded_params import ShardedParameter
+from shardwise.offload.params import make_param_tier
 from shardwise.zero.stage3 import Stage3Runtime, apply_stage3
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -111,6 +112,9 @@ class Strategy(Protocol):
         """A checkpoint was written into the parameters / master weights."""
 
     def memory_report(self, module: nn.Module) -> dict[str, int]: ...
+
+    def close(self) -> None:
+        """Release what outlives the Python objects: swap files and I/O threads (offload)."""
 
     # the checkpoint seam ([Note: state pieces] in zero/pieces.py): checkpoint/ calls only these
     def state_pieces(self, module: nn.Module) -> list:
@@ -216,11 +220,13 @@ class FlatBucketStrategy:
             for i, lay in enumerate(layouts)
         ]
         self.grad_sync = _make_grad_sync(flat_stage, self.buckets, plan, dp, self.grad_dtype)
+        self.tier = offload_tier(plan, self.buckets, ctx)  # [Note: offload tiers]: before the optimizer
         opt_groups = [
             {**opts, "params": [b.opt_param for b in self.buckets if b.layout.group_key[0] == gi]}
             for gi, opts in enumerate(groups.options)
         ]
         self.optimizer = make_optimizer(opt_groups)
+        self.tier.attach(self.optimizer)
         self._step = ShardedStep(
             self.buckets,
             self.optimizer,
@@ -230,6 +236,7 @@ class FlatBucketStrategy:
             norm_needs_all_reduce=chunk,  # each rank's opt grads cover its own chunk only
             gather_after_step=[b.param_flat for b in self.buckets] if chunk else (),
             clip=plan.gradient_clipping,
+            tier=self.tier,
         )
 
     # -- the engine's interface -------------------------------------------------------------
@@ -243,6 +250,8 @@ class FlatBucketStrategy:
 
     def before_backward(self, sync: bool) -> None:
         self.grad_sync.before_backward(sync)
+        if sync:
+            self.tier.prefetch()  # the last backward of the step: the first tiles' reads start
 
     def after_backward(self, sync: bool) -> None:
         self.grad_sync.after_backward(sync)
@@ -265,9 +274,13 @@ class FlatBucketStrategy:
 
     def after_load(self) -> None:
         """A checkpoint was written into the parameters / master weights."""
+        self.tier.absorb()  # offloaded state goes back to its tier
+
+    def close(self) -> None:
+        self.tier.close()
 
     def memory_report(self, module: nn.Module) -> dict[str, int]:
-        seen: set[int] = set()
+        seen: set[int] = self.tier.excluded()  # host-tier tensors are not device memory
 
         def nbytes(tensors) -> int:
             total = 0
@@ -284,7 +297,7 @@ class FlatBucketStrategy:
         grads = nbytes(self.grad_sync.tensors())
         master = nbytes(b.opt_param for b in self.buckets)  # 0 when aliased to params (fp32)
         state = nbytes(v for st in self.optimizer.state.values() for v in st.values())
-        return memory_totals(params, grads, master, state)
+        return memory_totals(params, grads, master, state, **self.tier.report())
 
     # -- the checkpoint seam ([Note: state pieces] in zero/pieces.py) ---------------------------
     def state_pieces(self, module: nn.Module) -> list:
@@ -292,7 +305,8 @@ class FlatBucketStrategy:
         and optimizer state, frozen parameters and buffers on rank 0."""
         from shardwise.zero.pieces import flat_state_pieces
 
-        return flat_state_pieces(self, module)
+        with self.tier.materialized():  # offloaded state read back for the save (files unchanged)
+            return flat_state_pieces(self, module)
 
     def scalar_state(self) -> dict:
         """The loss scaler's state (JSON)."""
@@ -332,15 +346,21 @@ class Stage3Strategy:
         prepared = prepare_module(module, plan, ctx)
         self.ctx = ctx
         self.dtype, self.grad_dtype, self.scaler = prepared.dtype, prepared.grad_dtype, prepared.scaler
+        io: dict = {}  # one swap directory + I/O engine per nvme_path
+        # offload_param: each shard leaves device memory as soon as it is built
+        self.param_tier = make_param_tier(plan.offload, ctx.rank, ctx.device, io)
         self.runtime: Stage3Runtime = apply_stage3(module, groups.params, plan.zero.stage3, ctx.dp, self.dtype,
-                                                   self.grad_dtype)
+                                                   self.grad_dtype,
+                                                   on_shard=self.param_tier.adopt if self.param_tier else None)
         self.buckets = [s for s in self.runtime.shards() if s.trainable]
+        self.tier = offload_tier(plan, self.buckets, ctx, io, self.param_tier)  # [Note: offload tiers]
         opt_groups = [{**opts, "params": [s.opt_param for s in self.buckets if s.group == gi]}
                       for gi, opts in enumerate(groups.options)]
         self.optimizer = make_optimizer(opt_groups)
+        self.tier.attach(self.optimizer)
         # the persistent parameters are gathered by runtime.after_step
         self._step = ShardedStep(self.buckets, self.optimizer, ctx.dp, self.scaler, [s.grad for s in self.buckets],
-                                 norm_needs_all_reduce=True, clip=plan.gradient_clipping)
+                                 norm_needs_all_reduce=True, clip=plan.gradient_clipping, tier=self.tier)
 
     @property
     def loss_scale(self) -> float:
@@ -351,7 +371,8 @@ class Stage3Strategy:
         return scaled_backward(self.scaler, self.ctx)
 
     def before_backward(self, sync: bool) -> None:
-        pass
+        if sync:
+            self.tier.prefetch()  # the last backward of the step: the first tiles' reads start
 
     def after_backward(self, sync: bool) -> None:
         self.runtime.finish_backward()
@@ -372,20 +393,32 @@ class Stage3Strategy:
 
     def after_load(self) -> None:
         self.runtime.after_step()  # persistent parameters: every rank loaded only its chunk
+        self.tier.absorb()  # offloaded state goes back to its tier
+
+    def close(self) -> None:
+        self.tier.close()
+        if self.param_tier is not None:
+            self.param_tier.close()
 
     def memory_report(self, module: nn.Module) -> dict[str, int]:
         """As for stages 0-2; ``params`` counts this rank's shards plus the persistent
         (whole) parameters, ``gathered_peak`` the high-water mark of gathered buffers."""
 
+        host = self.tier.excluded() | (self.param_tier.excluded() if self.param_tier else set())
+
         def nbytes(tensors) -> int:
-            return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+            return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)
+                       and not (t.numel() and t.untyped_storage().data_ptr() in host))
 
         shards = self.runtime.shards()
         params = nbytes(s.full_flat if s.full_flat is not None else s.shard for s in shards)
         grads = nbytes(s.grad for s in shards)
         master = nbytes(s.opt_param for s in shards if s.mixed and s.opt_param is not None)
         state = nbytes(v for st in self.optimizer.state.values() for v in st.values())
-        return memory_totals(params, grads, master, state, gathered_peak=self.runtime.gathered_peak)
+        tiers = self.tier.report()
+        if self.param_tier is not None:
+            tiers = {k: v + self.param_tier.report()[k] for k, v in tiers.items()}
+        return memory_totals(params, grads, master, state, gathered_peak=self.runtime.gathered_peak, **tiers)
 
     # -- the checkpoint seam ([Note: state pieces] in zero/pieces.py) ---------------------------
     def state_pieces(self, module: nn.Module) -> list:
@@ -393,7 +426,8 @@ class Stage3Strategy:
         and optimizer state, frozen parameters (gathered: every rank calls) and buffers on rank 0."""
         from shardwise.zero.pieces import flat_state_pieces
 
-        return flat_state_pieces(self, module)
+        with self.tier.materialized():  # offloaded state read back for the save (files unchanged)
+            return flat_state_pieces(self, module)
 
     def scalar_state(self) -> dict:
         """The loss scaler's state (JSON)."""
@@ -407,6 +441,17 @@ class Stage3Strategy:
         from shardwise.zero.pieces import load_flat_pieces
 
         return load_flat_pieces(self, module, source, whole=False, optimizer=optimizer, scalar_state=scalar_state)
+
+
+def offload_tier(plan: Plan, chunks: Sequence[OptimizerChunk], ctx: ParallelContext, io: dict | None = None,
+                 params: Any = None):
+    """The tier the optimizer's masters and state live in ([Note: offload tiers]), prepared
+    (host masters made, swapped masters written) before the optimizer is built over them."""
+    from shardwise.offload.tiers import make_tier
+
+    tier = make_tier(plan.offload, chunks, ctx.device, ctx.rank, io, params)
+    tier.prepare()
+    return tier
 
 
 StrategyFactory = Callable[[nn.Module, ParamGroups, Plan, ParallelContext, OptimizerFactory], Strategy]

@@ -127,14 +127,22 @@ def test_nan_loss_on_one_rank_is_an_error_on_every_rank(tmp_path):
     assert not (tmp_path / "final.pt").exists()
 
 
-def test_restart_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("offload", [None, "nvme"])
+def test_restart_resumes_bitwise(tmp_path, offload):
     """--max-restarts 1 + checkpoint.auto_resume: rank 1 is SIGKILLed at step 3 on the first
-    attempt; the group restarts from the step-2 commit and ends equal to an uninterrupted run."""
+    attempt; the group restarts from the step-2 commit and ends equal to an uninterrupted run.
+    With the optimizer state on disk the kill comes with the step's first swap write in flight;
+    the restarted ranks clear the killed run's swap files and resume from the checkpoint."""
     runs = {}
-    for name, fault, extra in (("restarted", "kill_once", ("--max-restarts", "1")), ("plain", "none", ())):
+    kill = "kill_in_write_once" if offload else "kill_once"
+    for name, fault, extra in (("restarted", kill, ("--max-restarts", "1")), ("plain", "none", ())):
         out = tmp_path / name
         out.mkdir()
         cfg = config(checkpoint={"dir": str(out / "ckpt"), "auto_resume": True, "save_interval": 2})
+        if offload:
+            (out / "nvme").mkdir()
+            cfg["zero_optimization"] = {**cfg["zero_optimization"], "sub_group_size": 3000,
+                                        "offload_optimizer": {"device": "nvme", "nvme_path": str(out / "nvme")}}
         code, err, _ = launch(out, cfg, fault, step=3, steps=6, launcher_args=extra)
         assert code == 0, err[-3000:]
         runs[name] = torch.load(out / "final.pt", weights_only=False)

@@ -98,14 +98,39 @@ def broadcast_from_rank0(tensors: Iterable[torch.Tensor], ctx: ParallelContext) 
 
 class _Store:
     """What aliases of one split parameter share (``p.data``, ``p.detach()`` share it, as they
-    share storage normally): this rank's chunk, and the whole tensor while it is held."""
+    share storage normally): this rank's chunk, and the whole tensor while it is held. With
+    ``Init(remote_device=...)`` the chunk lives in a spill (host memory or a file, see
+    ``offload/params.py``'s ``InitSpill``) and is read back when used."""
 
-    __slots__ = ("chunk", "held", "holds")
+    __slots__ = ("_chunk", "held", "holds", "spill", "key")
 
-    def __init__(self, chunk: torch.Tensor | None):
-        self.chunk = chunk
+    def __init__(self, chunk: torch.Tensor | None, spill: Any = None):
         self.held: torch.Tensor | None = None
         self.holds = 0
+        self.spill = spill
+        self.key: Any = None
+        self._chunk: torch.Tensor | None = None
+        self.chunk = chunk
+
+    @property
+    def chunk(self) -> torch.Tensor | None:
+        if self.key is not None:
+            return self.spill.get(self.key)
+        return self._chunk
+
+    @chunk.setter
+    def chunk(self, t: torch.Tensor | None) -> None:
+        if self.spill is not None and t is not None:
+            self.key, self._chunk = self.spill.put(t, self.key), None
+        else:
+            self.key, self._chunk = None, t
+
+    def has_chunk(self) -> bool:
+        return self.key is not None or self._chunk is not None
+
+    def writable(self) -> torch.Tensor | None:
+        """A tensor to cut a new chunk into (None: allocate; a spilled chunk is replaced)."""
+        return self._chunk if self.key is None else None
 
 
 def _chunk_of(full: torch.Tensor, ctx: ParallelContext, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,10 +161,11 @@ class InitParameter(ShardedParameter):
         return t
 
     @staticmethod
-    def split(t: torch.Tensor, name: str, ctx: ParallelContext) -> "InitParameter":
+    def split(t: torch.Tensor, name: str, ctx: ParallelContext, spill: Any = None) -> "InitParameter":
         """Keep this rank's chunk of ``t`` (``t`` as it is on this rank: see
-        :func:`broadcast_from_rank0` for making it rank 0's first)."""
-        out = InitParameter(name, t.shape, t.dtype, ctx.device, t.requires_grad, _chunk_of(t, ctx), ctx)
+        :func:`broadcast_from_rank0` for making it rank 0's first), in ``spill`` if given."""
+        out = InitParameter(name, t.shape, t.dtype, ctx.device, t.requires_grad, _Store(_chunk_of(t, ctx), spill),
+                            ctx)
         for k, v in getattr(t, "__dict__", {}).items():  # e.g. transformers' `_is_hf_initialized`
             if k not in out.__dict__:
                 out.__dict__[k] = v
@@ -147,7 +173,7 @@ class InitParameter(ShardedParameter):
 
     @property
     def chunk(self) -> torch.Tensor:
-        if self.store.chunk is None:  # re-bound while held: the chunk is cut when released
+        if not self.store.has_chunk():  # re-bound while held: the chunk is cut when released
             raise RuntimeError(f"{self.sw_name}: no chunk while held after `.data = ...`")
         return self.store.chunk
 
@@ -173,7 +199,7 @@ class InitParameter(ShardedParameter):
         if self.ctx.dp.size > 1:
             full = full.contiguous()
             broadcast(full.view(torch.uint8) if full.dtype == torch.bool else full, self.ctx.dp, src=0)
-        _chunk_of(full, self.ctx, into=self.store.chunk)
+        self.store.chunk = _chunk_of(full, self.ctx, into=self.store.writable())
 
     # -- `p.data` / `p.data = t` ---------------------------------------------------------------
     @property
@@ -189,14 +215,14 @@ class InitParameter(ShardedParameter):
         elif isinstance(new, ShardedParameter):
             raise UsageError(f"{self.sw_name}: cannot set .data to {new!r}")
         elif self.store.held is not None:
-            store = _Store(None)
+            store = _Store(None, self.store.spill)
             store.held, store.holds = new.detach().to(self.ctx.device), self.store.holds
         else:
             full = new.detach().to(self.ctx.device)
             if self.ctx.dp.size > 1:
                 full = full.clone()
                 broadcast_from_rank0([full], self.ctx)
-            store = _Store(_chunk_of(full, self.ctx))
+            store = _Store(_chunk_of(full, self.ctx), self.store.spill)
         meta = ShardedParameter(self.sw_name, new.shape, new.dtype, self.device, False)
         torch._C.TensorBase.data.__set__(self, meta)  # the new shape / dtype; requires_grad is kept
         self.store = store
@@ -219,13 +245,13 @@ class InitParameter(ShardedParameter):
         if store.holds > 0:
             return
         held, store.held = store.held, None
-        if modifier_rank is None and store.chunk is not None:
+        if modifier_rank is None and store.has_chunk():
             return
         src = 0 if modifier_rank is None else modifier_rank
         held = held.contiguous()
         if self.ctx.dp.size > 1:
             broadcast(held.view(torch.uint8) if held.dtype == torch.bool else held, self.ctx.dp, src=src)
-        store.chunk = _chunk_of(held, self.ctx, into=store.chunk)
+        store.chunk = _chunk_of(held, self.ctx, into=store.writable())
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return f"InitParameter({self.sw_name!r}, shape={tuple(self.shape)}, split across {self.ctx.dp.size} ranks)"
@@ -274,9 +300,18 @@ class Init:
     ``shardwise.initialize`` with ZeRO stage 3. ``enabled=False`` builds normally.
     Requires the process group (torchrun, or ``run_distributed`` in tests)."""
 
-    def __init__(self, config: Any = None, enabled: bool = True, ctx: ParallelContext | None = None, **_ignored):
+    def __init__(self, config: Any = None, enabled: bool = True, ctx: ParallelContext | None = None, *,
+                 remote_device: str | None = None, pin_memory: bool = False, config_dict_or_path: Any = None,
+                 **_ignored):
+        config = config if config is not None else config_dict_or_path  # DeepSpeed's name for it
         self.enabled = enabled
         self.ctx = ctx
+        if remote_device not in (None, "none", "cpu", "nvme"):
+            raise UsageError(f"zero.Init(remote_device={remote_device!r}): use None, 'cpu' or 'nvme'")
+        self.remote_device = None if remote_device == "none" else remote_device
+        self.pin_memory = pin_memory
+        self.config = config
+        self.spill: Any = None  # where split chunks live with remote_device (made on entry)
         self._hooks: list = []
         # modules seen registering a parameter / buffer, in registration order (the same on
         # every rank: the exit pass issues collectives in this order)
@@ -303,6 +338,10 @@ class Init:
             return self
         if self.ctx is None:
             self.ctx = init_context()
+        if self.remote_device is not None:
+            from shardwise.offload.params import make_init_spill
+
+            self.spill = make_init_spill(self.remote_device, self.config, self.ctx, self.pin_memory)
         self._hooks = [register_module_module_registration_hook(self._on_module),
                        register_module_parameter_registration_hook(self._on_param),
                        register_module_buffer_registration_hook(self._on_buffer)]
@@ -339,7 +378,7 @@ class Init:
     def _split_param(self, p: torch.Tensor, label: str) -> InitParameter:
         split = self._known_split(p)  # a parameter shared by two modules is split once
         if split is None:
-            split = InitParameter.split(p, label, self.ctx)
+            split = InitParameter.split(p, label, self.ctx, self.spill)
             self._split_of[id(p)] = (weakref.ref(p), split)
         return split
 

@@ -169,7 +169,7 @@ def split_state(optimizer: torch.optim.Optimizer, bucket) -> tuple[dict[str, tor
     """The optimizer state of ``bucket.opt_param``: per-element tensors and scalars."""
     elementwise: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
-    n = bucket.opt_param.numel()
+    n = bucket.numel
     for key, value in optimizer.state.get(bucket.opt_param, {}).items():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.numel() == n:
             elementwise[key] = value.detach().reshape(-1)
@@ -295,7 +295,9 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
     for bucket in buckets:
         flat = torch.zeros_like(bucket.param_flat) if whole else \
             torch.zeros(bucket.hi - bucket.lo, dtype=bucket.shard.dtype, device=bucket.shard.device)
-        master = torch.zeros_like(bucket.opt_param.detach()) if bucket.mixed else None
+        # bucket.numel, not opt_param's: an offloaded master is a placeholder between steps
+        master = torch.zeros(bucket.numel, dtype=bucket.opt_param.dtype, device=bucket.opt_param.device) \
+            if bucket.mixed else None
         bregs = by_bucket.get(bucket.index, [])
         keys = {tuple(saved[r.name]["optimizer_state"]) for r in bregs}
         scalars = {str(sorted(saved[r.name]["optimizer_scalars"].items())) for r in bregs}
@@ -323,7 +325,7 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
             for k in state_keys:
                 piece = source.read(r.name, k, a, b)
                 if new_state[k] is None:
-                    new_state[k] = torch.zeros(bucket.opt_param.numel(), dtype=piece.dtype)
+                    new_state[k] = torch.zeros(bucket.numel, dtype=piece.dtype)
                 r.opt_slice(new_state[k], a, b).copy_(piece)
         flats[bucket.index] = flat
         if master is not None:
@@ -333,7 +335,7 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
             state = {k: scalar_value(v, device) for k, v in saved[bregs[0].name]["optimizer_scalars"].items()} \
                 if bregs else {}
             for k, t in new_state.items():
-                state[k] = (t if t is not None else torch.zeros(bucket.opt_param.numel())).to(device)
+                state[k] = (t if t is not None else torch.zeros(bucket.numel)).to(device)
             states[bucket.index] = state
     new_others = {name: source.read(name, PARAM, 0, t.numel()).reshape(t.shape) for name, t in others.items()}
     restore_scaler = _stage_scaler(strategy.scaler, scalar_state)
@@ -342,9 +344,15 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
     @torch.no_grad()
     def apply() -> None:
         for bucket in buckets:
-            (bucket.param_flat if whole else bucket.shard).copy_(flats[bucket.index])
+            if whole:
+                bucket.param_flat.copy_(flats[bucket.index])
+            else:
+                bucket.load_values(flats[bucket.index])  # (an offloaded shard: to its tier)
             if bucket.index in masters:
-                bucket.opt_param.detach().copy_(masters[bucket.index])
+                if bucket.opt_param.numel() == bucket.numel:
+                    bucket.opt_param.detach().copy_(masters[bucket.index])
+                else:  # an offloaded master's placeholder: the tier takes it over (after_load)
+                    bucket.opt_param.data = masters[bucket.index]
             if optimizer:
                 opt.state.pop(bucket.opt_param, None)
                 if states[bucket.index]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -135,8 +135,14 @@ class ShardedStep:
         norm_needs_all_reduce: bool,
         gather_after_step: Sequence[torch.Tensor] = (),
         clip: float,
+        tier: Any = None,
     ):
         self.buckets = list(buckets)
+        if tier is None:
+            from shardwise.offload.tiers import ResidentTier
+
+            tier = ResidentTier(self.buckets)
+        self.tier = tier  # where masters and optimizer state live ([Note: offload tiers])
         self.optimizer = optimizer
         self.dp = dp  # the data-parallel group the chunks are split over
         self.scaler = scaler
@@ -165,18 +171,15 @@ class ShardedStep:
             coef *= min(1.0, self.clip / (norm + 1e-6))
         # [Note: 16-bit gradients]; same dtype: the buffer itself (re-attached in case someone
         # called optimizer.zero_grad(set_to_none=True))
-        opt_grads = [g if g.dtype == b.opt_param.dtype else g.to(b.opt_param.dtype)
+        # (the master may live elsewhere: [Note: offload tiers] in offload/tiers.py)
+        opt_grads = [g if (g.dtype, g.device) == (b.opt_param.dtype, b.opt_param.device)
+                     else g.to(device=b.opt_param.device, dtype=b.opt_param.dtype)
                      for b, g in zip(self.buckets, self._grads)]
         if coef != 1.0 and opt_grads:
             torch._foreach_mul_(opt_grads, coef)
-        for b, g, skip in zip(self.buckets, opt_grads, frozen):
-            b.opt_param.grad = None if skip else g  # None: torch's optimizers skip it entirely
-        self.optimizer.step()
-        for b, g, own in zip(self.buckets, opt_grads, self._grads):
-            if g is not own:
-                b.opt_param.grad = None  # the transient fp32 copy
-        for b in self.buckets:
-            b.copy_master_to_params()
+        # None for a frozen bucket: torch's optimizers skip it entirely; the tier steps the
+        # buckets (all at once, or tile by tile through its buffers) and copies the masters back
+        self.tier.step_chunks(self.optimizer, self.buckets, opt_grads, frozen)
         handles = [all_gather_shard(flat, self.dp, async_op=True) for flat in self.gather_after_step]
         for h in handles:
             h.wait()

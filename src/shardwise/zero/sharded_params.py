@@ -181,6 +181,9 @@ class FlatShard:
         self.backwards = 0  # backwards noted since the last step (0: every slot counts as active)
 
     holds_full = False  # a rank holds only [lo, hi) of the flat buffer (checkpoint loading reads that)
+    # offload_param: the ParamTier that holds ``shard`` between gathers (``shard`` is then a
+    # 0-element placeholder; [Note: offloaded parameter shards] in offload/params.py)
+    param_tier = None
 
     # -- freezing ([Note: freezing after initialize] in sharded_optimizer.py) ----------------
     def sync_requires_grad(self) -> bytearray:
@@ -232,6 +235,8 @@ class FlatShard:
 
     def gather_async(self) -> tuple[torch.Tensor, Handle]:
         """A full flat buffer of this shard's parameters and the handle that fills it."""
+        if self.param_tier is not None:
+            return self.param_tier.gather_async(self)
         if self.full_flat is not None:
             return self.full_flat, DONE
         if self.dp.size == 1:
@@ -244,11 +249,31 @@ class FlatShard:
     def copy_master_to_params(self) -> None:
         """After an optimizer step with a separate fp32 master: write back in compute dtype."""
         if self.mixed and self.opt_param is not None:
-            self.shard.copy_(self.opt_param.detach())
+            if self.param_tier is not None:
+                self.param_tier.store(self, self.opt_param.detach())
+            else:
+                self.shard.copy_(self.opt_param.detach())
+
+    @torch.no_grad()
+    def load_values(self, values: torch.Tensor) -> None:
+        """This rank's chunk, new values (a checkpoint load)."""
+        if self.param_tier is not None:
+            self.param_tier.store(self, values)
+        else:
+            self.shard.copy_(values)
 
     @torch.no_grad()
     def set_from_full(self, flat: torch.Tensor) -> None:
         """Take this rank's chunk (and master) from a full flat buffer (after a modification)."""
+        if self.param_tier is not None:
+            if self.opt_param is not None and self.opt_param.numel() != self.hi - self.lo:
+                raise UsageError("changing a stage-3 parameter inside GatheredParameters(modifier_rank=...) "
+                                 "while its optimizer master is offloaded to disk is not supported yet; change "
+                                 "it before shardwise.initialize, or load a checkpoint")
+            self.param_tier.store(self, flat[self.lo:self.hi])
+            if self.mixed and self.opt_param is not None:
+                self.opt_param.detach().copy_(flat[self.lo:self.hi])
+            return
         if self.full_flat is not None and flat is not self.full_flat:
             self.full_flat.copy_(flat)
         elif self.full_flat is None and flat is not self.shard:

@@ -200,11 +200,12 @@ def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tu
 
 def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]], policy: Stage3Policy,
                  dp: GroupContext, dtype: torch.dtype = torch.float32,
-                 grad_dtype: torch.dtype = torch.float32) -> Stage3Runtime:
+                 grad_dtype: torch.dtype = torch.float32, on_shard=None) -> Stage3Runtime:
     """Shard ``model``'s parameters into fetch units in place and install the stage-3 hooks.
     Floating-point parameters are kept in ``dtype``, their gradients in ``grad_dtype`` (fp32, or
     the parameter's own dtype). Parameters built under ``zero.Init`` are
-    gathered one at a time while their unit's chunk is filled."""
+    gathered one at a time while their unit's chunk is filled. ``on_shard(shard)`` is called for
+    each flat shard as soon as its unit is built (offload_param moves it out of memory there)."""
     threshold = policy.param_persistence_threshold
     group_of = {id(p): gi for gi, plist in enumerate(param_groups) for p in plist}
     regs = _registrations(model)
@@ -223,6 +224,9 @@ def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]
             continue
         units.append(_build_unit(len(units), spec.name, modules[spec.name], big, group_of, regs, dp, dtype,
                                  grad_dtype, resident=False))
+        if on_shard is not None:
+            for shard in units[-1].shards:
+                on_shard(shard)
     resident = _build_unit(len(units), "<persistent>", None, small, group_of, regs, dp, dtype, grad_dtype,
                            resident=True) if small else None
     for i, shard in enumerate(s for u in units + ([resident] if resident else []) for s in u.shards):

@@ -53,6 +53,17 @@ def main() -> int:
         step = engine.global_steps
         x = next(batches)
         loss = engine(x[:, :-1], x[:, 1:])
+        if mine and step == fault_step and fault == "kill_in_write_once" and attempt == 0:
+            io = engine.strategy.tier.engine  # offload: SIGKILL with the step's first write in flight
+            write = io.write
+
+            def write_then_die(*args, **kwargs):
+                handle = write(*args, **kwargs)
+                mark()
+                os.kill(os.getpid(), signal.SIGKILL)
+                return handle
+
+            io.write = write_then_die
         if mine and step == fault_step:
             if fault == "nan":
                 loss = loss + float("nan")
@@ -66,11 +77,12 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGSTOP if fault == "stop" else signal.SIGKILL)
         engine.backward(loss)
         engine.step()
+    with engine.strategy.tier.materialized():  # offloaded optimizer state read back (every rank)
+        opt = [{k: v.clone() if torch.is_tensor(v) else v for k, v in engine.optimizer.state[b.opt_param].items()}
+               for b in engine.strategy.buckets]
     if rank == 0:
         state = {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                 "opt": [{k: v.clone() if torch.is_tensor(v) else v
-                          for k, v in engine.optimizer.state[b.opt_param].items()}
-                         for b in engine.strategy.buckets],
+                 "opt": opt,
                  "global_steps": engine.global_steps, "skipped_steps": engine.skipped_steps,
                  "attempt": attempt}
         torch.save(state, os.path.join(out, "final.pt"))
