@@ -99,8 +99,9 @@ COMMANDS: dict[str, Command] = {
     "run": Command("run a training script on every rank (through torchrun)", _run),
     "env": Command("show python, torch, CUDA, the backend that would be used and CPUs", _env),
     "checkpoint": Command("checkpoint info (verify) / export (Hugging Face safetensors)", _checkpoint),
-    "estimate": Command("per-rank memory of ZeRO stages 0-3 for a model or parameter count", _estimate),
-    "plan": Command("dry-run a config + model at N ranks: bytes per rank, units, comm, fits", _plan),
+    "estimate": Command("per-rank memory of ZeRO stages 0-3 (device, host, disk per offload choice)", _estimate),
+    "plan": Command("dry-run a config + model at N ranks: bytes per rank, units, comm, fits; --fit: "
+                    "cheapest stage + offload", _plan),
 }
 
 

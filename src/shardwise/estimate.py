@@ -11,6 +11,14 @@ The gradient dtype (``grad_precision``) is the compute dtype unless the config's
 16Ψ / 4Ψ+12Ψ/N / 2Ψ+14Ψ/N / 16Ψ/N at stages 0-3. Given only a parameter count (analytic),
 padding and the ``step`` scalars are left out.
 
+Offload (``zero_optimization.offload_optimizer`` / ``offload_param``): ``model_states(...,
+offload=Offload(...))`` and :func:`offload_table` (every choice that can run, what ``shardwise
+estimate`` prints after the per-stage table and ``--json`` adds as ``"offload"``) count the
+device bytes in the same keys plus ``host_offload``, ``disk_offload``, ``swap_buffers`` and the
+bytes moved per optimizer step; see [Note: offload in the memory model]. The predicted I/O
+time is read / R + write / W, with ``--disk-bandwidth R[,W]`` (GB/s) or ``--measure-disk DIR``
+(``shardwise.offload.aio.measure_bandwidth``).
+
 [Note: activation estimate]
 For transformers only: the bytes autograd keeps from one micro-batch's forward for its
 backward (what ``saved_tensors_hooks`` sees, each storage once). A pre-norm block with fused
@@ -36,16 +44,16 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from shardwise.errors import UsageError
-from shardwise.memory_model import (ALIGN, BUCKET_NUMEL, DTYPE_BYTES, OPTIMIZER_STATES,
-                                    PERSISTENCE_THRESHOLD, bucket_layouts, layout_states, model_state_bytes,
-                                    result, states_per_element, trainable_params)
+from shardwise.memory_model import (ALIGN, BUCKET_NUMEL, DTYPE_BYTES, OPTIMIZER_STATES, PERSISTENCE_THRESHOLD,
+                                    Offload, RankElements, bucket_layouts, layout_states, model_state_bytes,
+                                    offload_choices, offload_states, result, states_per_element, trainable_params)
 
 FIELDS = ("params", "grads", "master_params", "optimizer_state", "activations", "total")
 ModelLike = Union[int, float, nn.Module, Callable[[], nn.Module]]
@@ -150,7 +158,8 @@ def model_states(model: ModelLike, world_size: int, stage: int, precision: str =
                  shape: TransformerShape | None = None, persistence_threshold: int = PERSISTENCE_THRESHOLD,
                  persistent_numel: int = 0, grad_precision: str | None = None,
                  checkpoint_every: int = 0, rank: int = 0,
-                 unit_classes: Sequence[type | str] | None = None) -> dict[str, int | None]:
+                 unit_classes: Sequence[type | str] | None = None, offload: Offload | None = None,
+                 gradient_accumulation_steps: int = 1) -> dict[str, int | None]:
     """Per-rank bytes ``{"params", "grads", "master_params", "optimizer_state", "activations",
     "total"}`` of one ZeRO stage (see [Note: estimate semantics]).
 
@@ -161,7 +170,11 @@ def model_states(model: ModelLike, world_size: int, stage: int, precision: str =
     gradient dtype (default: ``precision``; "fp32" for ``data_types.grad_accum_dtype: "fp32"``).
     ``checkpoint_every``: activation checkpointing of every k-th block (0: none). ``rank``: whose
     chunks are counted (given a model); ``unit_classes``: stage 3's fetch-unit classes (default:
-    those declared with ``set_fetch_units``, else the blocks).
+    those declared with ``set_fetch_units``, else the blocks). ``offload``: an offload choice
+    (``shardwise.memory_model.Offload``); then the device keys count only what stays on the
+    device and ``host_offload``, ``disk_offload``, ``swap_buffers`` and the bytes moved per step
+    (``io_read_bytes``, ``io_write_bytes``, ``host_device_bytes``; ``gradient_accumulation_steps``
+    micro-steps) follow ([Note: offload in the memory model]).
     """
     _check(world_size, stage, precision)
     if grad_precision is not None and grad_precision not in (precision, "fp32"):
@@ -169,24 +182,34 @@ def model_states(model: ModelLike, world_size: int, stage: int, precision: str =
     if isinstance(model, (int, float)) and not isinstance(model, bool):
         return _analytic(int(model), world_size, stage, precision, optimizer,
                          activation_bytes(shape, micro_batch, seq_len, precision, checkpoint_every), persistent_numel,
-                         grad_precision)
+                         grad_precision, offload, gradient_accumulation_steps)
     if not isinstance(model, nn.Module):
         model = build_on_meta(model)
     act = activation_bytes(shape or transformer_shape(model), micro_batch, seq_len, precision, checkpoint_every)
     return model_state_bytes(model, world_size, stage, precision, optimizer, rank=rank, bucket_numel=bucket_numel,
                              persistence_threshold=persistence_threshold, unit_classes=unit_classes,
-                             grad_precision=grad_precision, activations=act)
+                             grad_precision=grad_precision, activations=act, offload=offload,
+                             gradient_accumulation_steps=gradient_accumulation_steps)
 
 
 def _analytic(n: int, world: int, stage: int, precision: str, optimizer: str, act: int | None,
-              persistent: int, grad_precision: str | None) -> dict[str, int | None]:
+              persistent: int, grad_precision: str | None, offload: Offload | None = None,
+              gas: int = 1) -> dict[str, int | None]:
     pb, (k, _) = DTYPE_BYTES[precision], states_per_element(optimizer)
     gb = DTYPE_BYTES[grad_precision or precision]
     shard = -(-n // world)
     opt = n if stage == 0 else shard
     params = pb * (shard + persistent) if stage == 3 else pb * n
     grads = gb * (shard if stage in (2, 3) else n)
-    return result(params, grads, 4 * opt if precision != "fp32" else 0, 4 * k * opt, act)
+    states = result(params, grads, 4 * opt if precision != "fp32" else 0, 4 * k * opt, act)
+    if offload is None:
+        return states
+    # the shard as two pieces, resident and offloaded: round(ratio * shard) elements (no chunks to
+    # round to); at stage 3 one parameter shard, the persistent part stays resident
+    moved = round(offload.ratio * opt) if offload.optimizer != "none" else 0
+    elements = RankElements((opt - moved, moved), (stage == 3,) * 2, ((shard, True),) if stage == 3 else (),
+                            whole_chunks=False, step_tensors=False)
+    return offload_states(states, elements, offload, stage, precision, optimizer, grad_precision, gas)
 
 
 def estimate_all(model: ModelLike, world_size: int, **kwargs: Any) -> dict[str, Any]:
@@ -196,6 +219,84 @@ def estimate_all(model: ModelLike, world_size: int, **kwargs: Any) -> dict[str, 
         model = build_on_meta(model)
     return {"world_size": world_size,
             "stages": {str(s): model_states(model, world_size, s, **kwargs) for s in range(4)}}
+
+
+def offload_table(model: ModelLike, world_size: int, base: Offload | None = None, *,
+                  stages: Sequence[int] = (0, 1, 2, 3), **kwargs: Any) -> list[dict[str, Any]]:
+    """One row per stage x ``offload_optimizer.device`` x ``offload_param.device`` that can run
+    (``memory_model.offload_choices``; ``base`` gives ratio, buffers and tile size): ``{"stage",
+    "offload_optimizer", "offload_param"}`` + :func:`model_states`' keys with offload (device
+    bytes, ``host_offload``, ``disk_offload``, ``swap_buffers``, bytes moved per step). ``kwargs``:
+    :func:`model_states`' options. A factory is built once."""
+    if callable(model) and not isinstance(model, nn.Module):
+        model = build_on_meta(model)
+    return [{"stage": s, "offload_optimizer": c.optimizer, "offload_param": c.param,
+             **model_states(model, world_size, s, offload=c, **kwargs)}
+            for s in stages for c in offload_choices(s, base)]
+
+
+# -- disk bandwidth: predicted I/O time of an offloaded step ------------------------------------
+def parse_bandwidth(text: str) -> tuple[float, float]:
+    """``--disk-bandwidth``: ``"0.5"`` (GB/s, reads and writes) or ``"0.8,0.4"`` (read, write)."""
+    parts = [x.strip().removesuffix("GB/s").strip() for x in (text or "").split(",")]
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or any(v <= 0 for v in values):
+        raise UsageError(f"cannot read {text!r} as a disk bandwidth; write GB/s for both, e.g. 0.5, or "
+                         "read,write, e.g. 0.8,0.4")
+    return (values[0], values[-1])
+
+
+def measure_disk(directory: str) -> tuple[float, float]:
+    """(read, write) GB/s of ``directory`` measured with shardwise's own I/O engine."""
+    try:
+        from shardwise.offload.aio import measure_bandwidth
+    except ImportError as exc:
+        raise UsageError(f"--measure-disk needs shardwise.offload.aio.measure_bandwidth ({exc}); give "
+                         "--disk-bandwidth GB/s instead") from None
+    if not os.path.isdir(directory):
+        raise UsageError(f"--measure-disk {directory!r}: not a directory")
+    read, write = measure_bandwidth(directory)
+    return float(read), float(write)
+
+
+def io_seconds(row: dict[str, Any], bandwidth: tuple[float, float] | None) -> float | None:
+    """Predicted disk time of one optimizer step: read / R + write / W (GB/s = 1e9 B/s); None
+    without a bandwidth. Host<->device copies are not included."""
+    if bandwidth is None:
+        return None
+    return row["io_read_bytes"] / (bandwidth[0] * 1e9) + row["io_write_bytes"] / (bandwidth[1] * 1e9)
+
+
+def disk_bandwidth(args: argparse.Namespace) -> tuple[float, float] | None:
+    """``--disk-bandwidth`` if given, else ``--measure-disk DIR`` measured, else None."""
+    if getattr(args, "disk_bandwidth", None):
+        return parse_bandwidth(args.disk_bandwidth)
+    if getattr(args, "measure_disk", None):
+        return measure_disk(args.measure_disk)
+    return None
+
+
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--offload-ratio", type=float,
+                   help="offload_optimizer.ratio for the offload rows (overrides the config; default 1)")
+    p.add_argument("--sub-group-size", type=int, help="zero_optimization.sub_group_size (elements per swap tile)")
+    p.add_argument("--disk-bandwidth", help="disk GB/s for the predicted I/O time: one figure, or READ,WRITE")
+    p.add_argument("--measure-disk", metavar="DIR",
+                   help="measure the disk bandwidth in DIR (without --disk-bandwidth)")
+
+
+def offload_base(args: argparse.Namespace, cfg: "PlanningConfig | None") -> Offload:
+    """The config's offload settings (ratio, buffers, tile size) with the command line's overrides."""
+    base = cfg.offload if cfg else Offload()
+    changes: dict[str, Any] = {}
+    if getattr(args, "offload_ratio", None) is not None:
+        changes["ratio"] = args.offload_ratio
+    if getattr(args, "sub_group_size", None) is not None:
+        changes["sub_group_size"] = args.sub_group_size
+    return replace(base, **changes) if changes else base
 
 
 # -- inputs shared with `shardwise plan` ------------------------------------------------------
@@ -272,11 +373,67 @@ class PlanningConfig:
     gradient_accumulation_steps: int
     persistence_threshold: int
     checkpoint_every: int  # activation checkpointing of every k-th block; 0: none
+    # zero_optimization.offload_optimizer / offload_param / sub_group_size (none when absent)
+    offload: Offload = field(default_factory=Offload)
+
+
+def _offload_from_plan(plan: Any) -> Offload | None:
+    """The validated config's offload sections (``Plan.offload``), None where the plan has none."""
+    off = getattr(plan, "offload", None)
+    if off is None:
+        return None
+    try:
+        opt, par = off.optimizer, off.param
+        return Offload(str(opt.device), str(par.device), float(opt.ratio), int(off.sub_group_size),
+                       int(opt.buffer_count), int(par.buffer_count), int(par.buffer_size), int(par.max_in_cpu),
+                       bool(getattr(opt, "pipeline_read", False)), bool(getattr(opt, "pipeline_write", False)))
+    except AttributeError:  # an older / partial plan: read the document instead
+        return None
+
+
+def _offload_from_doc(doc: dict[str, Any]) -> Offload:
+    """The offload sections read from the raw config document (where the validated config does
+    not carry them): devices, ratio, buffers, ``max_in_cpu``, ``pipeline_read`` / ``pipeline_write``
+    (or ``pipeline``) and ``sub_group_size``; a missing
+    or unreadable value takes the schema's default, a legacy ``cpu_offload: true`` means
+    ``offload_optimizer.device: cpu``."""
+    zero = doc.get("zero_optimization") if isinstance(doc, dict) else None
+    zero = zero if isinstance(zero, dict) else {}
+
+    def section(name: str) -> dict[str, Any]:
+        v = zero.get(name)
+        return v if isinstance(v, dict) else {}
+
+    def num(d: dict[str, Any], key: str, fallback: Any, kind: type = int) -> Any:
+        try:
+            return kind(float(d[key])) if kind is int else kind(d[key])
+        except (KeyError, TypeError, ValueError):
+            return fallback
+
+    def device(d: dict[str, Any], legacy: bool) -> str:
+        v = d.get("device")
+        v = "none" if v is None else str(v).lower()
+        if v == "none" and legacy:
+            v = "cpu"
+        return v if v in ("none", "cpu", "nvme") else "none"
+
+    opt, par, dflt = section("offload_optimizer"), section("offload_param"), Offload()
+    return Offload(device(opt, zero.get("cpu_offload") is True),
+                   device(par, zero.get("cpu_offload_param") is True or zero.get("cpu_offload_params") is True),
+                   min(1.0, max(0.0, num(opt, "ratio", dflt.ratio, float))),
+                   max(1, num(zero, "sub_group_size", dflt.sub_group_size)),
+                   max(1, num(opt, "buffer_count", dflt.buffer_count)),
+                   max(1, num(par, "buffer_count", dflt.param_buffer_count)),
+                   max(1, num(par, "buffer_size", dflt.param_buffer_size)),
+                   max(0, num(par, "max_in_cpu", dflt.max_in_cpu)),
+                   opt.get("pipeline_read") is True or opt.get("pipeline") is True,
+                   opt.get("pipeline_write") is True or opt.get("pipeline") is True)
 
 
 def planning_config(path: str, world_size: int) -> PlanningConfig:
     """Resolve a config at ``world_size`` with ``shardwise.config.load_config`` (so batch sizes
-    that do not divide at N raise its ConfigError)."""
+    that do not divide at N raise its ConfigError). The offload settings come from the
+    validated plan's ``offload`` when it has one, else from the raw document."""
     from shardwise.config import load_config
 
     try:
@@ -285,13 +442,15 @@ def planning_config(path: str, world_size: int) -> PlanningConfig:
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read config {path}: {exc}") from None
     plan = load_config(doc, world_size=world_size)
+    offload = _offload_from_plan(plan) or _offload_from_doc(doc)
     stage, threshold = plan.zero.stage, plan.zero.stage3.param_persistence_threshold
     opt = plan.optimizer.type if plan.optimizer is not None else "adamw"
     if opt.lower() == "sgd" and not dict(plan.optimizer.params).get("momentum"):
         opt = "sgd-nomomentum"
     return PlanningConfig(stage, plan.precision.compute, plan.precision.grads, opt, plan.zero.reduce_bucket_size,
                           plan.batch.micro_batch_size, plan.batch.gradient_accumulation_steps, int(threshold),
-                          plan.activation_checkpointing.every if plan.activation_checkpointing.modules else 0)
+                          plan.activation_checkpointing.every if plan.activation_checkpointing.modules else 0,
+                          offload)
 
 
 def add_world_args(p: argparse.ArgumentParser) -> None:
@@ -329,9 +488,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq", type=int, help="sequence length, for the activation estimate")
     for name in ("layers", "hidden", "heads", "vocab"):
         p.add_argument(f"--{name}", type=int, help=f"transformer {name} (with --params, for activations)")
+    add_offload_args(p)
     args = p.parse_args(argv)
     world = world_from_args(args)
     cfg = planning_config(args.config, world) if args.config else None
+    base = offload_base(args, cfg)
+    bandwidth = disk_bandwidth(args)
     kwargs: dict[str, Any] = {"precision": args.precision or (cfg.precision if cfg else "fp32"),
                               "micro_batch": args.micro_batch or (cfg.micro_batch if cfg else None),
                               "seq_len": args.seq}
@@ -348,6 +510,14 @@ def main(argv: list[str]) -> int:
     else:
         model = build_on_meta(load_factory(args.model) if args.model else hf_factory(args.hf_config))
     out = estimate_all(model, world, **kwargs)
+    gas = cfg.gradient_accumulation_steps if cfg else 1
+    tiers = [{**r, "io_seconds": io_seconds(r, bandwidth)}
+             for r in offload_table(model, world, base, gradient_accumulation_steps=gas, **kwargs)]
+    out["offload"] = {"ratio": base.ratio, "sub_group_size": base.sub_group_size,
+                      "gradient_accumulation_steps": gas,
+                      "disk_bandwidth_gbps": None if bandwidth is None else {"read": bandwidth[0],
+                                                                             "write": bandwidth[1]},
+                      "rows": tiers}
     mem = parse_bytes(args.device_memory) if args.device_memory else None
     if args.json:
         print(json.dumps(out))
@@ -364,10 +534,40 @@ def main(argv: list[str]) -> int:
         print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
     if mem:
         print("fits: total <= " + fmt_bytes(mem))
+    print()
+    print_offload_table(tiers, base, bandwidth, mem)
     return 0
+
+
+def _table(cols: Sequence[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(c)), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    for line in [list(cols)] + rows:
+        print("  ".join(str(x).rjust(w) for x, w in zip(line, widths)))
+
+
+def print_offload_table(rows: list[dict[str, Any]], base: Offload, bandwidth: tuple[float, float] | None,
+                        device_memory: int | None = None) -> None:
+    """Per rank and offload choice: bytes on the device, in host memory and on disk; bytes moved
+    per optimizer step; the predicted disk time when a bandwidth is known."""
+    print(f"offload (offload_optimizer.ratio {base.ratio:g}, sub_group_size {base.sub_group_size:,}); "
+          "bytes per rank; moved per optimizer step")
+    cols = ["stage", "optimizer", "param", "device", "host", "(swap buf)", "disk", "disk read", "disk write",
+            "host<->dev"] + (["io time"] if bandwidth else []) + (["fits"] if device_memory else [])
+    lines = [[str(r["stage"]), r["offload_optimizer"], r["offload_param"], fmt_bytes(r["total"]),
+              fmt_bytes(r["host_offload"] + r["swap_buffers"]), fmt_bytes(r["swap_buffers"]),
+              fmt_bytes(r["disk_offload"]), fmt_bytes(r["io_read_bytes"]), fmt_bytes(r["io_write_bytes"]),
+              fmt_bytes(r["host_device_bytes"])]
+             + ([f"{r['io_seconds']:.2f} s" if r["io_seconds"] else "-"] if bandwidth else [])
+             + ([str(r["total"] <= device_memory).lower()] if device_memory else []) for r in rows]
+    _table(cols, lines)
+    print("device: model states + activations left on the device; host: host_offload + swap buffers")
+    if bandwidth:
+        print(f"io time: disk read / {bandwidth[0]:g} GB/s + disk write / {bandwidth[1]:g} GB/s "
+              "(host<->device copies not included)")
 
 
 __all__ = ["model_states", "estimate_all", "activation_bytes", "transformer_shape", "TransformerShape",
            "bucket_layouts", "layout_states", "stage3_states", "planning_config", "PlanningConfig",
+           "offload_table", "parse_bandwidth", "measure_disk", "io_seconds", "disk_bandwidth", "Offload",
            # re-exported from shardwise.memory_model
            "DTYPE_BYTES", "ALIGN", "OPTIMIZER_STATES", "PERSISTENCE_THRESHOLD", "BUCKET_NUMEL", "trainable_params"]
