@@ -174,3 +174,35 @@ def damaged_swap(stage: int, damage: str, nvme_path: str) -> str:
     except Exception as exc:  # noqa: BLE001 - the test checks the type and message
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def built_under_init(remote_device: str | None, nvme_path: str, steps: int = 3) -> dict:
+    """The MLP built under ``zero.Init(remote_device=...)``, stage 3 with parameters and
+    optimizer state on disk: what construction left in memory and on disk, then training."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg = config(3, {"device": "nvme"}, "adamw", nvme_path=nvme_path)
+    cfg["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": nvme_path}
+    torch.manual_seed(0)
+    with shardwise.zero.Init(config=cfg, remote_device=remote_device):
+        model = MLP()
+        spilled = sum(1 for f in swap_files(nvme_path) if "-init" in f and f"rank{rank}/" in f and f.endswith(".swp"))
+        kept = [p.store._chunk is not None for p in model.parameters()]
+    engine, *_ = shardwise.initialize(model=model, config=cfg)
+    losses = _train_steps(engine, model, data(steps, 1), rank, world)
+    import gc
+
+    gc.collect()
+    left = sum(1 for f in swap_files(nvme_path) if "-init" in f)
+    return {"spilled": spilled, "kept_in_memory": kept, "losses": losses, "params": snapshot(model),
+            "init_files_after": left}
+
+
+def budget_error(budget: str, nvme_path: str) -> str:
+    cfg = config(2, {"device": "nvme", "buffer_count": 6, "pipeline_read": True}, "adamw", nvme_path=nvme_path)
+    cfg["offload"] = {"host_memory_budget": budget}
+    torch.manual_seed(0)
+    try:
+        shardwise.initialize(model=MLP(), config=cfg)
+    except Exception as exc:  # noqa: BLE001 - the test checks type and message
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
