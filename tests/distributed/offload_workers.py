@@ -206,3 +206,21 @@ def budget_error(budget: str, nvme_path: str) -> str:
     except Exception as exc:  # noqa: BLE001 - the test checks type and message
         return f"{type(exc).__name__}: {exc}"
     return "no error"
+
+
+def measured_reports(cases: list, nvme_path: str) -> list[dict]:
+    """``memory_report()`` after one step for each (stage, precision, optimizer offload, param offload)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    out = []
+    for stage, precision, opt, param in cases:
+        torch.manual_seed(0)
+        model = MLP()
+        cfg = config(stage, opt, "adamw", precision=precision, nvme_path=nvme_path)
+        if param:
+            cfg["zero_optimization"]["offload_param"] = {**param, "nvme_path": nvme_path} \
+                if param.get("device") == "nvme" else param
+        engine, *_ = shardwise.initialize(model=model, config=cfg)
+        _train_steps(engine, model, data(1, 1), rank, world)
+        out.append(engine.memory_report())
+        engine.destroy()
+    return out

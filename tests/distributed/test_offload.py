@@ -199,3 +199,27 @@ def test_host_memory_budget_is_checked_and_says_what_fits(tmp_path):
     assert msg.startswith("ConfigError") and "offload.host_memory_budget" in msg, msg
     assert "buffer_count" in msg and "sub_group_size" in msg, msg
     assert run_distributed(budget_error, 1, "1GB", str(tmp_path))[0] == "no error"
+
+
+REPORT_CASES = [(2, "fp32", NVME_SYNC, None), (1, "bf16", {"device": "nvme", "ratio": 0.5}, None),
+                (3, "fp32", CPU, None), (3, "fp32", NVME_SYNC, {"device": "nvme"}),
+                (3, "bf16", NVME_SYNC, {"device": "cpu"})]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_estimate_equals_memory_report_with_offload(world, tmp_path):
+    """The memory model's device / host / disk / swap-buffer bytes equal what the engine
+    reports after a step, on every rank ([Note: offload in the memory model])."""
+    from offload_workers import MLP, measured_reports
+    from shardwise.estimate import model_states
+    from shardwise.memory_model import Offload
+
+    measured = run_distributed(measured_reports, world, REPORT_CASES, str(tmp_path))
+    keys = ("params", "grads", "master_params", "optimizer_state", "host_offload", "disk_offload", "swap_buffers")
+    for i, (stage, precision, opt, param) in enumerate(REPORT_CASES):
+        off = Offload(optimizer=opt["device"], param=(param or {}).get("device", "none"), ratio=opt.get("ratio", 1.0),
+                      sub_group_size=150, max_in_cpu=1_000_000_000)
+        for rank, per_rank in enumerate(measured):
+            got = per_rank[i]
+            want = model_states(MLP(), world, stage, precision, bucket_numel=96, rank=rank, offload=off)
+            assert {k: want[k] for k in keys} == {k: got[k] for k in keys}, (stage, precision, opt, param, rank)
