@@ -224,3 +224,18 @@ def measured_reports(cases: list, nvme_path: str) -> list[dict]:
         out.append(engine.memory_report())
         engine.destroy()
     return out
+
+
+def two_engines(nvme_path: str) -> dict:
+    """A second engine in one process: fine once the first is dropped; a named error while it lives."""
+    cfg = config(2, {"device": "nvme"}, "adamw", nvme_path=nvme_path)
+    first, *_ = shardwise.initialize(model=MLP(), config=cfg)
+    try:
+        shardwise.initialize(model=MLP(), config=cfg)
+        alive = "no error"
+    except Exception as exc:  # noqa: BLE001 - the test checks the message
+        alive = f"{type(exc).__name__}: {exc}"
+    del first
+    second, *_ = shardwise.initialize(model=MLP(), config=cfg)
+    second.destroy()
+    return {"alive": alive}

@@ -223,3 +223,10 @@ def test_estimate_equals_memory_report_with_offload(world, tmp_path):
             got = per_rank[i]
             want = model_states(MLP(), world, stage, precision, bucket_numel=96, rank=rank, offload=off)
             assert {k: want[k] for k in keys} == {k: got[k] for k in keys}, (stage, precision, opt, param, rank)
+
+
+def test_a_second_engine_in_one_process(tmp_path):
+    from offload_workers import two_engines
+
+    r = run_distributed(two_engines, 1, str(tmp_path))[0]
+    assert r["alive"].startswith("OffloadIOError") and "engine.destroy()" in r["alive"], r

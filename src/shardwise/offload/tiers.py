@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from shardwise.config.plan import OffloadPlan
 from shardwise.errors import ConfigError, ConfigProblem
+from shardwise.offload.ioerrors import OffloadIOError
 
 log = logging.getLogger("shardwise")
 PAGE = 4096
@@ -397,7 +398,22 @@ class OffloadIO:
         from shardwise.offload.aio import IOEngine
         from shardwise.offload.swapdir import SwapDirectory, default_job_name
 
-        self.dir = SwapDirectory(nvme_path, job=default_job_name() + job_suffix, rank=rank)
+        job = default_job_name() + job_suffix
+        try:
+            self.dir = SwapDirectory(nvme_path, job=job, rank=rank)
+        except OffloadIOError as e:
+            if "this process" not in str(e):
+                raise
+            import gc
+
+            gc.collect()  # an earlier engine of this process that is garbage but not yet collected
+            try:
+                self.dir = SwapDirectory(nvme_path, job=job, rank=rank)
+            except OffloadIOError:
+                raise OffloadIOError(f"rank {rank}: an earlier engine of this process still uses the swap directory "
+                                     f"under {nvme_path} (job {job!r}): call engine.destroy() on it first, or give "
+                                     "this one its own nvme_path or job name (SHARDWISE_JOB)", rank=rank,
+                                     path=nvme_path) from None
         self.dir_rank = rank
         self.engine = IOEngine(threads=plan.aio.queue_depth * plan.aio.intra_op_parallelism,
                                block_size=plan.aio.block_size, rank=rank)
