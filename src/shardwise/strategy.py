@@ -415,9 +415,9 @@ class Stage3Strategy:
         grads = nbytes(s.grad for s in shards)
         master = nbytes(s.opt_param for s in shards if s.mixed and s.opt_param is not None)
         state = nbytes(v for st in self.optimizer.state.values() for v in st.values())
-        tiers = self.tier.report()
-        if self.param_tier is not None:
-            tiers = {k: v + self.param_tier.report()[k] for k, v in tiers.items()}
+        tiers = dict(self.tier.report())
+        for k, v in (self.param_tier.report() if self.param_tier is not None else {}).items():
+            tiers[k] = tiers.get(k, 0) + v
         return memory_totals(params, grads, master, state, gathered_peak=self.runtime.gathered_peak, **tiers)
 
     # -- the checkpoint seam ([Note: state pieces] in zero/pieces.py) ---------------------------

@@ -103,7 +103,9 @@ class ResidentTier:
         pass
 
     def report(self) -> dict[str, int]:
-        return {"host_offload": 0, "disk_offload": 0, "swap_buffers": 0}
+        """``memory_report``'s offload keys (host_offload, disk_offload, swap_buffers); none
+        without offload, as ``shardwise estimate`` without an offload choice."""
+        return {}
 
     def excluded(self) -> set[int]:
         """Storage pointers of tensors that are not in device memory (not counted there)."""
