@@ -20,7 +20,9 @@ A *slot* is one tile's buffers, one page-aligned buffer per swapped kind (master
 smaller than one slot is raised to one with a warning). With ``pipeline_read`` the walk keeps
 ``slots - 1`` reads ahead of the tile it steps, and the first of them start in the last
 backward of the step (:meth:`TileWalk.prefetch`: the state does not depend on gradients);
-with ``pipeline_write`` a tile's write stays in flight until its slot is needed again.
+with ``pipeline_write`` a tile's write stays in flight until its slot is needed again. A
+read ahead never waits for a write (it is issued once a slot is free, or when its tile's
+turn comes), so a tile's write overlaps the next tile's step.
 Without either, each tile is read, stepped and written in turn (DeepSpeed's defaults).
 
 The optimizer state is learned, not declared: at a chunk's first step torch creates its
@@ -134,13 +136,17 @@ class TileWalk:
             slot[kind] = aligned_empty(self.max_tile_bytes(kind))
         return slot[kind]
 
-    def _acquire(self) -> dict:
+    def _acquire(self, block: bool = True) -> dict | None:
+        """A free slot: a new one while the pool may grow, else the oldest written one (waiting
+        for its write, or, with ``block=False``, only if that write is done; else None)."""
         if self.free:
             return self.free.pop()
         if len(self.slots) < self.n_slots() or not self.writes:
             slot: dict = {}
             self.slots.append(slot)
             return slot
+        if not block and not all(h.done() for h in self.writes[0][1]):
+            return None
         slot, handles = self.writes.popleft()
         for h in handles:
             h.wait()
@@ -158,10 +164,14 @@ class TileWalk:
     def _wanted(self, kind: str, j: int) -> bool:
         return self.tier.master_for[j] if kind == "master" else kind in self.has[j]
 
-    def _issue_read(self, t: int) -> None:
+    def _issue_read(self, t: int, block: bool = True) -> None:
+        """Start tile ``t``'s read; a read ahead (``block=False``) never waits for a write: it
+        is issued later, when a slot is free or the tile's turn comes."""
         if t in self.reads or t >= len(self.tiles):
             return
-        slot = self._acquire()
+        slot = self._acquire(block)
+        if slot is None:
+            return
         handles = []
         for kind in self._read_kinds(t):
             buf = self._buffer(slot, kind)
@@ -218,7 +228,7 @@ class TileWalk:
         if not self.tier.plan.optimizer.pipeline_read or self.tier.keys is None:
             return
         for t in range(min(len(self.tiles), self._ahead() + 1)):
-            self._issue_read(t)
+            self._issue_read(t, block=False)
 
     # -- the step -------------------------------------------------------------------------------
     def step(self, optimizer, chunks: Sequence, grads: Sequence, frozen: Sequence[bool]) -> None:
@@ -247,9 +257,9 @@ class TileWalk:
                 for h in handles:
                     h.wait()
                 self._release(slot)
-            if tier.plan.optimizer.pipeline_read:
+            if tier.plan.optimizer.pipeline_read:  # (tile t's write stays in flight meanwhile)
                 for ahead in range(t + 1, t + 2 + self._ahead()):
-                    self._issue_read(ahead)
+                    self._issue_read(ahead, block=False)
         while self.writes:
             slot, handles = self.writes.popleft()
             for h in handles:
