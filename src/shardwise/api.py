@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -16,17 +17,18 @@ from shardwise.consistency import check_same_everywhere
 from shardwise.data import ResumableDataLoader, ResumableDistributedSampler
 import shardwise.config as _config
 from shardwise.engine import Engine
+from shardwise.observers import make_observers
 from shardwise.errors import ConfigError, UsageError
 from shardwise.strategy import ParamGroups, create_strategy
 
 
 def _optimizer_factory(plan, optimizer: Any) -> Callable[[list[dict]], torch.optim.Optimizer] | None:
     if optimizer is not None and plan.optimizer is not None:
-        raise ConfigError(
-            "both the config's `optimizer` section and an `optimizer=` argument were given; "
-            "remove one of them"
-        )
-    if plan.optimizer is not None:
+        # DeepSpeed's documented rule: the client optimizer wins over the config's section
+        warnings.warn(f"both an optimizer= argument and the config's `optimizer` section "
+                      f"({plan.optimizer.type}) were given: the optimizer= argument is used, as in DeepSpeed; "
+                      "remove one of them to silence this", UserWarning, stacklevel=3)
+    if optimizer is None and plan.optimizer is not None:
         from shardwise.optim import build_optimizer
 
         return lambda groups: build_optimizer(plan.optimizer, groups)
@@ -57,10 +59,10 @@ def _optimizer_factory(plan, optimizer: Any) -> Callable[[list[dict]], torch.opt
 
 def _build_scheduler(plan, lr_scheduler: Any, optimizer: torch.optim.Optimizer | None):
     if lr_scheduler is not None and plan.scheduler is not None:
-        raise ConfigError(
-            "both the config's `scheduler` section and an `lr_scheduler=` argument were given; remove one of them"
-        )
-    if plan.scheduler is not None:
+        warnings.warn(f"both an lr_scheduler= argument and the config's `scheduler` section "
+                      f"({plan.scheduler.type}) were given: the lr_scheduler= argument is used, as in "
+                      "DeepSpeed; remove one of them to silence this", UserWarning, stacklevel=3)
+    if lr_scheduler is None and plan.scheduler is not None:
         from shardwise.optim import build_scheduler
 
         return build_scheduler(plan.scheduler, optimizer)
@@ -154,6 +156,7 @@ def initialize(
     config_params: dict | None = None,
     dist_init_required: bool | None = None,
     mesh: Any = None,
+    mpu: Any = None,
     **unsupported: Any,
 ):
     """Set up distributed training. Returns ``(engine, optimizer, training_dataloader, lr_scheduler)``;
@@ -162,10 +165,16 @@ def initialize(
     ``mesh``: a ``torch.distributed.device_mesh.DeviceMesh`` with a ``"dp"`` dimension; ZeRO
     shards and reduces over it, and every other dimension replicates (independent data-parallel
     groups). Default: a 1-D mesh named ``("dp",)`` over the whole world. See [Note: parallel
-    context] in ``shardwise/comm/context.py``."""
+    context] in ``shardwise/comm/context.py``. ``mpu``: DeepSpeed's model-parallel unit (Megatron's
+    ``mpu``); accepted when its model-parallel size is 1 (the data-parallel group is then the
+    world), refused otherwise until tensor parallelism lands.
+
+    When both ``optimizer=`` and the config's ``optimizer`` section are given, the argument is
+    used (DeepSpeed's rule), with a warning; likewise ``lr_scheduler=`` and ``scheduler``."""
     if unsupported:
         raise UsageError(f"initialize() got arguments shardwise does not support: {sorted(unsupported)}")
     check_model(model)
+    _check_mpu(mpu)
     if config is None:
         config = config_params if config_params is not None else getattr(args, "deepspeed_config", None)
     if config is None:
@@ -194,7 +203,7 @@ def initialize(
         )
     strategy = compose(model, groups, plan, ctx, make_optimizer)
     scheduler = _build_scheduler(plan, lr_scheduler, strategy.optimizer)
-    engine = Engine(model, strategy, plan, ctx, scheduler)
+    engine = Engine(model, strategy, plan, ctx, scheduler, make_observers(plan, model, ctx))
     _OWNED[model] = f"ZeRO stage {plan.zero.stage}, engine {id(engine):#x}"
     loader = None
     if training_data is not None:
@@ -207,6 +216,18 @@ def initialize(
     if plan.checkpoint.auto_resume:
         _auto_resume(engine, plan.checkpoint.dir)
     return engine, strategy.optimizer, loader, scheduler
+
+
+def _check_mpu(mpu: Any) -> None:
+    if mpu is None:
+        return
+    size = getattr(mpu, "get_model_parallel_world_size", None) or getattr(mpu, "get_tensor_model_parallel_world_size", None)
+    if size is None:
+        raise UsageError("initialize(mpu=...) needs an object with get_model_parallel_world_size() (Megatron's mpu)")
+    if size() != 1:
+        raise UsageError(f"initialize(mpu=...) has model-parallel size {size()}: shardwise does not implement tensor "
+                         "parallelism through mpu yet. Pass mesh= (a DeviceMesh with a 'dp' dimension) to train "
+                         "independent data-parallel groups, or use model-parallel size 1.")
 
 
 def _auto_resume(engine: Engine, directory: str) -> None:

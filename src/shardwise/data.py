@@ -82,3 +82,28 @@ class ResumableDataLoader(DataLoader):
         if state.get("generator"):
             self.generator.set_state(torch.tensor(list(base64.b64decode(state["generator"])), dtype=torch.uint8))
         self._consumed = 0
+
+
+class RepeatingLoader:
+    """Iterate a loader forever, starting a new pass when one ends (DeepSpeed's
+    ``RepeatingLoader``, used with pipeline engines and step-counted loops). A sampler with
+    ``set_epoch`` gets the next epoch at each new pass, so shuffling differs per pass."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self.epoch = 0
+        self._it = iter(loader)
+
+    def __iter__(self) -> "RepeatingLoader":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.epoch += 1
+            sampler = getattr(self.loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+            self._it = iter(self.loader)
+            return next(self._it)

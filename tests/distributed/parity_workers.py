@@ -198,7 +198,8 @@ def partly_used_run(config: dict | None, steps: int) -> dict:
 
 
 def misuse_run(stages: list[int]) -> dict:
-    """Per stage: ``loss.backward()`` then ``engine.step()`` must raise UsageError on every rank
+    """Per stage: a backward that bypasses the engine's forward (``engine.module(x).backward()``)
+    then ``engine.step()`` must raise UsageError on every rank
     and discard what that backward started; a proper step afterwards must give exactly what a
     fresh engine's first proper step gives."""
     from shardwise.errors import UsageError
@@ -216,7 +217,7 @@ def misuse_run(stages: list[int]) -> dict:
             engine, *_ = shardwise.initialize(model=model, config=config)
             raised = None
             if misuse:
-                engine(x[:, :-1], x[:, 1:]).backward()
+                engine.module(x[:, :-1], x[:, 1:]).backward()
                 try:
                     engine.step()
                 except UsageError as exc:

@@ -128,9 +128,10 @@ def test_training_data_gets_a_distributed_sampler_and_micro_batches():
 def test_misuse_is_named():
     with pytest.raises(shardwise.ConfigError, match="no optimizer"):
         shardwise.initialize(model=model(), config=base())
-    with pytest.raises(shardwise.ConfigError, match="both"):
-        shardwise.initialize(model=model(), config=base(optimizer={"type": "SGD", "params": {"lr": 1}}),
-                             optimizer=lambda p: torch.optim.SGD(p, lr=1))
+    with pytest.warns(UserWarning, match="the optimizer= argument is used, as in DeepSpeed"):
+        engine, opt, *_ = shardwise.initialize(model=model(), config=base(optimizer={"type": "SGD", "params": {"lr": 1}}),
+                                               optimizer=lambda p: torch.optim.Adam(p, lr=0.5))
+    assert isinstance(opt, torch.optim.Adam) and engine.get_lr() == [0.5]  # the client's wins
     engine, *_ = shardwise.initialize(model=model(), config=base(optimizer={"type": "SGD", "params": {"lr": 1}}))
     x = data(4)
     with pytest.raises(shardwise.ShardwiseError, match="scalar"):
@@ -156,13 +157,13 @@ def test_gradient_accumulation_boundary_counts_micro_steps():
     assert engine.global_steps == 2 and engine.micro_steps == 8
 
 
-def test_step_after_loss_backward_instead_of_engine_backward_is_a_named_error():
+def test_step_after_a_backward_that_bypassed_the_engine_is_a_named_error():
     m = model()
     engine, *_ = shardwise.initialize(model=m, config=base(optimizer={"type": "SGD", "params": {"lr": 0.1}}))
     before = {k: v.clone() for k, v in m.state_dict().items()}
     x = data(4)
-    engine(x[:, :-1], x[:, 1:]).backward()  # not engine.backward(loss)
-    with pytest.raises(UsageError, match=r"engine\.backward\(loss\) instead of loss\.backward\(\)"):
+    engine.module(x[:, :-1], x[:, 1:]).backward()  # not through the engine's forward
+    with pytest.raises(UsageError, match=r"not engine\.module\(batch\)"):
         engine.step()
     assert engine.global_steps == 0
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # nothing was applied

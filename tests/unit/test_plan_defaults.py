@@ -48,6 +48,7 @@ FROM_SCHEMA = {
        for k in ("block_size", "queue_depth", "intra_op_parallelism", "single_submit", "overlap_events")},
     "offload.sub_group_size": "zero_optimization.sub_group_size",
     "offload.host_memory_budget": "offload.host_memory_budget",
+    "observe.peak_tflops": "peak_tflops",
 }
 # resolved rules, not copies of one key's default
 RESOLVED = {
@@ -57,6 +58,9 @@ RESOLVED = {
     "precision.grads": "fp32",  # data_types.grad_accum_dtype unset: the compute dtype
     "precision.loss_scale": None,  # not fp16
     "optimizer": None, "scheduler": None,  # sections absent
+    # every observer is switched off by default (its section's `enabled` is false)
+    **{f"observe.{k}": None for k in ("tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler",
+                                       "comms_logger")},
 }
 NOT_DEFAULTS = {"world_size", "batch.train_batch_size", "batch.micro_batch_size",
                 "batch.gradient_accumulation_steps"}

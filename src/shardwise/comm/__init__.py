@@ -1,18 +1,10 @@
-"""All communication goes through this package (see architecture principle 6)."""
-from shardwise.comm.context import CommPolicy, GroupContext, ParallelContext, init_context, pick_device
-from shardwise.comm.collectives import (Handle, all_gather_shard, all_reduce, all_reduce_scalar, reduce_to_shard,
-                                        require_all_ranks)
+"""Communication. Two layers ([Note: two comm layers] in ``script_api.py``):
 
-__all__ = [
-    "CommPolicy",
-    "GroupContext",
-    "ParallelContext",
-    "init_context",
-    "pick_device",
-    "Handle",
-    "all_gather_shard",
-    "all_reduce",
-    "all_reduce_scalar",
-    "reduce_to_shard",
-    "require_all_ranks",
-]
+- this package's top level is DeepSpeed's ``deepspeed.comm`` surface for scripts
+  (``shardwise.comm.all_reduce(t)``, ``get_rank()``, ``barrier()``, ``init_distributed()``...);
+- shardwise's own collectives live in the submodules (``comm.collectives`` on a
+  ``GroupContext``, ``comm.context``, ``comm.buckets``, ``comm.health``, ``comm.replicate``);
+  all of the library's communication goes through them (architecture principle 6).
+"""
+from shardwise.comm.script_api import *  # noqa: F401,F403
+from shardwise.comm.script_api import __all__  # noqa: F401

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -245,6 +245,7 @@ def _context_from_group(allow_reduce_scatter: bool, health: RankHealth | None = 
 
 
 _QUIESCE_REGISTERED = False
+_HEALTH: "tuple[Any, RankHealth] | None" = None  # (default group, its health), when init_context made it
 
 
 def _register_quiesce() -> None:
@@ -273,9 +274,11 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
     ``allow_reduce_scatter``: the config's ``zero_optimization.reduce_scatter`` (the
     :class:`CommPolicy` is decided here, once).
     """
+    global _HEALTH
     if dist.is_available() and dist.is_initialized():
         _register_quiesce()
-        return _context_from_group(allow_reduce_scatter, mesh=mesh)
+        health = _HEALTH[1] if _HEALTH is not None and _HEALTH[0] is dist.group.WORLD else None
+        return _context_from_group(allow_reduce_scatter, health, mesh=mesh)
     if mesh is not None:
         raise UsageError("initialize(mesh=...) needs the process group that built the mesh; none is "
                          "initialised in this process")
@@ -334,4 +337,6 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
     # works] in collectives.py.)
     if any(info.get("host") != health.host for info in health.peers.values()):
         health.start_heartbeat()
+    _HEALTH = (dist.group.WORLD, health)  # for a later init_context on this group (initialize() after
+    # shardwise.init_distributed())
     return _context_from_group(allow_reduce_scatter, health)

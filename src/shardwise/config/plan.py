@@ -180,6 +180,67 @@ class OffloadPlan:
 
 
 @dataclass(frozen=True)
+class WriterPolicy:
+    """``tensorboard`` / ``csv_monitor``: where rank 0 writes."""
+
+    log_dir: str  # <output_path or ./runs>/<job_name>, absolute
+
+
+@dataclass(frozen=True)
+class WandbPolicy:
+    project: str | None
+    group: str | None
+    team: str | None
+
+
+@dataclass(frozen=True)
+class CometPolicy:
+    samples_log_interval: int
+    project: str | None
+    workspace: str | None
+    api_key: str | None
+    experiment_name: str | None
+    experiment_key: str | None
+    online: bool | None
+    mode: str | None
+
+
+@dataclass(frozen=True)
+class FlopsProfilerPolicy:
+    profile_step: int  # the optimizer step (1-based) that is profiled
+    module_depth: int  # -1: every depth
+    top_modules: int
+    detailed: bool
+    output_file: str | None  # None: the log
+    recompute_fwd_factor: float
+
+
+@dataclass(frozen=True)
+class CommsLoggerPolicy:
+    verbose: bool
+    prof_all: bool
+    prof_ops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ObservePlan:
+    """What observes the run without changing it (``shardwise/monitor``, ``shardwise/profiling``);
+    a switched-off section is ``None``."""
+
+    tensorboard: WriterPolicy | None
+    csv_monitor: WriterPolicy | None
+    wandb: WandbPolicy | None
+    comet: CometPolicy | None
+    flops_profiler: FlopsProfilerPolicy | None
+    comms_logger: CommsLoggerPolicy | None
+    peak_tflops: float | None  # one device's peak, for MFU; None: known CUDA devices only
+
+    @property
+    def monitors(self) -> bool:
+        return any(x is not None for x in (self.tensorboard, self.csv_monitor, self.wandb, self.comet))
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the engine needs, resolved for one world size."""
 
@@ -196,3 +257,4 @@ class Plan:
     activation_checkpointing: ActivationCheckpointingPlan
     comms_timeout_s: float | None  # process-group timeout (None: torch's default)
     offload: OffloadPlan  # zero_optimization.offload_* / sub_group_size, aio, offload
+    observe: ObservePlan  # monitors, flops_profiler, comms_logger, peak_tflops

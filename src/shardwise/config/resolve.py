@@ -31,6 +31,7 @@ from shardwise.config.schema import (NOT_IMPLEMENTED, STAGE3_MAX_PENDING_REDUCTI
                                      CheckpointSection, ConfigWarning, OffloadOptimizerSection,
                                      OffloadParamSection, OffloadSection, emit_warnings, parse_document,
                                      sorted_problems, with_note)
+from shardwise.config.resolve_observe import resolve_observe
 from shardwise.errors import ConfigError, ConfigProblem, UsageError
 
 Source = Union[str, "os.PathLike[str]", dict]
@@ -109,6 +110,7 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optiona
         "scheduler": _spec(cfg.scheduler, "scheduler", problems, broken),
         "checkpoint": _checkpoint(cfg.checkpoint, problems, broken),
         "offload": _offload(cfg, problems, broken),
+        "observe": resolve_observe(cfg, problems),
     }
     if problems or broken or any(results[k] is None for k in ("batch", "precision", "zero")):
         return None, problems
@@ -119,7 +121,7 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optiona
                 wall_clock_breakdown=cfg.wall_clock_breakdown,
                 checkpoint=results["checkpoint"], comms_timeout_s=cfg.comms_timeout,
                 activation_checkpointing=_activation_checkpointing(cfg.activation_checkpointing),
-                offload=results["offload"])
+                offload=results["offload"], observe=results["observe"])
     return plan, problems
 
 

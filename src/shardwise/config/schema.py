@@ -23,82 +23,26 @@ Defaults are written once, here and in ``schema_keys.py``.
 import copy
 import difflib
 import warnings
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Optional
+from typing import Annotated, Any, Literal, NamedTuple, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
+from pydantic import BeforeValidator, Field, ValidationError, create_model
 
 from shardwise.config import ranges as R
 from shardwise.config import schema_keys as K
+from shardwise.config import schema_observe as O
 from shardwise.config.load import join as _join
 from shardwise.config.load import load as _load
 from shardwise.config.load import report_duplicates as _duplicates
 from shardwise.config.ranges import check_int, check_str, got, show, typed
 from shardwise.config.schema_keys import (ConfigDeprecationWarning, ConfigWarning, Warn,
                                           normalise)
+from shardwise.config.fields import (Bool, Str, _Batch, _Elements, _Model, _OptPath, _OptSteps, _Steps,
+                                     _annotation, _catalogue_field, _default_only, _inert)
 from shardwise.errors import ConfigError, ConfigProblem
 
 NOT_IMPLEMENTED = "shardwise does not implement yet"
 AUTO_UNRESOLVED = 'shardwise does not fill in "auto" values'
 UNKNOWN_KEY = "unknown key"
-
-
-def _annotation(spec: Any) -> Any:
-    """Annotation for a catalogue type spec (see ``schema_keys``)."""
-    if isinstance(spec, tuple):  # literal choices
-        check = check_str if isinstance(spec[0], str) else check_int
-        return Annotated[Literal[spec], BeforeValidator(check)]
-    nullable, name = spec.endswith("?"), spec.rstrip("?")
-    if name in R.KINDS:
-        return R.catalogue_type(spec)
-    base = {"list": list[Any], "dict": dict[str, Any], "any": Any}[name]
-    return Optional[base] if nullable else base
-
-
-Bool, Str = typed("bool"), typed("str")
-_Batch = typed("int", R.BATCH, nullable=True)
-_Steps, _OptSteps = typed("int", R.STEPS), typed("int", R.STEPS, nullable=True)
-_Elements = typed("int", R.ELEMENTS)
-_OptPath = typed("path", nullable=True)  # a non-empty string without NUL bytes
-
-
-def _default_only(default: Any, accept: tuple | None = None, why: str | None = None) -> Any:
-    """A known key shardwise does not implement: accepted at ``default`` (or ``accept``);
-    ``why``, where given, is said in the refusal."""
-    extra = ({"sw": "default"} | ({"sw_accept": list(accept)} if accept else {})
-             | ({"sw_why": why} if why else {}))
-    return Field(default, json_schema_extra=extra)
-
-
-def _inert(default: Any) -> Any:
-    """A known key whose every valid value is fine: it changes nothing shardwise does."""
-    return Field(default, json_schema_extra={"sw": "inert"})
-
-
-# --- models ------------------------------------------------------------------------------
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
-    sw_gate: ClassVar[Optional[str]] = None  # key that switches the section on (see K.Section)
-
-
-def _section_model(name: str, section: K.Section) -> type[_Model]:
-    fields = {key: _catalogue_field(f"{name}_{key}", entry)
-              for key, entry in section.fields.items()}
-    model = create_model("".join(p.title() for p in name.split("_")),
-                         __base__=_Model, **fields)
-    model.sw_gate = section.gate
-    return model
-
-
-def _catalogue_field(name: str, entry: tuple) -> tuple[Any, Any]:
-    spec, default, *accept = entry
-    if isinstance(spec, K.Section):
-        kind = "presence" if spec.presence else "section"
-        return Optional[_section_model(name, spec)], Field(None, json_schema_extra={"sw": kind})
-    if accept and accept[0] == K.INERT:
-        return _annotation(spec), _inert(default)
-    return _annotation(spec), _default_only(default, accept[0] if accept else None)
 
 
 class OptimizerSection(_Model):
@@ -298,6 +242,16 @@ class _TopLevel(_Model):
     nonfinite: Annotated[Literal["error", "skip"], BeforeValidator(check_str)] = "error"
     aio: Optional[AioSection] = None  # see [Note: offload keys]
     offload: Optional[OffloadSection] = None  # shardwise: offload.host_memory_budget
+    # observers of the run (schema_observe.py)
+    tensorboard: O.TensorboardSection = Field(default_factory=O.TensorboardSection)
+    csv_monitor: O.CsvMonitorSection = Field(default_factory=O.CsvMonitorSection)
+    wandb: O.WandbSection = Field(default_factory=O.WandbSection)
+    comet: O.CometSection = Field(default_factory=O.CometSection)
+    flops_profiler: O.FlopsProfilerSection = Field(default_factory=O.FlopsProfilerSection)
+    comms_logger: O.CommsLoggerSection = Field(default_factory=O.CommsLoggerSection)
+    # shardwise: one device's peak dense TFLOPS in the compute dtype, for the monitors' MFU;
+    # null: looked up for known CUDA devices, else MFU is not reported
+    peak_tflops: typed("float", R.TFLOPS, nullable=True) = None
 
 
 DeepSpeedConfig = create_model("DeepSpeedConfig", __base__=_TopLevel, **{

@@ -129,8 +129,6 @@ BF16_IGNORED = ("loss_scale", "loss_scale_window", "hysteresis", "consecutive_hy
 
 # --- top level ---------------------------------------------------------------------------
 
-_MONITOR = {"output_path": ("str?", ""), "job_name": ("str", "DeepSpeedJobName")}
-
 TOP_LEVEL: dict[str, tuple] = {
     # accepted with any value: they change nothing shardwise does
     "zero_allow_untested_optimizer": ("bool", False, INERT),  # any torch optimizer works
@@ -159,20 +157,9 @@ TOP_LEVEL: dict[str, tuple] = {
     "disable_python_gc": ("bool", False),
     "graph_harvesting": ("bool", False),
     "dataloader_drop_last": ("bool", False),
-    "tensorboard": (_enabled(**_MONITOR), None),
-    "csv_monitor": (_enabled(**_MONITOR), None),
-    "wandb": (_enabled(group=("str?", None), team=("str?", None),
-                       project=("str?", "deepspeed")), None),
-    "comet": (_enabled(samples_log_interval=("int", 100), project=("str?", None),
-                       workspace=("str?", None), api_key=("str?", None),
-                       experiment_name=("str?", None), experiment_key=("str?", None),
-                       online=("bool?", None), mode=("str?", None)), None),
+    # tensorboard, csv_monitor, wandb, comet: hand-written in schema_observe.py
     "trackio": (_enabled(project=("str?", "deepspeed")), None),
-    "comms_logger": (_enabled(verbose=("bool", False), prof_all=("bool", True),
-                              debug=("bool", False), prof_ops=("list", [])), None),
-    "flops_profiler": (_enabled(recompute_fwd_factor=("float", 0.0), profile_step=("int", 1),
-                                module_depth=("int-1", -1), top_modules=("int", 1),
-                                detailed=("bool", True), output_file=("str?", None)), None),
+    # comms_logger, flops_profiler: hand-written in schema_observe.py
     "autotuning": (_enabled(
         start_step=("int?", None), end_step=("int?", None), metric_path=("str?", None),
         arg_mappings=("dict?", None), metric=("str", "throughput"), model_info=_OPAQUE,

@@ -1,6 +1,6 @@
 """ZeRO building blocks; the stage-3 user API: ``GatheredParameters``, ``Init``,
-``set_fetch_units``, ``register_external_parameter``."""
-from shardwise.zero.units import register_external_parameter, set_fetch_units
+``set_fetch_units``, ``register_external_parameter``, and DeepSpeed's ``set_z3_leaf_modules``."""
+from shardwise.zero.units import register_external_parameter, set_fetch_units, set_z3_leaf_modules
 
 
 def __getattr__(name: str):  # imported lazily: they pull in the stage-3 runtime
@@ -13,4 +13,4 @@ def __getattr__(name: str):  # imported lazily: they pull in the stage-3 runtime
     raise AttributeError(name)
 
 
-__all__ = ["GatheredParameters", "Init", "set_fetch_units", "register_external_parameter"]
+__all__ = ["GatheredParameters", "Init", "set_fetch_units", "register_external_parameter", "set_z3_leaf_modules"]

@@ -138,6 +138,7 @@ class FullGradSync(_GradSyncBase):
                            for b in buckets]
         self._reduce_fn = reduce_fn
         self._handles: list[Handle] = []
+        self._carry: list[torch.Tensor] | None = None  # reduced by an earlier backward of this step
         self._views = [b.param_flat.dtype == grad_dtype for b in buckets]  # p.grad is a view
         super().__init__(buckets, dp, overlap=overlap)
         self.attach_grad_views()
@@ -168,6 +169,8 @@ class FullGradSync(_GradSyncBase):
         self._handles.append(self._reduce_fn(self.grad_flats[bucket.index], self.dp))
 
     def before_backward(self, sync: bool) -> None:
+        if self._launched or self._handles:
+            self._carry_reduced()
         self._sync = sync
         self._count_trainable()
         if any(self._views):
@@ -181,17 +184,47 @@ class FullGradSync(_GradSyncBase):
         if sync:
             self._launch_all()
 
+    def _carry_reduced(self) -> None:
+        """[Note: several backward passes per step]
+        A backward at the boundary launches its buckets' reductions as they fill. Another
+        backward before the step would add its gradients to buffers already (being) reduced:
+        so the reduced result is set aside (this rank's chunk, or the whole buffer at stage
+        0), the buffers are zeroed, and the new backward reduces afresh; ``wait`` adds the
+        carried part back. Reductions are linear, so the step sees the reduced sum of both
+        passes, as plain PyTorch's accumulated ``.grad`` would be (tested at stages 0-1)."""
+        for h in self._handles:
+            h.wait()
+        self._handles.clear()
+        self._launch_all()  # what the earlier pass did not launch (it ended without sync)
+        for h in self._handles:
+            h.wait()
+        self._handles.clear()
+        reduced = [own.clone() for own in self.opt_grads()]
+        if self._carry is None:
+            self._carry = reduced
+        else:
+            for c, r in zip(self._carry, reduced):
+                c.add_(r)
+        for flat in self.grad_flats:
+            flat.zero_()
+        self._reset()
+
     def wait(self) -> None:
         """Make every bucket's reduced gradient available (call at the boundary step)."""
         self._launch_all()
         for h in self._handles:
             h.wait()
         self._handles.clear()
+        if self._carry is not None:
+            for own, c in zip(self.opt_grads(), self._carry):
+                own.add_(c)
+            self._carry = None
         self._reset()
 
     def zero_grads(self) -> None:
         for flat in self.grad_flats:
             flat.zero_()
+        self._carry = None
         self._reset_step_masks()
 
     def tensors(self) -> list[torch.Tensor]:

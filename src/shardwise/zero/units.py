@@ -158,6 +158,25 @@ def set_fetch_units(model: nn.Module, unit_classes: Sequence[type | str]) -> Non
     _declarations(model, create=True).unit_classes = tuple(unit_classes)
 
 
+def set_z3_leaf_modules(model: nn.Module, leaf_module_classes: Sequence[type | str]) -> list[nn.Module]:
+    """DeepSpeed's call: stage 3 gathers each module of these classes whole, never part by part
+    (mixture-of-experts layers whose experts run data-dependently). Here: the fetch units become
+    the outermost modules of these classes or of the model's default block classes, so a leaf
+    inside a block is gathered with its block and one outside any block is a unit of its own.
+    Returns the modules of these classes, as DeepSpeed does. Call before ``initialize``."""
+    if isinstance(leaf_module_classes, (type, str)):
+        leaf_module_classes = [leaf_module_classes]
+    wanted = tuple(leaf_module_classes)
+    names = {c if isinstance(c, str) else c.__name__ for c in wanted}
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if not found:
+        raise UnknownUnitClassError(f"set_z3_leaf_modules: no module of class {sorted(names)} in the "
+                                    f"{type(model).__name__}; pass classes the model contains")
+    blocks = tuple(dict.fromkeys(type(m) for _, m in _block_modules(model)))
+    set_fetch_units(model, blocks + wanted)
+    return found
+
+
 def declared_unit_classes(model: nn.Module) -> tuple | None:
     found = _declarations(model)
     return found.unit_classes if found is not None else None

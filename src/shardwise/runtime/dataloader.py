@@ -1,0 +1,4 @@
+"""``deepspeed.runtime.dataloader`` names scripts use."""
+from shardwise.data import RepeatingLoader  # noqa: F401
+
+__all__ = ["RepeatingLoader"]

@@ -1,0 +1,54 @@
+"""How DeepSpeed scripts run backward, on 2 ranks at every ZeRO stage (issue 14, items 4-5).
+
+``loss.backward()`` on the engine's output must give exactly what ``engine.backward(loss)``
+gives ([Note: direct backward]: the same factor, applied to the output gradient instead of
+the loss): compared bitwise. Two backward passes per micro-step (half the micro-batch each)
+must give the gradient of their sum ([Note: several backward passes per step]): the same
+math in another summation order, so compared at fp32 rounding (atol 1e-6 after 2 Adam steps
+with accumulation; a lost or doubled pass is off by ~1e-3). The GAN loop (two engines, D's
+parameters reached by G's backward) must train like plain PyTorch on one process."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backward_workers import gan_run, forms_run
+from shardwise.testing import run_distributed
+
+STAGES = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def forms():
+    return run_distributed(forms_run, 2, STAGES, 2, 2)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_loss_backward_equals_engine_backward_bitwise(forms, stage):
+    for r in forms:
+        want, got = r[(stage, "engine")], r[(stage, "direct")]
+        assert got["steps"] == want["steps"] == 2
+        for k in want["params"]:
+            assert torch.equal(got["params"][k], want["params"][k]), (stage, k)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("form", ["twice", "twice_direct"])
+def test_two_backward_passes_per_micro_step_add_up(forms, stage, form):
+    for r in forms:
+        want, got = r[(stage, "engine")], r[(stage, form)]
+        assert got["steps"] == 2
+        for k in want["params"]:
+            torch.testing.assert_close(got["params"][k], want["params"][k], rtol=0, atol=1e-6,
+                                       msg=lambda m, k=k: f"stage {stage} {form} {k}: {m}")
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_gan_two_engines_train_like_plain_pytorch(stage):
+    want = gan_run(None, 4, 8)
+    for r in run_distributed(gan_run, 2, stage, 4, 8):
+        torch.testing.assert_close(r["losses"], want["losses"], rtol=1e-5, atol=1e-6)
+        for net in ("D", "G"):
+            for k in want[net]:
+                torch.testing.assert_close(r[net][k], want[net][k], rtol=0, atol=2e-6,
+                                           msg=lambda m, k=k, net=net: f"{net}.{k}: {m}")
