@@ -98,9 +98,9 @@ def shardwise_run(config: dict, steps: int, unit_classes: list | None = None, se
         "memory": engine.memory_report(),
         "compute": compute,
         "skipped": engine.skipped_steps,
-        "loss_scale": engine.loss_scale,
+        "loss_scale": engine.loss_scale(),
         "global_steps": engine.global_steps,
-        "units": [u.name for u in engine.strategy.runtime.units] if engine.zero_optimization_stage == 3 else [],
+        "units": [u.name for u in engine.strategy.runtime.units] if engine.zero_optimization_stage() == 3 else [],
     }
 
 
@@ -119,7 +119,7 @@ def fp16_overflow_run(config: dict, steps: int, bad_step: int, bad_rank: int) ->
         before = _snapshot(model)
         engine.backward(loss)
         engine.step()
-        scales.append(engine.loss_scale)
+        scales.append(engine.loss_scale())
         applied.append(engine.was_step_applied())
         snapshots.append(all(torch.equal(before[k], v) for k, v in _snapshot(model).items()))
     return {"scales": scales, "applied": applied, "unchanged": snapshots, "skipped": engine.skipped_steps}
