@@ -153,14 +153,22 @@ def prepare_module(module: nn.Module, plan: Plan, ctx: ParallelContext) -> Prepa
     return prepared
 
 
-def scaled_backward(scaler: LossScaler, ctx: ParallelContext) -> float:
+def scaled_backward(scaler: LossScaler, ctx: ParallelContext, predivide: float | None = None) -> float:
     """What the loss is multiplied by before backward (per micro-step, before 1/gas).
 
     [Note: averaging in the loss] ``1 / dp_size`` is folded in here, so summed reductions
     over the data-parallel group yield the mean gradient without a pass over the gradients;
-    exact when the dp size is a power of two.
+    exact when the dp size is a power of two. With DeepSpeed's ``gradient_predivide_factor``
+    f (``predivide``) the loss is divided by f instead, and the step divides by ``dp / f``
+    (:func:`post_divide`).
     """
-    return scaler.scale / ctx.dp.size
+    return scaler.scale / (predivide if predivide is not None else ctx.dp.size)
+
+
+def post_divide(plan: Plan, ctx: ParallelContext) -> float:
+    """What reduced gradients are still to be divided by at the step (1.0 unless predivide)."""
+    f = plan.zero.grad_predivide
+    return 1.0 if f is None else ctx.dp.size / f
 
 
 def memory_totals(params: int, grads: int, master: int, state: int, **extra: int) -> dict[str, int]:
@@ -237,7 +245,9 @@ class FlatBucketStrategy:
             gather_after_step=[b.param_flat for b in self.buckets] if chunk else (),
             clip=plan.gradient_clipping,
             tier=self.tier,
+            post_divide=post_divide(plan, ctx),
         )
+        self._predivide = plan.zero.grad_predivide
 
     # -- the engine's interface -------------------------------------------------------------
     @property
@@ -246,7 +256,7 @@ class FlatBucketStrategy:
 
     @property
     def backward_scale(self) -> float:
-        return scaled_backward(self.scaler, self.ctx)
+        return scaled_backward(self.scaler, self.ctx, self._predivide)
 
     def before_backward(self, sync: bool) -> None:
         self.grad_sync.before_backward(sync)
@@ -360,7 +370,9 @@ class Stage3Strategy:
         self.tier.attach(self.optimizer)
         # the persistent parameters are gathered by runtime.after_step
         self._step = ShardedStep(self.buckets, self.optimizer, ctx.dp, self.scaler, [s.grad for s in self.buckets],
-                                 norm_needs_all_reduce=True, clip=plan.gradient_clipping, tier=self.tier)
+                                 norm_needs_all_reduce=True, clip=plan.gradient_clipping, tier=self.tier,
+                                 post_divide=post_divide(plan, ctx))
+        self._predivide = plan.zero.grad_predivide
 
     @property
     def loss_scale(self) -> float:
@@ -368,7 +380,7 @@ class Stage3Strategy:
 
     @property
     def backward_scale(self) -> float:
-        return scaled_backward(self.scaler, self.ctx)
+        return scaled_backward(self.scaler, self.ctx, self._predivide)
 
     def before_backward(self, sync: bool) -> None:
         if sync:

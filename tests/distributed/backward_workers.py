@@ -126,3 +126,21 @@ def gan_run(stage: int | None, steps: int, batch: int) -> dict:
         dist.all_reduce(t)
         losses = (t / dist.get_world_size()).tolist()
     return {"losses": losses, "D": _snapshot(netD), "G": _snapshot(netG)}
+
+
+def predivide_run(stages: list[int], steps: int) -> dict:
+    """``prescale_gradients`` / ``gradient_predivide_factor`` per stage, with SGD (scale-sensitive,
+    unlike Adam) and no clipping: losses, gradient norms and parameters per setting."""
+    from parity_workers import shardwise_run
+
+    settings = {"default": {}, "prescale": {"prescale_gradients": True},
+                "predivide4": {"gradient_predivide_factor": 4.0}, "predivide1.5": {"gradient_predivide_factor": 1.5}}
+    out = {}
+    for stage in stages:
+        for name, keys in settings.items():
+            cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
+                   "steps_per_print": 1000, "optimizer": {"type": "SGD", "params": {"lr": 0.5}},
+                   "zero_optimization": {"stage": stage}, **keys}
+            r = shardwise_run(cfg, steps)
+            out[(stage, name)] = {k: r[k] for k in ("losses", "norms", "params")}
+    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backward_workers import gan_run, forms_run
+from backward_workers import forms_run, gan_run, predivide_run
 from shardwise.testing import run_distributed
 
 STAGES = [0, 1, 2, 3]
@@ -52,3 +52,21 @@ def test_gan_two_engines_train_like_plain_pytorch(stage):
             for k in want[net]:
                 torch.testing.assert_close(r[net][k], want[net][k], rtol=0, atol=2e-6,
                                            msg=lambda m, k=k, net=net: f"{net}.{k}: {m}")
+
+
+def test_prescale_and_predivide_give_the_mean_gradient():
+    """DeepSpeed's keys ([Note: where gradients are divided]): prescale and a power-of-two
+    predivide factor move where the 1/dp happens, exactly (bitwise on 2 ranks); 1.5 only
+    changes rounding. Gradient norms and SGD updates are scale-sensitive, so a lost or doubled
+    division cannot pass."""
+    for r in run_distributed(predivide_run, 2, [1, 3], 3):
+        for stage in (1, 3):
+            want = r[(stage, "default")]
+            for name in ("prescale", "predivide4", "predivide1.5"):
+                got = r[(stage, name)]
+                exact = name != "predivide1.5"
+                tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-5, "atol": 1e-6}
+                torch.testing.assert_close(got["norms"], want["norms"], **tol)
+                torch.testing.assert_close(got["losses"], want["losses"], **tol)
+                for k in want["params"]:
+                    torch.testing.assert_close(got["params"][k], want["params"][k], **tol)

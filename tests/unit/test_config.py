@@ -187,8 +187,6 @@ NOT_IMPL = [
     ({"autotuning": {"enabled": True}}, "autotuning.enabled", "false"),
     ({"amp": {"enabled": True, "opt_level": "O1"}}, "amp.enabled", "false"),
     ({"elasticity": {"enabled": True, "max_gpus": 4}}, "elasticity.enabled", "false"),
-    ({"prescale_gradients": True}, "prescale_gradients", "false"),
-    ({"gradient_predivide_factor": 8}, "gradient_predivide_factor", "1.0"),
     ({"communication_data_type": "fp32"}, "communication_data_type", None),
     ({"sparse_attention": {"mode": "fixed"}}, "sparse_attention", None),
     ({"compression_training": {"weight_quantization": {}}}, "compression_training", None),

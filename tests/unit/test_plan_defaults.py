@@ -52,6 +52,7 @@ FROM_SCHEMA = {
 }
 # resolved rules, not copies of one key's default
 RESOLVED = {
+    "zero.grad_predivide": None,  # prescale_gradients false, gradient_predivide_factor 1.0: 1/dp before
     "zero.stage3.prefetch_bucket_size": None,  # unset: the next unit only (DeepSpeed's 5e7 is not used)
     "zero.stage3.max_pending_reductions": STAGE3_MAX_PENDING_REDUCTIONS,  # not a config key
     "precision.compute": "fp32",  # fp16.enabled and bf16.enabled both default off

@@ -96,6 +96,9 @@ class ZeroPlan:
     contiguous_gradients: bool
     reduce_scatter: bool
     stage3: Stage3Policy  # the stage3_* keys (read at stage 3 only)
+    # what gradients are divided by before the reduction (the rest, dp/f, after it);
+    # None: the data-parallel size, all before (see schema.py [Note: where gradients are divided])
+    grad_predivide: float | None
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,7 @@ IO_QUEUE = Range(1, MAX_IO_QUEUE)
 BLOCK = Range(BLOCK_ALIGN, MAX_BLOCK)
 BYTES = Range(0, INT64_MAX, lo_open=True)  # offload.host_memory_budget
 TFLOPS = Range(0, 1e9, lo_open=True)  # peak_tflops, per device
+PREDIVIDE = Range(0, 2.0**31, lo_open=True)  # gradient_predivide_factor
 
 # Catalogue type names (``schema_keys``) -> (scalar kind, range). A catalogue integer whose
 # DeepSpeed default is -1 (meaning "off" or "all") is declared "int-1".

@@ -105,7 +105,7 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optiona
     results: dict[str, Any] = {
         "batch": None if _hit(broken, _TB, _MB, _GAS) else _batch(cfg, world_size, problems),
         "precision": _precision(cfg, problems, broken),
-        "zero": _zero(cfg.zero_optimization, problems),
+        "zero": _zero(cfg.zero_optimization, problems, _predivide(cfg)),
         "optimizer": _spec(cfg.optimizer, "optimizer", problems, broken),
         "scheduler": _spec(cfg.scheduler, "scheduler", problems, broken),
         "checkpoint": _checkpoint(cfg.checkpoint, problems, broken),
@@ -225,7 +225,19 @@ def _precision(cfg: Any, problems: list[ConfigProblem], broken: frozenset[str]
         min_loss_scale=float(fp16.min_loss_scale)))
 
 
-def _zero(zero: Any, problems: list[ConfigProblem]) -> Optional[ZeroPlan]:
+def _predivide(cfg: Any) -> float | None:
+    """[Note: where gradients are divided] in schema.py: None, or DeepSpeed's predivide factor."""
+    factor = float(cfg.gradient_predivide_factor)
+    if cfg.prescale_gradients:
+        if factor != 1.0:
+            warnings.warn("gradient_predivide_factor has no effect with prescale_gradients=true (gradients "
+                          "are divided by the data-parallel size before reducing), as in DeepSpeed",
+                          ConfigWarning, stacklevel=3)
+        return None
+    return None if factor == 1.0 else factor
+
+
+def _zero(zero: Any, problems: list[ConfigProblem], predivide: float | None = None) -> Optional[ZeroPlan]:
     # the schema's default (True: shardwise overlaps at every stage) also for an explicit null
     overlap = zero.overlap_comm if zero.overlap_comm is not None else type(zero).model_fields["overlap_comm"].default
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
@@ -247,7 +259,7 @@ def _zero(zero: Any, problems: list[ConfigProblem]) -> Optional[ZeroPlan]:
     return ZeroPlan(stage=zero.stage, reduce_bucket_size=zero.reduce_bucket_size,
                     allgather_bucket_size=zero.allgather_bucket_size, overlap_comm=overlap,
                     contiguous_gradients=zero.contiguous_gradients,
-                    reduce_scatter=zero.reduce_scatter, stage3=Stage3Policy(
+                    reduce_scatter=zero.reduce_scatter, grad_predivide=predivide, stage3=Stage3Policy(
                         # unset: gather one unit ahead (measured fastest; DeepSpeed's 5e7 elements
                         # gathers a 25M model's every unit at once); set: DeepSpeed's meaning
                         prefetch_bucket_size=(zero.stage3_prefetch_bucket_size

@@ -234,6 +234,12 @@ class _TopLevel(_Model):
     # 0 disables clipping. Default 1.0 as DeepSpeed's since 0.19 (its PR #8068): the same config
     # that clips there clips here
     gradient_clipping: typed("float", R.NON_NEG) = 1.0
+    # [Note: where gradients are divided] DeepSpeed's keys: true divides by the data-parallel
+    # size before reducing; a factor f divides by f before and by dp/f after. Unset (false, 1.0),
+    # shardwise divides before (folded into the loss scale: the same mean, and safer for fp16
+    # sums than DeepSpeed's default of dividing after)
+    prescale_gradients: Bool = False
+    gradient_predivide_factor: typed("float", R.PREDIVIDE) = 1.0
     steps_per_print: _Steps = 10
     wall_clock_breakdown: Bool = False
     # shardwise: process-group timeout in seconds (None: torch's default); SHARDWISE_TIMEOUT wins

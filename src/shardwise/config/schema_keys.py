@@ -143,8 +143,7 @@ TOP_LEVEL: dict[str, tuple] = {
     "communication_data_type": ("str?", None),
     "seq_parallel_communication_data_type": ("str?", "fp32", ("fp32", None)),
     "gradient_allreduce_op": (("mean", "sum"), "mean"),
-    "prescale_gradients": ("bool", False),
-    "gradient_predivide_factor": ("float", 1.0),
+    # prescale_gradients, gradient_predivide_factor: hand-written in schema.py
     "sparse_gradients": ("bool", False),
     "disable_allgather": ("bool", False),
     "fp32_allreduce": ("bool", False),

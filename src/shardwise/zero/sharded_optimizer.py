@@ -136,8 +136,10 @@ class ShardedStep:
         gather_after_step: Sequence[torch.Tensor] = (),
         clip: float,
         tier: Any = None,
+        post_divide: float = 1.0,
     ):
         self.buckets = list(buckets)
+        self.post_divide = post_divide  # dp / gradient_predivide_factor; 1.0 by default
         if tier is None:
             from shardwise.offload.tiers import ResidentTier
 
@@ -162,7 +164,7 @@ class ShardedStep:
     def step(self, step_index: int) -> StepResult:
         frozen = frozen_buckets(self.buckets)  # before any collective: every rank raises alike
         sumsq = self._squared_norm()
-        denom = self.scaler.scale
+        denom = self.scaler.scale * self.post_divide
         norm = math.sqrt(sumsq) / denom if math.isfinite(sumsq) else float("nan")
         if not self.scaler.update(math.isfinite(sumsq), step_index):
             return StepResult(False, norm)
