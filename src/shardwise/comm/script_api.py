@@ -23,10 +23,6 @@ from torch.distributed import ReduceOp
 
 from shardwise.errors import CollectiveError
 
-_NOT_INIT = ("torch.distributed is not initialised: call shardwise.init_distributed() (or "
-             "shardwise.initialize()) first, under `shardwise run` / torchrun")
-
-
 def _nbytes(t: Any) -> int:
     if isinstance(t, torch.Tensor):
         return t.numel() * t.element_size()
@@ -35,7 +31,7 @@ def _nbytes(t: Any) -> int:
     return 0
 
 
-def _call(op: str, fn: Callable, payload: Any, group: Any, *args: Any, **kwargs: Any) -> Any:
+def _call(name: str, fn: Callable, payload: Any, group: Any, /, *args: Any, **kwargs: Any) -> Any:
     """Run one torch.distributed call: timed for the comms logger, failures named."""
     from shardwise.comm import collectives
 
@@ -43,10 +39,10 @@ def _call(op: str, fn: Callable, payload: Any, group: Any, *args: Any, **kwargs:
     try:
         out = fn(*args, **kwargs)
     except RuntimeError as exc:  # DistBackendError, gloo's and NCCL's errors
-        raise CollectiveError(f"{op} on rank {get_rank()} failed: {exc}") from exc
+        raise CollectiveError(f"{name} on rank {get_rank()} failed: {exc}") from exc
     record = getattr(collectives, "record_script_collective", None)
     if record is not None:
-        record(op, _nbytes(payload), group, start, out if kwargs.get("async_op") else None)
+        record(name, _nbytes(payload), group, start, out if kwargs.get("async_op") else None)
     return out
 
 
@@ -123,18 +119,22 @@ def destroy_process_group(group: Any = None) -> None:
 
 # -- collectives (torch.distributed's arguments) ---------------------------------------------------
 
-def _need() -> None:
-    if not is_initialized():
-        raise CollectiveError(_NOT_INIT)
+def _need() -> bool:
+    """Whether there is a process group to talk to. Without one (``python script.py``, one
+    process) every collective acts as on a world of one rank: reductions and broadcasts leave
+    the tensor as it is, gathers copy it, as DeepSpeed's single-process runs do."""
+    return is_initialized()
 
 
 def barrier(group: Any = None, async_op: bool = False, device_ids: Any = None):
-    _need()
+    if not _need():
+        return None
     return _call("barrier", dist.barrier, None, group, group=group, async_op=async_op)
 
 
 def all_reduce(tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM, group: Any = None, async_op: bool = False):
-    _need()
+    if not _need():
+        return None
     return _call("all_reduce", dist.all_reduce, tensor, group, tensor, op=op, group=group, async_op=async_op)
 
 
@@ -144,24 +144,30 @@ def inference_all_reduce(tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM, grou
 
 def reduce(tensor: torch.Tensor, dst: int, op: ReduceOp = ReduceOp.SUM, group: Any = None,
            async_op: bool = False):
-    _need()
+    if not _need():
+        return None
     return _call("reduce", dist.reduce, tensor, group, tensor, dst, op=op, group=group, async_op=async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int, group: Any = None, async_op: bool = False):
-    _need()
+    if not _need():
+        return None
     return _call("broadcast", dist.broadcast, tensor, group, tensor, src, group=group, async_op=async_op)
 
 
 def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any = None, async_op: bool = False):
-    _need()
+    if not _need():
+        tensor_list[0].copy_(tensor)
+        return None
     return _call("all_gather", dist.all_gather, tensor_list, group, tensor_list, tensor, group=group,
                  async_op=async_op)
 
 
 def all_gather_into_tensor(output_tensor: torch.Tensor, tensor: torch.Tensor, group: Any = None,
                            async_op: bool = False):
-    _need()
+    if not _need():
+        output_tensor.copy_(tensor.reshape(output_tensor.shape))
+        return None
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     return _call("all_gather_into_tensor", fn, output_tensor, group, output_tensor, tensor, group=group,
                  async_op=async_op)
@@ -172,7 +178,9 @@ allgather_fn = all_gather_into_tensor
 
 def reduce_scatter_tensor(output_tensor: torch.Tensor, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM,
                           group: Any = None, async_op: bool = False):
-    _need()
+    if not _need():
+        output_tensor.copy_(tensor.reshape(output_tensor.shape))
+        return None
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     return _call("reduce_scatter_tensor", fn, tensor, group, output_tensor, tensor, op=op, group=group,
                  async_op=async_op)
@@ -185,60 +193,72 @@ def reduce_scatter_fn(output_tensor: torch.Tensor, tensor: torch.Tensor, op: Red
 
 def reduce_scatter(output: torch.Tensor, input_list: list[torch.Tensor], op: ReduceOp = ReduceOp.SUM,
                    group: Any = None, async_op: bool = False):
-    _need()
+    if not _need():
+        return None
     return _call("reduce_scatter", dist.reduce_scatter, input_list, group, output, input_list, op=op,
                  group=group, async_op=async_op)
 
 
 def all_to_all_single(output: torch.Tensor, tensor: torch.Tensor, output_split_sizes=None,
                       input_split_sizes=None, group: Any = None, async_op: bool = False):
-    _need()
+    if not _need():
+        return None
     return _call("all_to_all_single", dist.all_to_all_single, tensor, group, output, tensor,
                  output_split_sizes, input_split_sizes, group=group, async_op=async_op)
 
 
 def gather(tensor: torch.Tensor, gather_list=None, dst: int = 0, group: Any = None, async_op: bool = False):
-    _need()
+    if not _need():
+        return None
     return _call("gather", dist.gather, tensor, group, tensor, gather_list, dst, group=group, async_op=async_op)
 
 
 def scatter(tensor: torch.Tensor, scatter_list=None, src: int = 0, group: Any = None, async_op: bool = False):
-    _need()
+    if not _need():
+        return None
     return _call("scatter", dist.scatter, tensor, group, tensor, scatter_list, src, group=group, async_op=async_op)
 
 
 def send(tensor: torch.Tensor, dst: int, group: Any = None, tag: int = 0):
-    _need()
+    if not _need():
+        return None
     return _call("send", dist.send, tensor, group, tensor, dst, group=group, tag=tag)
 
 
 def recv(tensor: torch.Tensor, src: int | None = None, group: Any = None, tag: int = 0):
-    _need()
+    if not _need():
+        return None
     return _call("recv", dist.recv, tensor, group, tensor, src, group=group, tag=tag)
 
 
 def isend(tensor: torch.Tensor, dst: int, group: Any = None, tag: int = 0):
-    _need()
+    if not _need():
+        return None
     return _call("isend", dist.isend, tensor, group, tensor, dst, group=group, tag=tag)
 
 
 def irecv(tensor: torch.Tensor, src: int | None = None, group: Any = None, tag: int = 0):
-    _need()
+    if not _need():
+        return None
     return _call("irecv", dist.irecv, tensor, group, tensor, src, group=group, tag=tag)
 
 
 def all_gather_object(object_list: list, obj: Any, group: Any = None) -> None:
-    _need()
+    if not _need():
+        object_list[0] = obj
+        return
     _call("all_gather_object", dist.all_gather_object, None, group, object_list, obj, group=group)
 
 
 def broadcast_object_list(object_list: list, src: int = 0, group: Any = None) -> None:
-    _need()
+    if not _need():
+        return
     _call("broadcast_object_list", dist.broadcast_object_list, None, group, object_list, src, group=group)
 
 
 def monitored_barrier(group: Any = None, timeout: timedelta | None = None, wait_all_ranks: bool = False):
-    _need()
+    if not _need():
+        return None
     return _call("monitored_barrier", dist.monitored_barrier, None, group, group=group, timeout=timeout,
                  wait_all_ranks=wait_all_ranks)
 

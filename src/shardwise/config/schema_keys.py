@@ -365,7 +365,7 @@ def _normalise_zero(zero: dict, ctx: _Ctx) -> None:
         if not isinstance(value, bool):
             ctx.problems.append(ConfigProblem(old_path, f"expected true or false, got {got(value)}"))
             continue
-        _deprecated(old_path, f'{z}.{new}: {{"device": "cpu"}}', ctx.warns)
+        _deprecated(old_path, f'{z}.{new}: {{"device": "{"cpu" if value else "none"}"}}', ctx.warns)
         if value and zero.get(new) is not None:
             ctx.problems.append(_both(old_path, f"{z}.{new}"))
         elif value:
