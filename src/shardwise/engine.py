@@ -310,14 +310,16 @@ class Engine:
         return self.module.state_dict(*args, **kwargs)
 
     # -- checkpoints (shardwise.checkpoint) ---------------------------------------------------
-    def save_checkpoint(self, save_dir, tag: str | None = None, client_state: Any = None,
-                        save_latest: bool = True) -> str:
-        """Save everything needed to resume under ``<save_dir>/<tag>`` (default
-        ``global_step{N}``); call on every rank. Atomic; loads at any world size / ZeRO stage.
-        Returns the committed directory."""
+    def save_checkpoint(self, save_dir, tag: str | int | None = None, client_state: Any = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> str:
+        """DeepSpeed's call: save everything needed to resume under ``<save_dir>/<tag>`` (default
+        ``global_step{N}``; an integer tag is stored as its string); call on every rank. Atomic;
+        loads at any world size / ZeRO stage. ``client_state`` may hold tensors, numpy arrays,
+        tuples and RNG states (stored without pickle); ``exclude_frozen_parameters`` leaves out
+        the parameters outside every param group. Returns the committed directory."""
         from shardwise.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, save_dir, tag, client_state, save_latest)
+        return save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
 
     def save_16bit_model(self, save_dir, save_filename: str = "pytorch_model.bin",
                          exclude_frozen_parameters: bool = False) -> bool:
@@ -329,11 +331,15 @@ class Engine:
         save_model_file(self.module, self.ctx, save_dir, save_filename, exclude_frozen_parameters)
         return True
 
-    def load_checkpoint(self, load_dir, tag: str | None = None, load_optimizer_states: bool = True,
-                        load_lr_scheduler_states: bool = True, load_module_only: bool = False):
-        """Load ``<load_dir>/<tag>`` (``tag=None``: the one ``latest`` names); call on every rank.
-        Returns ``(path, client_state)``."""
+    def load_checkpoint(self, load_dir, tag: str | int | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, custom_load_fn=None):
+        """DeepSpeed's call: load ``<load_dir>/<tag>`` (``tag=None``: the one ``latest`` names);
+        call on every rank. Returns ``(path, client_state)``; ``(None, None)`` with a warning when
+        ``tag`` is None and ``load_dir`` holds no checkpoint at all. ``load_module_strict=False``
+        skips tensors only the checkpoint has and keeps the current values of those only the model
+        has; ``custom_load_fn`` is refused (a ``UsageError`` naming the alternatives)."""
         from shardwise.checkpoint import load_checkpoint
 
-        return load_checkpoint(self, load_dir, tag, load_optimizer_states, load_lr_scheduler_states,
-                               load_module_only)
+        return load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
+                               load_lr_scheduler_states, load_module_only, custom_load_fn)

@@ -363,3 +363,71 @@ def fixture_save(out_dir: str, stage: int = 1) -> dict:
     engine.save_checkpoint(out_dir, tag="global_step2")
     return {"model": whole_state(model), "state": per_param_state(engine), "global_steps": engine.global_steps,
             "lr": engine.get_lr()}
+
+
+# -- (7) DeepSpeed's checkpoint API at 2 ranks, ZeRO-3 (test_ckpt_deepspeed_api.py) ------------------
+
+
+def deepspeed_api_case(root: str) -> dict:
+    """Empty / missing directory and a broken ``latest`` on both ranks; an integer tag with a
+    non-JSON client_state; ``load_module_strict=False`` both ways (a parameter only the
+    checkpoint has, one only the model has: gathered at stage 3) and a checkpoint saved with
+    ``exclude_frozen_parameters=True``. Returns what the test compares."""
+    import random
+
+    import numpy as np
+
+    rank = dist.get_rank()
+    out: dict = {}
+    a, model_a = small_engine(seed=0, steps=2, stage=3, extra=True)
+    out["empty"] = a.load_checkpoint(os.path.join(root, "empty"))  # does not exist
+    os.makedirs(os.path.join(root, "empty"), exist_ok=True)
+    out["empty2"] = a.load_checkpoint(os.path.join(root, "empty"))  # exists, empty
+    if rank == 0:
+        os.makedirs(os.path.join(root, "broken"))
+        with open(os.path.join(root, "broken", "latest"), "w") as f:
+            f.write("global_step9")
+    dist.barrier()
+    try:
+        a.load_checkpoint(os.path.join(root, "broken"))
+        out["broken"] = "loaded"
+    except CheckpointError as exc:
+        out["broken"] = f"CheckpointError: {exc}"
+    client = {"torch_rng": torch.get_rng_state(), "np_rng": np.random.get_state(), "py_rng": random.getstate(),
+              "rank": rank, "t": torch.arange(4.0)}
+    ckpt = os.path.join(root, "ckpt")
+    out["path_a"] = a.save_checkpoint(ckpt, tag=7, client_state=client)
+    out["saved_a"] = whole_state(model_a)
+    _, back = a.load_checkpoint(ckpt, tag=7)
+    out["client_ok"] = (back["rank"] == 0 and type(back["np_rng"]) is tuple and torch.equal(back["t"], client["t"])
+                        and (rank != 0 or torch.equal(back["torch_rng"], client["torch_rng"])))
+
+    # B has no `gate`: a checkpoint tensor the model lacks is ignored with load_module_strict=False
+    b, model_b = small_engine(seed=5, steps=0, stage=3, extra=False)
+    try:
+        b.load_checkpoint(ckpt, tag=7)
+        out["strict"] = "loaded"
+    except CheckpointError as exc:
+        out["strict"] = str(exc)
+    out["loaded_b"] = b.load_checkpoint(ckpt, tag=7, load_module_strict=False)[0]
+    out["state_b"] = whole_state(model_b)
+    small_steps(b, 1, seed=3)  # trains on after the lenient load
+    with shardwise.zero.GatheredParameters([model_b.frozen], modifier_rank=0):
+        if rank == 0:
+            model_b.frozen.data.fill_(7.0)  # a frozen value that only B has: excluded from its save
+    b.save_checkpoint(os.path.join(root, "b"), tag="b", exclude_frozen_parameters=True)
+    out["state_b_saved"] = whole_state(model_b)
+
+    # A loads B's checkpoint: `gate` (only in A) and `frozen` (excluded) keep A's current values
+    before = whole_state(model_a)
+    try:
+        a.load_checkpoint(os.path.join(root, "b"))
+        out["strict_excluded"] = "loaded"
+    except CheckpointError as exc:
+        out["strict_excluded"] = str(exc)
+    out["unchanged_after_refusal"] = all(torch.equal(v, before[k]) for k, v in whole_state(model_a).items())
+    a.load_checkpoint(os.path.join(root, "b"), load_module_strict=False)
+    out["before_a"], out["after_a"] = before, whole_state(model_a)
+    small_steps(a, 1, seed=4)
+    out["steps_a"] = a.global_steps
+    return out

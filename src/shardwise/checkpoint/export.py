@@ -22,8 +22,9 @@ from shardwise.checkpoint.reader import PieceReader, verify_files
 from shardwise.errors import CheckpointError
 
 
-def _open(ckpt_dir, tag: str | None) -> tuple[str, dict]:
+def _open(ckpt_dir, tag: str | int | None) -> tuple[str, dict]:
     ckpt_dir = os.fspath(ckpt_dir)
+    tag = M.normalize_tag(tag)
     if tag is None and os.path.isfile(os.path.join(ckpt_dir, M.MANIFEST)):
         path = ckpt_dir  # a tag directory itself
     else:
@@ -137,21 +138,42 @@ def export_hf(ckpt_dir, out_dir, tag: str | None = None, dtype: torch.dtype | No
     so ``transformers``' ``from_pretrained(out_dir)`` loads it. Tied names are written once (as
     Hugging Face does). Returns the files written."""
     path, m = _open(ckpt_dir, tag)
-    config_doc = _config_json(config, m, dtype)
-    limit = parse_size(max_shard_size)
+    return write_model(path, m, out_dir, dtype, max_shard_size, _config_json(config, m, dtype))
+
+
+def frozen_parameters(m: dict, path: str) -> set[str]:
+    """The saved tensors that are frozen parameters (not trainable, not buffers): format 4
+    records the buffers; earlier formats cannot tell them apart (an error naming the fix)."""
+    if m.get("buffers") is None:
+        raise CheckpointError(f"{path} is a format {m['format_version']} checkpoint, which does not record which "
+                              "non-trainable tensors are buffers: exclude_frozen_parameters needs format 4 (save it "
+                              "again with this shardwise), or filter the state dict yourself")
+    buffers = set(m["buffers"])
+    return {n for n, e in m["tensors"].items() if not e["trainable"] and n not in buffers}
+
+
+def write_model(path: str, m: dict, out_dir, dtype: torch.dtype | None, max_shard_size, config_doc: dict | None,
+                skip: set[str] = frozenset(), single_file: str | None = None) -> list[str]:
+    """The writer of :func:`export_hf` for an opened checkpoint (``path``, manifest ``m``):
+    every saved tensor but ``skip``, streamed one at a time; ``single_file`` (a name in
+    ``out_dir``): one file whatever the size."""
+    limit = parse_size(max_shard_size) if single_file is None else None
     shards: list[list[str]] = [[]]
     used = 0
     for name, entry in m["tensors"].items():
+        if name in skip:
+            continue
         n = _Lazy(_out_dtype(entry, dtype), tuple(entry["shape"]), None)
         size = n.numel() * n.element_size()
-        if shards[-1] and used + size > limit:
+        if shards[-1] and limit is not None and used + size > limit:
             shards.append([])
             used = 0
         shards[-1].append(name)
         used += size
     os.makedirs(out_dir, exist_ok=True)
     count = len(shards)
-    names = ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    names = [single_file or "model.safetensors"] if count == 1 else \
+        [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     weight_map, total = {}, 0
     with PieceReader(path, m) as reader:
         for file, shard in zip(names, shards):
@@ -175,6 +197,16 @@ def export_hf(ckpt_dir, out_dir, tag: str | None = None, dtype: torch.dtype | No
         atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(config_doc, indent=2, sort_keys=True) + "\n")
         names.append("config.json")
     return [os.path.join(out_dir, n) for n in names]
+
+
+def read_client_state(ckpt_dir, tag: str | None = None):
+    """The ``client_state`` a checkpoint holds (what ``load_checkpoint`` returns), verified,
+    without an engine. ``ckpt_dir``: the save directory (``tag=None`` follows ``latest``) or one
+    checkpoint's directory."""
+    from shardwise.checkpoint.client_state import load
+
+    path, m = _open(ckpt_dir, tag)
+    return load(path, m)
 
 
 def info(save_dir, verify: bool = True) -> dict:
@@ -207,6 +239,14 @@ def info(save_dir, verify: bool = True) -> dict:
                     if file_crc32(os.path.join(path, file)) != spec["crc32"]:
                         raise CheckpointError(f"checksum mismatch in shard file {os.path.join(path, file)} "
                                               f"(written by rank {spec['rank']}): the file is corrupt")
+                client = m.get("client_tensors")
+                if client is not None:
+                    from shardwise.checkpoint.client_state import read_file
+
+                    read_file(path, client)  # size, header, every tensor's crc32
+                    if file_crc32(os.path.join(path, client["file"])) != client["crc32"]:
+                        raise CheckpointError(f"checksum mismatch in client-state file "
+                                              f"{os.path.join(path, client['file'])}: the file is corrupt")
         except CheckpointError as exc:
             row |= {"ok": False, "problem": str(exc)}
         rows.append(row)

@@ -34,6 +34,16 @@ scalars come from the ranks that hold a piece of it, must agree between them, an
 manifest is validated ([Note: manifest validation]) before it is committed. Format 3's pieces
 are otherwise laid out as format 2's.
 
+[Note: format 4]
+Format 4 (DeepSpeed's checkpoint API, [Note: client state]) adds three manifest fields:
+``client_tensors`` (the tensors and arrays of ``client_state``, kept in
+``client_state.safetensors`` with their dtypes, shapes and crc32s; null when there are none),
+``buffers`` (which non-trainable tensors are buffers rather than frozen parameters) and
+``excluded`` (frozen parameters, and their tied names, that ``exclude_frozen_parameters=True``
+left out). Its ``client_state`` is typed JSON (tuples, tensors, numpy arrays, non-string dict
+keys marked; :mod:`shardwise.checkpoint.client_state`), where earlier formats held plain JSON.
+Pieces are laid out and checksummed as in format 3.
+
 [Note: bounded reads]
 Only regular files (or symlinks to them) are read anywhere in a checkpoint, each bounded:
 ``latest`` at most ``MAX_LATEST_BYTES``, a manifest ``MAX_MANIFEST_BYTES``, a shard header
@@ -43,6 +53,7 @@ their place is a named error, never a blocking or endless read (files.open_regul
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import zlib
@@ -53,12 +64,13 @@ from shardwise.errors import CheckpointError
 from shardwise.zero.pieces import PARAM, piece_key
 
 FORMAT = "shardwise-checkpoint"
-FORMAT_VERSION = 3
-SUPPORTED_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 MAX_LATEST_BYTES = 4096
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MANIFEST = "manifest.json"
+CLIENT_FILE = "client_state.safetensors"  # format 4: client_state's tensors ([Note: format 4])
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -88,13 +100,22 @@ def piece_identity(name: str, kind: str, key: str, dtype: str, start: int, stop:
     return json.dumps(fields, separators=(",", ":")).encode()
 
 
+def normalize_tag(tag: Any) -> Any:
+    """DeepSpeed's scripts pass integer tags (``save_checkpoint(d, tag=100)``): an integer (not a
+    bool) becomes its decimal string, which then names the directory; anything else is returned
+    as is, for :func:`check_tag` to judge."""
+    if isinstance(tag, numbers.Integral) and not isinstance(tag, bool):
+        return str(int(tag))
+    return tag
+
+
 def check_tag(tag: Any) -> str | None:
     """The problem with ``tag`` as a directory name, or None. The whole tag must match
     (``re.fullmatch``: a trailing newline is refused, not ignored)."""
     if not isinstance(tag, str) or not _TAG_RE.fullmatch(tag) or tag == LATEST:
-        return (f"checkpoint tag {tag!r} is not usable as a directory name: use 1-200 letters, digits "
-                f"and _ . + = - (not starting with '.', '+', '=' or '-'; no spaces or newlines; not "
-                f"{LATEST!r})")
+        return (f"checkpoint tag {tag!r} is not usable as a directory name: use a string of 1-200 letters, "
+                f"digits and _ . + = - (not starting with '.', '+', '=' or '-'; no spaces or newlines; not "
+                f"{LATEST!r}) or a non-negative integer")
     return None
 
 
@@ -184,6 +205,16 @@ def committed_tags(save_dir: str) -> list[str]:
     return [name for _, name in sorted(found)]
 
 
+def holds_nothing(save_dir: str) -> bool:
+    """No checkpoint at all in ``save_dir``: it is missing (or empty), has no ``latest`` entry
+    and no committed tag. (What ``load_checkpoint(tag=None)`` answers with ``(None, None)``, as
+    DeepSpeed does; a ``latest`` or a committed tag that is broken stays an error.)"""
+    save_dir = os.fspath(save_dir)
+    if os.path.lexists(save_dir) and not os.path.isdir(save_dir):
+        return False  # a file where a directory should be: resolve() names it
+    return not os.path.lexists(os.path.join(save_dir, LATEST)) and not committed_tags(save_dir)
+
+
 def read_latest(save_dir: str) -> str:
     """The tag named by ``<save_dir>/latest``; a missing, empty or stale pointer is an error
     listing the committed tags (never a silent fresh start)."""
@@ -218,6 +249,10 @@ def read_latest(save_dir: str) -> str:
 def resolve(load_dir: str, tag: str | None) -> tuple[str, str]:
     """``(tag, path)`` to load; ``tag=None`` follows ``latest``."""
     load_dir = os.fspath(load_dir)
+    if os.path.lexists(load_dir) and not os.path.isdir(load_dir):
+        raise CheckpointError(f"checkpoint directory {load_dir} is not a directory; pass the directory "
+                              "save_checkpoint wrote (the one holding `latest` and the tag directories)")
+    tag = normalize_tag(tag)
     if tag is None:
         tag = read_latest(load_dir)
     problem = check_tag(tag)

@@ -4,9 +4,11 @@
 1. *Join*: a monitored barrier with a bounded wait. A rank that never calls
    ``save_checkpoint`` is named in a :class:`CheckpointError` instead of a hang.
 2. *Agree on the tag* (all-gather): different tags, or an unusable one, fail on every rank.
-3. *Prepare* (rank 0, result broadcast): create ``save_dir``, remove stale ``.tmp-*`` /
-   ``.trash-*`` leftovers of interrupted saves, create ``<save_dir>/.tmp-<tag>``, check the
-   JSON state (client state, LR scheduler) can be written.
+3. *Prepare* (rank 0, result broadcast): encode ``client_state`` ([Note: client state]; an
+   object it cannot store fails here, before anything is touched), create ``save_dir``, remove
+   stale ``.tmp-*`` / ``.trash-*`` leftovers of interrupted saves, create
+   ``<save_dir>/.tmp-<tag>``, write client_state's tensors there, check the LR scheduler's
+   state is JSON.
 4. *Write* (every rank): the pieces its strategy holds (``strategy.state_pieces``, [Note:
    state pieces]) as its ``rank{r}.safetensors`` into the temporary directory, fsync file
    and directory. Errors (disk full, ...) are caught, not raised yet.
@@ -30,6 +32,7 @@ import os
 import time
 from typing import Any
 
+from shardwise.checkpoint import client_state as CS
 from shardwise.checkpoint import manifest as M
 from shardwise.checkpoint import rng
 from shardwise.checkpoint.agree import outcome, raise_failed
@@ -89,13 +92,25 @@ def _group_options(optimizer) -> list[dict]:
     return groups
 
 
-def _write_rank_file(engine, tmp: str) -> dict:
-    """Step 4 on one rank: the pieces its strategy holds ([Note: state pieces]) into its file.
+def parameter_names(module) -> set[str]:
+    """The canonical state-dict names (see ``state_names``) that are parameters, not buffers."""
+    canonical, _ = state_names(module)
+    ids = {id(p) for _, p in module.named_parameters(remove_duplicate=False)}
+    return {n for n, t in canonical.items() if id(t) in ids}
+
+
+def _write_rank_file(engine, tmp: str, exclude_frozen: bool = False) -> dict:
+    """Step 4 on one rank: the pieces its strategy holds ([Note: state pieces]) into its file
+    (without frozen parameters when ``exclude_frozen``: those outside every param group).
     Returns what the manifest needs from this rank: each piece's description (no values)."""
     rank = engine.ctx.dp.rank  # one file per dp rank (require_one_replica)
     file = M.shard_file(rank)
     tensors, described = {}, []
-    for p in engine.strategy.state_pieces(engine.module):
+    pieces = engine.strategy.state_pieces(engine.module)
+    if exclude_frozen:
+        params = parameter_names(engine.module)
+        pieces = [p for p in pieces if p.group is not None or p.name not in params]
+    for p in pieces:
         if p.key in tensors:
             raise CheckpointError(f"the strategy gave two pieces stored under {p.key!r} on rank {rank}")
         tensors[p.key] = p.tensor
@@ -156,25 +171,32 @@ def merge_pieces(ranks: list[list[dict]], order: list[str]) -> dict[str, dict]:
 
 def _prepare(save_dir: str, tag: str, tmp: str, engine, client_state: Any) -> dict:
     """Step 3 on rank 0."""
+    client_doc, client_tensors, client_specs = CS.encode(client_state)  # [Note: client state]
+    sched = engine.lr_scheduler
+    sched_state = _json_ready(sched.state_dict(), "the LR scheduler's state_dict") if sched is not None else None
     os.makedirs(save_dir, exist_ok=True)
     for name in os.listdir(save_dir):
         if name.startswith((M.TMP_PREFIX, M.TRASH_PREFIX)):
             log.info("checkpoint: removing %s left by an interrupted save", os.path.join(save_dir, name))
             remove_tree(os.path.join(save_dir, name))
     os.makedirs(tmp)
-    sched = engine.lr_scheduler
-    return {
-        "client_state": _json_ready(client_state if client_state is not None else {}, "client_state"),
-        "lr_scheduler": _json_ready(sched.state_dict(), "the LR scheduler's state_dict") if sched is not None else None,
-    }
+    client_file = CS.write_file(tmp, client_tensors, client_specs)
+    if client_file is not None:
+        fsync_dir(tmp)
+    return {"client_state": client_doc, "client_tensors": client_file, "lr_scheduler": sched_state}
 
 
-def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict]) -> dict:
+def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict], exclude_frozen: bool = False) -> dict:
     strategy = engine.strategy
     order, aliases = state_names(engine.module)
     files: dict[str, dict] = {}
     for r in ranks:
         files.update(r["file"])
+    tensors = merge_pieces([r["pieces"] for r in ranks], list(order))
+    params = parameter_names(engine.module)
+    # frozen parameters left out (exclude_frozen_parameters); a tensor missing otherwise fails validation
+    excluded = {n for n in order if n in params and n not in tensors} if exclude_frozen else set()
+    excluded |= {a for a, target in aliases.items() if target in excluded}
     return {
         "tag": tag,
         "created_ns": time.time_ns(),
@@ -189,11 +211,14 @@ def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict]) -> dict:
         "lr_scheduler": prepared["lr_scheduler"],
         "client_state": prepared["client_state"],
         "ranks": [r["rank_state"] for r in ranks],
-        "aliases": aliases,
-        "state_dict_keys": list(engine.module.state_dict().keys()),
+        "aliases": {a: t for a, t in aliases.items() if a not in excluded},
+        "state_dict_keys": [k for k in engine.module.state_dict().keys() if k not in excluded],
         "files": files,
-        "tensors": merge_pieces([r["pieces"] for r in ranks], list(order)),
+        "tensors": tensors,
         "hf_config": hf_config(engine.module),
+        "client_tensors": prepared["client_tensors"],
+        "buffers": [n for n, t in tensors.items() if n not in params and not t["trainable"]],
+        "excluded": sorted(excluded),
     }
 
 
@@ -241,14 +266,18 @@ def _commit(save_dir: str, tag: str, tmp: str, body: dict, save_latest: bool, ke
     return final
 
 
-def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: Any = None,
-                    save_latest: bool = True, *, timeout_s: float | None = None) -> str:
+def save_checkpoint(engine, save_dir, tag: str | int | None = None, client_state: Any = None,
+                    save_latest: bool = True, exclude_frozen_parameters: bool = False, *,
+                    timeout_s: float | None = None) -> str:
     """Save the engine's full training state under ``<save_dir>/<tag>``; call on every rank.
-    Returns the committed directory. See [Note: checkpoint commit protocol]."""
+    ``tag`` may be an integer (stored as its decimal string); ``client_state`` is stored without
+    pickle ([Note: client state]); ``exclude_frozen_parameters`` leaves out the parameters that
+    are in no optimizer param group. Returns the committed directory. See [Note: checkpoint
+    commit protocol]."""
     require_one_replica(engine.ctx, "save_checkpoint")
     ctx = engine.ctx.world  # == ctx.dp with one replica group
     save_dir = os.path.abspath(os.fspath(save_dir))
-    tag = f"global_step{engine.global_steps}" if tag is None else tag
+    tag = f"global_step{engine.global_steps}" if tag is None else M.normalize_tag(tag)
     timeout = join_timeout(ctx) if timeout_s is None else timeout_s
     try:
         barrier(ctx, timeout_s=timeout)
@@ -257,10 +286,12 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: Any 
             f"save_checkpoint must be called on every rank: rank(s) {list(exc.missing_ranks)} did not "
             f"call it within {timeout:g} s (rank {ctx.rank} is waiting to save {tag!r} to {save_dir}). "
             "Call engine.save_checkpoint on all ranks, not only on rank 0.") from exc
-    tags = all_gather_object((tag, save_dir), ctx)
+    exclude = bool(exclude_frozen_parameters)
+    tags = all_gather_object((tag, save_dir, exclude), ctx)
     if len(set(tags)) != 1:
         raise CheckpointError("save_checkpoint was called with different arguments on different ranks: "
-                              + ", ".join(f"rank {r}: tag={t!r} dir={d}" for r, (t, d) in enumerate(tags))
+                              + ", ".join(f"rank {r}: tag={t!r} dir={d} exclude_frozen_parameters={x}"
+                                          for r, (t, d, x) in enumerate(tags))
                               + "; every rank must pass the same save_dir and tag")
     problem = M.check_tag(tag)
     if problem:
@@ -270,7 +301,7 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: Any 
     prepared = broadcast_object(prepared, ctx)
     raise_failed([prepared], f"preparing checkpoint {tag!r} in {save_dir}", _UNCHANGED)
     t0 = time.perf_counter()
-    written = all_gather_object(outcome(lambda: _write_rank_file(engine, tmp)), ctx)
+    written = all_gather_object(outcome(lambda: _write_rank_file(engine, tmp, exclude)), ctx)
     if not all(ok for ok, _ in written):
         if ctx.rank == 0:
             remove_tree(tmp)
@@ -279,7 +310,7 @@ def save_checkpoint(engine, save_dir, tag: str | None = None, client_state: Any 
     committed = None
     if ctx.rank == 0:
         committed = outcome(lambda: _commit(save_dir, tag, tmp, _manifest_body(
-            engine, tag, prepared[1], [r for _, r in written]), save_latest, keep_last))
+            engine, tag, prepared[1], [r for _, r in written], exclude), save_latest, keep_last))
         if not committed[0]:
             remove_tree(tmp)
     committed = broadcast_object(committed, ctx)

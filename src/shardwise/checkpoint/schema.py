@@ -124,6 +124,21 @@ class RankState(_Strict):
     data_loader: Optional[Loader]
 
 
+class ClientTensor(_Strict):
+    dtype: DType
+    shape: list[NonNeg]
+    crc32: U32
+
+
+class ClientTensors(_Strict):  # format 4: client_state's tensors ([Note: client state])
+    file: Literal["client_state.safetensors"]
+    size: NonNeg
+    crc32: U32
+    header_bytes: Annotated[StrictInt, Field(ge=8, le=MAX_HEADER_BYTES + 8)]
+    header_crc32: U32
+    tensors: dict[StrictStr, ClientTensor]
+
+
 class Manifest(_Strict):
     format: Literal[FORMAT]  # type: ignore[valid-type]
     format_version: StrictInt
@@ -145,6 +160,9 @@ class Manifest(_Strict):
     files: dict[StrictStr, FileEntry]
     tensors: dict[StrictStr, TensorEntry]
     hf_config: Optional[dict[StrictStr, Any]] = None  # format 2: a Hugging Face model's config
+    client_tensors: Optional[ClientTensors] = None  # format 4 ([Note: format 4])
+    buffers: Optional[list[StrictStr]] = None  # format 4: the non-trainable tensors that are buffers
+    excluded: Optional[list[StrictStr]] = None  # format 4: frozen parameters not saved
 
 
 def _loc(loc: tuple) -> str:
@@ -230,6 +248,20 @@ def _problems(m: Manifest) -> list[str]:
         out.append("state_dict_keys: must list every tensor and alias once")
     if m.hf_config is not None and m.format_version < 2:
         out.append("hf_config: not part of format version 1")
+    if m.format_version >= 4:
+        if m.buffers is None or m.excluded is None:
+            out.append("buffers, excluded: required from format version 4 on")
+        else:
+            wrong = [b for b in m.buffers if b not in m.tensors or m.tensors[b].trainable]
+            if wrong or len(set(m.buffers)) != len(m.buffers):
+                out.append(f"buffers: {wrong[:4]} must be saved non-trainable tensors, each listed once")
+            clash = sorted(set(m.excluded) & names)
+            if clash or len(set(m.excluded)) != len(m.excluded):
+                out.append(f"excluded: {clash[:4]} are saved (an excluded frozen parameter is not), each listed once")
+        if m.client_tensors is not None and m.client_tensors.header_bytes > m.client_tensors.size:
+            out.append(f"client_tensors: header_bytes {m.client_tensors.header_bytes} > size {m.client_tensors.size}")
+    elif m.client_tensors is not None or m.buffers is not None or m.excluded is not None:
+        out.append("client_tensors, buffers, excluded: not part of format versions before 4")
     for name, t in m.tensors.items():
         if (t.state_dtypes is not None) != (m.format_version >= 2):
             out.append(f"tensors[{name!r}].state_dtypes: required from format version 2 on, absent before")
