@@ -9,14 +9,14 @@ from shardwise.engine import Engine
 from shardwise.api import initialize
 from shardwise.args import add_config_arguments
 from shardwise.comm.script_api import init_distributed
-from shardwise import accelerator, checkpointing, comm, runtime, zero
+from shardwise import accelerator, checkpointing, comm, ops, runtime, zero
 
 DeepSpeedEngine = Engine  # DeepSpeed's class name, for isinstance checks in scripts
 
 __version__ = "0.1.0"
 
 __all__ = ["initialize", "init_distributed", "add_config_arguments", "Engine", "DeepSpeedEngine",
-           "ShardwiseError", "ConfigError", "accelerator", "checkpointing", "comm", "runtime", "zero",
+           "ShardwiseError", "ConfigError", "accelerator", "checkpointing", "comm", "ops", "runtime", "zero",
            "__version__"]
 
 

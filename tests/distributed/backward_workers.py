@@ -144,3 +144,26 @@ def predivide_run(stages: list[int], steps: int) -> dict:
             r = shardwise_run(cfg, steps)
             out[(stage, name)] = {k: r[k] for k in ("losses", "norms", "params")}
     return out
+
+
+def comm_surface_run() -> dict:
+    """DeepSpeed's ``deepspeed.comm`` calls on shardwise.comm, torch.distributed's arguments."""
+    import shardwise.comm as comm
+
+    shardwise.init_distributed()  # already joined: a no-op
+    rank, world = comm.get_rank(), comm.get_world_size()
+    t = torch.tensor([float(rank + 1)])
+    comm.all_reduce(t)
+    b = torch.tensor([float(rank * 10)])
+    comm.broadcast(b, 1)
+    parts = [torch.zeros(1) for _ in range(world)]
+    comm.all_gather(parts, torch.tensor([float(rank)]))
+    flat = torch.zeros(world)
+    comm.all_gather_into_tensor(flat, torch.tensor([float(rank)]))
+    mine = torch.zeros(1)
+    comm.reduce_scatter_tensor(mine, torch.arange(world, dtype=torch.float32) + rank)
+    work = comm.all_reduce(torch.ones(1), async_op=True)
+    work.wait()
+    comm.barrier()
+    return {"sum": t.item(), "bcast": b.item(), "gather": [p.item() for p in parts], "flat": flat.tolist(),
+            "rs": mine.item(), "world": world, "local_rank": comm.get_local_rank(), "backend": comm.get_backend()}
