@@ -165,5 +165,15 @@ def comm_surface_run() -> dict:
     work = comm.all_reduce(torch.ones(1), async_op=True)
     work.wait()
     comm.barrier()
-    return {"sum": t.item(), "bcast": b.item(), "gather": [p.item() for p in parts], "flat": flat.tolist(),
+    # a script's own collectives show in the comms logger's summary
+    from shardwise.comm.context import init_context
+    from shardwise.config.plan import CommsLoggerPolicy
+    from shardwise.profiling.comms import CommsLogger
+
+    logger = CommsLogger(CommsLoggerPolicy(verbose=False, prof_all=True, prof_ops=()), init_context())
+    comm.all_reduce(torch.ones(4))
+    comm.all_reduce(torch.ones(4))
+    logged = logger.summary().get("all_reduce", {})
+    logger.close()
+    return {"logged": (logged.get("count"), logged.get("bytes")),"sum": t.item(), "bcast": b.item(), "gather": [p.item() for p in parts], "flat": flat.tolist(),
             "rs": mine.item(), "world": world, "local_rank": comm.get_local_rank(), "backend": comm.get_backend()}

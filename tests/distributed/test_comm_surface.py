@@ -12,3 +12,4 @@ def test_deepspeed_comm_calls_on_two_ranks():
         assert r["gather"] == r["flat"] == [0.0, 1.0]
         assert r["rs"] == 2 * rank + 1  # sum over ranks of (arange + rank), this rank's element
         assert r["backend"] == "gloo" and r["local_rank"] == rank
+        assert r["logged"] == (2, 32)  # comms_logger sees the script's own all_reduce calls

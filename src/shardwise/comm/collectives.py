@@ -79,24 +79,79 @@ def quiesce(seconds: float = 0.1) -> None:
     time.sleep(seconds)
 
 
+# [Note: collective recorder]
+# One optional process-wide recorder sees every collective issued here (the comms logger and
+# the wall-clock breakdown; shardwise/profiling/comms.py shares it among them). Before a
+# collective is issued: ``token = recorder.begin(op, group, impl)``; once it has completed:
+# ``recorder.end(token, nbytes, waited_s)``: a synchronous call when it returns, an async one
+# when Handle.wait returns (``waited_s``: seconds this rank was blocked in the call or in the
+# wait). ``op`` is the entry point's name (all_reduce, reduce_scatter for reduce_to_shard,
+# all_gather for all_gather_shard, broadcast, barrier, all_gather_object, broadcast_object);
+# ``impl`` the torch collective that moves the data, which differs on gloo ([Note:
+# reduce-to-shard implementation], [Note: all-gather implementation]); ``nbytes`` the whole
+# buffer (all ranks' chunks). The collectives inside a composite op (the reduce-to-shard's
+# all-reduce, the object collectives' gathers and broadcasts) are not reported on their own.
+# Unset (None, the default) a collective pays one global read; a group of one rank issues
+# nothing and reports nothing.
+_RECORDER = None
+_composite = 0  # > 0 while a composite op issues its inner collectives
+
+
+def set_recorder(recorder):
+    """Install the process-wide collective recorder (``None``: none); returns the previous one.
+    See [Note: collective recorder]."""
+    global _RECORDER
+    previous, _RECORDER = _RECORDER, recorder
+    return previous
+
+
+def _begin(op: str, g: GroupContext, impl: str, nbytes: int):
+    r = _RECORDER
+    if r is None or _composite:
+        return None
+    return r, r.begin(op, g, impl), time.perf_counter(), nbytes
+
+
+def _end(rec, waited_s: float | None = None, nbytes: int | None = None) -> None:
+    r, token, t0, n = rec
+    r.end(token, n if nbytes is None else nbytes, time.perf_counter() - t0 if waited_s is None else waited_s)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _issued(work, g: GroupContext, name: str, async_op: bool, rec) -> "Handle":
+    if async_op:
+        return Handle(work, g, name, rec)
+    if rec is not None:
+        _end(rec)
+    return DONE
+
+
 class Handle:
     """An in-flight collective. ``wait()`` is idempotent."""
 
-    __slots__ = ("_work", "_ctx", "_op")
+    __slots__ = ("_work", "_ctx", "_op", "_rec")
 
-    def __init__(self, work=None, ctx: GroupContext | None = None, op: str = "collective"):
+    def __init__(self, work=None, ctx: GroupContext | None = None, op: str = "collective", rec=None):
         self._work = work
         self._ctx = ctx
         self._op = op
+        self._rec = rec  # [Note: collective recorder]
 
     def wait(self) -> None:
         if self._work is not None:
             work, self._work = self._work, None
+            rec, self._rec = self._rec, None
+            t0 = time.perf_counter() if rec is not None else 0.0
             if self._ctx is None:
                 work.wait()
-                return
-            with _guard(self._ctx, self._op):
-                work.wait()
+            else:
+                with _guard(self._ctx, self._op):
+                    work.wait()
+            if rec is not None:
+                _end(rec, time.perf_counter() - t0)
 
     @property
     def done(self) -> bool:
@@ -113,9 +168,10 @@ def all_reduce(t: torch.Tensor, g: GroupContext, *, op: str = "sum", async_op: b
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
     name = f"all_reduce({t.numel()} elements)"
     _keep(t)
+    rec = _begin("all_reduce", g, "all_reduce", _nbytes(t))
     with _guard(g, name):
         work = dist.all_reduce(t, op=reduce_op, group=g.group, async_op=async_op)
-    return Handle(work, g, name) if async_op else DONE
+    return _issued(work, g, name, async_op, rec)
 
 
 def all_reduce_scalar(value: float, g: GroupContext, *, op: str = "sum") -> float:
@@ -136,14 +192,27 @@ def reduce_to_shard(flat: torch.Tensor, g: GroupContext, *, async_op: bool = Tru
     """
     if not g.is_distributed:
         return DONE
+    global _composite
     if g.policy.reduce_scatter_via_all_reduce:
-        return all_reduce(flat, g, async_op=async_op)
+        rec = _begin("reduce_scatter", g, "all_reduce", _nbytes(flat))
+        _composite += 1
+        try:
+            handle = all_reduce(flat, g, async_op=async_op)
+        finally:
+            _composite -= 1
+        if rec is not None:
+            if handle.done:
+                _end(rec)
+            else:
+                handle._rec = rec
+        return handle
     chunk = flat.view(g.size, -1)[g.rank]
     name = f"reduce_scatter({flat.numel()} elements)"
     _keep(flat, chunk)
+    rec = _begin("reduce_scatter", g, "reduce_scatter", _nbytes(flat))
     with _guard(g, name):
         work = _reduce_scatter_single(chunk, flat, group=g.group, async_op=async_op)
-    return Handle(work, g, name) if async_op else DONE
+    return _issued(work, g, name, async_op, rec)
 
 
 class _Works:
@@ -170,18 +239,20 @@ def all_gather_shard(flat: torch.Tensor, g: GroupContext, *, async_op: bool = Tr
     if g.policy.all_gather_via_broadcast:
         parts = chunks.unbind(0)
         _keep(flat, *parts)
+        rec = _begin("all_gather", g, "broadcast", _nbytes(flat))
         with _guard(g, name):
             works = [dist.broadcast(parts[r], src=g.global_rank(r), group=g.group, async_op=True)
                      for r in range(g.size)]
-        handle = Handle(_Works(works), g, name)
+        handle = Handle(_Works(works), g, name, rec)
         if not async_op:
             handle.wait()
             return DONE
         return handle
     _keep(flat, chunk)
+    rec = _begin("all_gather", g, "all_gather", _nbytes(flat))
     with _guard(g, name):
         work = _all_gather_single(flat, chunk, group=g.group, async_op=async_op)
-    return Handle(work, g, name) if async_op else DONE
+    return _issued(work, g, name, async_op, rec)
 
 
 def broadcast(t: torch.Tensor, g: GroupContext, *, src: int = 0) -> None:
@@ -190,8 +261,11 @@ def broadcast(t: torch.Tensor, g: GroupContext, *, src: int = 0) -> None:
         return
     name = f"broadcast({t.numel()} elements, src={src})"
     _keep(t)
+    rec = _begin("broadcast", g, "broadcast", _nbytes(t))
     with _guard(g, name):
         dist.broadcast(t, src=g.global_rank(src), group=g.group)
+    if rec is not None:
+        _end(rec)
 
 
 # -- control-plane helpers (small Python objects; checkpoint agreement) ------------------
@@ -207,14 +281,22 @@ def all_gather_object(obj, g: GroupContext) -> list:
     if not g.is_distributed:
         return [obj]
     data = _payload(obj)
-    with _guard(g, "all_gather_object"):
-        sizes = torch.zeros(g.size, dtype=torch.int64, device=g.device)
-        sizes[g.rank] = data.numel()
-        all_gather_shard(sizes, g, async_op=False)
-        longest = int(sizes.max())
-        flat = torch.zeros(g.size * longest, dtype=torch.uint8, device=g.device)
-        flat[g.rank * longest:g.rank * longest + data.numel()] = data.to(g.device)
-        all_gather_shard(flat, g, async_op=False)
+    global _composite
+    rec = _begin("all_gather_object", g, "all_gather", 0)
+    _composite += 1
+    try:
+        with _guard(g, "all_gather_object"):
+            sizes = torch.zeros(g.size, dtype=torch.int64, device=g.device)
+            sizes[g.rank] = data.numel()
+            all_gather_shard(sizes, g, async_op=False)
+            longest = int(sizes.max())
+            flat = torch.zeros(g.size * longest, dtype=torch.uint8, device=g.device)
+            flat[g.rank * longest:g.rank * longest + data.numel()] = data.to(g.device)
+            all_gather_shard(flat, g, async_op=False)
+    finally:
+        _composite -= 1
+    if rec is not None:
+        _end(rec, nbytes=_nbytes(sizes) + _nbytes(flat))
     host = flat.cpu()
     return [pickle.loads(host[r * longest:r * longest + int(n)].numpy().tobytes())
             for r, n in enumerate(sizes.tolist())]
@@ -225,12 +307,20 @@ def broadcast_object(obj, g: GroupContext, src: int = 0):
     if not g.is_distributed:
         return obj
     data = _payload(obj) if g.rank == src else None
-    with _guard(g, f"broadcast_object(src={src})"):
-        size = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64, device=g.device)
-        broadcast(size, g, src=src)
-        buf = data.to(g.device) if data is not None else \
-            torch.empty(int(size.item()), dtype=torch.uint8, device=g.device)
-        broadcast(buf, g, src=src)
+    global _composite
+    rec = _begin("broadcast_object", g, "broadcast", 0)
+    _composite += 1
+    try:
+        with _guard(g, f"broadcast_object(src={src})"):
+            size = torch.tensor([data.numel() if data is not None else 0], dtype=torch.int64, device=g.device)
+            broadcast(size, g, src=src)
+            buf = data.to(g.device) if data is not None else \
+                torch.empty(int(size.item()), dtype=torch.uint8, device=g.device)
+            broadcast(buf, g, src=src)
+    finally:
+        _composite -= 1
+    if rec is not None:
+        _end(rec, nbytes=_nbytes(size) + _nbytes(buf))
     return pickle.loads(buf.cpu().numpy().tobytes())
 
 
@@ -243,9 +333,12 @@ def barrier(g: GroupContext, timeout_s: float | None = None) -> None:
     """
     if not g.is_distributed:
         return
+    rec = _begin("barrier", g, "barrier", 0)
     if timeout_s is None or g.backend != "gloo":
         with _guard(g, "barrier"):
             dist.barrier(group=g.group)
+        if rec is not None:
+            _end(rec)
         return
     import re
     from datetime import timedelta
@@ -264,6 +357,8 @@ def barrier(g: GroupContext, timeout_s: float | None = None) -> None:
             f"{timeout_s:g} s ({text.strip().splitlines()[0] if text.strip() else 'timeout'})",
             missing,
         ) from exc
+    if rec is not None:
+        _end(rec)
 
 
 def require_all_ranks(g: GroupContext, call: str, timeout_s: float, error: type = UsageError) -> None:

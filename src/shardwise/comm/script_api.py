@@ -13,7 +13,6 @@ script's own all-reduce shows in the same summary as shardwise's.
 from __future__ import annotations
 
 import os
-import time
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -31,18 +30,27 @@ def _nbytes(t: Any) -> int:
     return 0
 
 
+class _ScriptGroup:
+    """What the comms logger reads of a group (its size) for a script's own collective."""
+
+    def __init__(self, group: Any):
+        self.size = dist.get_world_size(group)
+        self.name = "script"
+
+
 def _call(name: str, fn: Callable, payload: Any, group: Any, /, *args: Any, **kwargs: Any) -> Any:
-    """Run one torch.distributed call: timed for the comms logger, failures named."""
+    """Run one torch.distributed call: recorded for the comms logger ([Note: collective
+    recorder] in collectives.py; an async call is timed up to its issue), failures named."""
     from shardwise.comm import collectives
 
-    start = time.perf_counter()
+    rec = collectives._begin(name, _ScriptGroup(group), name, _nbytes(payload)) \
+        if collectives._RECORDER is not None else None
     try:
         out = fn(*args, **kwargs)
     except RuntimeError as exc:  # DistBackendError, gloo's and NCCL's errors
         raise CollectiveError(f"{name} on rank {get_rank()} failed: {exc}") from exc
-    record = getattr(collectives, "record_script_collective", None)
-    if record is not None:
-        record(name, _nbytes(payload), group, start, out if kwargs.get("async_op") else None)
+    if rec is not None:
+        collectives._end(rec)
     return out
 
 
@@ -266,11 +274,9 @@ def monitored_barrier(group: Any = None, timeout: timedelta | None = None, wait_
 def log_summary(show_straggler: bool = False) -> None:
     """Print the comms logger's table now (DeepSpeed's ``deepspeed.comm.log_summary``); needs
     ``comms_logger.enabled`` in the config."""
-    from shardwise.comm import collectives
+    from shardwise.profiling.comms import log_summary as summary
 
-    summary = getattr(collectives, "log_comms_summary", None)
-    if summary is not None:
-        summary()
+    summary()
 
 
 __all__ = ["ReduceOp", "init_distributed", "is_initialized", "is_available", "get_rank", "get_world_size",
