@@ -60,7 +60,8 @@ class Observer:
         pass
 
     def close(self) -> None:
-        """Flush and release (idempotent); called by ``engine.destroy()`` and at exit."""
+        """Flush and release (idempotent, no collective: other ranks may be gone); called by
+        ``engine.destroy()`` and at exit."""
 
 
 class Observers(Observer):
@@ -123,4 +124,9 @@ def make_observers(plan: Any, module: nn.Module, ctx: Any) -> Observers:
         from shardwise.monitor import make_monitor
 
         items.append(make_monitor(obs, plan.steps_per_print, module, ctx))
-    return Observers(items)
+    observers = Observers(items)
+    if items:  # files flushed and summaries printed at exit too (close is idempotent, local only)
+        import atexit
+
+        atexit.register(observers.close)
+    return observers
