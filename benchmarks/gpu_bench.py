@@ -29,6 +29,7 @@ def peak_tflops() -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher
     ap.add_argument("--layers", type=int, default=16)  # ~0.9B with the 50k vocab
     ap.add_argument("--d-model", type=int, default=2048)
     ap.add_argument("--micro", type=int, default=4)  # 4 systems x ~14.5 GB of state fit 78 GB

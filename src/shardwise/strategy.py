@@ -171,6 +171,22 @@ def post_divide(plan: Plan, ctx: ParallelContext) -> float:
     return 1.0 if f is None else ctx.dp.size / f
 
 
+def bind_layouts(optimizer: torch.optim.Optimizer, chunks: Sequence, dp, plan: Plan) -> None:
+    """Tell a per-tensor optimizer (``shardwise.optim.Lamb``: one trust ratio per model tensor)
+    where each parameter lies in the flat chunks it steps ([Note: LAMB over flat buffers]);
+    ``dp`` given: the chunks are parts of buckets, and partial norms are summed over it. A
+    no-op for every other optimizer. Before ``tier.attach``; every rank binds in bucket order."""
+    from shardwise.comm.collectives import all_reduce
+    from shardwise.optim.lamb import Lamb, bind_flat_chunks
+
+    if isinstance(optimizer, Lamb) and plan.offload.optimizer.device != "none":
+        raise UsageError("Lamb with zero_optimization.offload_optimizer is not supported yet: the offloaded "
+                         "step walks the state tile by tile, and Lamb's per-tensor norms span tiles. Use "
+                         "AdamW with offload, or Lamb without it")
+    reduce = (lambda t: all_reduce(t, dp)) if dp is not None and dp.size > 1 else None
+    bind_flat_chunks(optimizer, chunks, reduce)
+
+
 def memory_totals(params: int, grads: int, master: int, state: int, **extra: int) -> dict[str, int]:
     """A ``memory_report``: bytes per kind and their total (``extra`` is not counted in it)."""
     return {"params": params, "grads": grads, "master_params": master, "optimizer_state": state,
@@ -234,6 +250,7 @@ class FlatBucketStrategy:
             for gi, opts in enumerate(groups.options)
         ]
         self.optimizer = make_optimizer(opt_groups)
+        bind_layouts(self.optimizer, self.buckets, dp if chunk else None, plan)
         self.tier.attach(self.optimizer)
         self._step = ShardedStep(
             self.buckets,
@@ -367,6 +384,7 @@ class Stage3Strategy:
         opt_groups = [{**opts, "params": [s.opt_param for s in self.buckets if s.group == gi]}
                       for gi, opts in enumerate(groups.options)]
         self.optimizer = make_optimizer(opt_groups)
+        bind_layouts(self.optimizer, self.buckets, ctx.dp, plan)
         self.tier.attach(self.optimizer)
         # the persistent parameters are gathered by runtime.after_step
         self._step = ShardedStep(self.buckets, self.optimizer, ctx.dp, self.scaler, [s.grad for s in self.buckets],

@@ -177,3 +177,36 @@ def comm_surface_run() -> dict:
     logger.close()
     return {"logged": (logged.get("count"), logged.get("bytes")),"sum": t.item(), "bcast": b.item(), "gather": [p.item() for p in parts], "flat": flat.tolist(),
             "rs": mine.item(), "world": world, "local_rank": comm.get_local_rank(), "backend": comm.get_backend()}
+
+
+LAMB = {"lr": 2e-2, "weight_decay": 0.01, "betas": [0.9, 0.999], "eps": 1e-6}
+
+
+def lamb_reference(steps: int, global_batch: int) -> dict:
+    """Per-parameter LAMB on the plain model, one process (shardwise.optim.Lamb on model tensors)."""
+    from shardwise.optim.lamb import Lamb
+
+    model = make_model()
+    opt = Lamb(model.parameters(), lr=LAMB["lr"], weight_decay=LAMB["weight_decay"], betas=tuple(LAMB["betas"]),
+               eps=LAMB["eps"])
+    losses = []
+    for x in batches(global_batch, steps):
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "params": _snapshot(model)}
+
+
+def lamb_run(stages: list[int], steps: int, global_batch: int) -> dict:
+    from parity_workers import shardwise_run
+
+    out = {}
+    for stage in stages:
+        cfg = {"train_batch_size": global_batch, "gradient_clipping": 0.0, "steps_per_print": 1000,
+               "optimizer": {"type": "Lamb", "params": LAMB},
+               "zero_optimization": {"stage": stage, "reduce_bucket_size": 3000}}
+        r = shardwise_run(cfg, steps)
+        out[stage] = {"losses": r["losses"], "params": r["params"]}
+    return out

@@ -166,3 +166,20 @@ Root Cause (first observed failure):
     killed = tail.replace("exitcode  : 1 (pid: 4242)", "exitcode  : -9 (pid: 4242)  (SIGKILL)")
     assert "killed by SIGKILL (exit code -9)" in failure_summary(killed)
     assert failure_summary("no report here") is None
+
+
+def test_a_peer_that_exited_is_named_as_exited_not_as_a_timeout():
+    """gloo's monitored barrier fails at once when a peer is gone; the message must say that
+    (with the real elapsed time), not that the 30 s limit ran out."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_scripts", "peer_exit.py")
+    proc = subprocess.run([sys.executable, "-c", "from shardwise.cli import main; raise SystemExit(main())", "run",
+                           "--nproc-per-node", "2", "--no-local-rank", script], capture_output=True, text=True,
+                          timeout=120)
+    line = next((ln for ln in (proc.stdout + proc.stderr).splitlines() if "RESULT after" in ln), None)
+    assert line is not None, proc.stderr[-3000:]
+    assert "exited" in line and "within 30 s" not in line, line
+    assert float(line.split("RESULT after ")[1].split("s:")[0]) < 10, line

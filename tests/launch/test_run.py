@@ -41,6 +41,7 @@ def test_run_two_ranks_end_to_end(tmp_path, capfd, clean_env):
         assert r["world_size"] == 2
         assert r["all_reduce_sum"] == 3.0  # 1 + 2
         assert r["script_args"] == ["--nproc-per-node", "5"]
+        assert r["local_rank_arg"] == r["local_rank"] == r["rank"]  # as DeepSpeed's launcher passes it
         if not torch.cuda.is_available():
             assert r["omp_num_threads"] == "1"
             assert r["torch_threads"] == 1
@@ -55,6 +56,47 @@ def test_run_failing_rank_gives_nonzero_exit(capfd, clean_env):
     # the last line names the rank that failed and how (rank 1 exits with 3; rank 0 succeeds)
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(r"shardwise run: rank 1 failed first, pid \d+: exit code 3", last), last
+
+
+def test_deepspeed_style_command_line(tmp_path, capfd, clean_env):
+    """`deepspeed --num_gpus 2 --master_port P script.py`, spelled for shardwise run."""
+    script = str(SCRIPTS / "allreduce_script.py")
+    code = main(["run", "--num_gpus", "2", "--num_nodes", "1", "--no_local_rank", script, str(tmp_path)])
+    assert code == 0, capfd.readouterr().err
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["world_size"], r["local_rank_arg"]) for r in reports] == [(2, None), (2, None)]
+
+
+def _last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "mode, exception",
+    [
+        ("before", "ValueError: rank 1 failed before init_process_group"),
+        ("after", "KeyError: 'missing after init'"),
+        ("custom", "Boom: multi-line ..."),
+    ],
+)
+def test_failure_summary_names_the_exception(mode, exception, capfd, clean_env):
+    code = main(["run", "--nproc-per-node", "2", str(SCRIPTS / "raising_script.py"), mode])
+    err = capfd.readouterr().err
+    assert code != 0
+    assert re.fullmatch(rf"shardwise run: rank 1 failed first, pid \d+: exit code 1: {re.escape(exception)}",
+                        _last_line(err)), err[-3000:]
+    # the traceback reads as if the script ran directly: no launcher or runpy frames
+    assert "runpy.py" not in err and "worker.py\", line" not in err
+
+
+def test_script_that_rejects_local_rank_gets_a_hint(tmp_path, capfd, clean_env):
+    code = main(["run", "--nproc-per-node", "2", str(SCRIPTS / "strict_script.py"), str(tmp_path)])
+    err = capfd.readouterr().err
+    assert code != 0
+    assert "unrecognized arguments: --local_rank=" in err
+    assert "shardwise run --no-local-rank" in _last_line(err), _last_line(err)
+    assert main(["run", "--nproc-per-node", "2", "--no-local-rank", str(SCRIPTS / "strict_script.py"),
+                 str(tmp_path)]) == 0
 
 
 def _alive(pid: int) -> bool:

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from shardwise.cli import main
-from shardwise.launcher.run import LaunchError, build_torchrun_command, split_run_args
+from shardwise.launcher.run import WORKER, LaunchError, build_torchrun_command, failure_summary, split_run_args
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
+LR = "--local_rank=${local_rank}"  # torchrun substitutes each worker's local rank
 
 
 def build(argv, env=None, cuda=False):
@@ -24,12 +24,12 @@ def build(argv, env=None, cuda=False):
 
 def test_nproc_per_node_single_node_adds_standalone():
     cmd, _ = build(["--nproc-per-node", "2", "train.py"])
-    assert cmd == [*TORCHRUN, "--nproc-per-node", "2", "--standalone", "train.py"]
+    assert cmd == [*TORCHRUN, "--nproc-per-node", "2", "--standalone", WORKER, "train.py", LR]
 
 
 def test_no_options_is_still_standalone():
     cmd, _ = build(["train.py", "--lr", "3"])
-    assert cmd == [*TORCHRUN, "--standalone", "train.py", "--lr", "3"]
+    assert cmd == [*TORCHRUN, "--standalone", WORKER, "train.py", LR, "--lr", "3"]
 
 
 def test_torchrun_options_pass_through_verbatim():
@@ -39,7 +39,7 @@ def test_torchrun_options_pass_through_verbatim():
         "--redirects", "3", "-t", "3", "--log-dir", "/tmp/logs", "--start-method=fork",
     ]  # fmt: skip
     cmd, _ = build([*opts, "train.py", "a"])
-    assert cmd == [*TORCHRUN, *opts, "train.py", "a"]
+    assert cmd == [*TORCHRUN, *opts, WORKER, "train.py", LR, "a"]
 
 
 @pytest.mark.parametrize(
@@ -59,13 +59,13 @@ def test_torchrun_options_pass_through_verbatim():
 def test_standalone_not_added_when_rendezvous_or_nodes_given(opts, env):
     cmd, _ = build([*opts, "train.py"], env)
     assert "--standalone" not in cmd
-    assert cmd == [*TORCHRUN, *opts, "train.py"]
+    assert cmd == [*TORCHRUN, *opts, WORKER, "train.py", LR]
 
 
 @pytest.mark.parametrize("opts", [["--nnodes", "1"], ["--nnodes=1:1"], ["--node-rank", "0"]])
 def test_standalone_added_for_one_node(opts):
     cmd, _ = build([*opts, "train.py"])
-    assert cmd == [*TORCHRUN, *opts, "--standalone", "train.py"]
+    assert cmd == [*TORCHRUN, *opts, "--standalone", WORKER, "train.py", LR]
 
 
 def test_standalone_not_duplicated():
@@ -83,18 +83,27 @@ def test_script_args_that_look_like_options_belong_to_the_script():
     assert not run.dry_run
     assert run.option("nproc_per_node") == "2"
     cmd, _ = build(["--nproc-per-node", "2", "train.py", *script_args])
-    assert cmd == [*TORCHRUN, "--nproc-per-node", "2", "--standalone", "train.py", *script_args]
+    assert cmd == [*TORCHRUN, "--nproc-per-node", "2", "--standalone", WORKER, "train.py", LR, *script_args]
 
 
 def test_double_dash_ends_the_options():
     cmd, _ = build(["--nproc-per-node", "2", "--", "train.py", "--x"])
-    assert cmd == [*TORCHRUN, "--nproc-per-node", "2", "--standalone", "train.py", "--x"]
+    assert cmd == [*TORCHRUN, "--nproc-per-node", "2", "--standalone", WORKER, "train.py", LR, "--x"]
 
 
 def test_module_flag_takes_no_value():
+    """torchrun's -m: worker.py is the program and runs the module (torchrun's -m is dropped)."""
     cmd, _ = build(["-m", "--nproc-per-node", "2", "pkg.train", "--lr", "1"])
-    opts = ["-m", "--nproc-per-node", "2", "--standalone"]
-    assert cmd == [*TORCHRUN, *opts, "pkg.train", "--lr", "1"]
+    opts = ["--nproc-per-node", "2", "--standalone"]
+    assert cmd == [*TORCHRUN, *opts, WORKER, "--module", "pkg.train", LR, "--lr", "1"]
+    cmd, _ = build(["--module", "--no-local-rank", "pkg.train"])
+    assert cmd == [*TORCHRUN, "--standalone", WORKER, "--module", "pkg.train"]
+
+
+@pytest.mark.parametrize("flag", ["--no-python", "--run-path"])
+def test_no_python_and_run_path_are_not_wrapped(flag):
+    cmd, _ = build([flag, "--nproc-per-node", "2", "prog", "x"])
+    assert cmd == [*TORCHRUN, flag, "--nproc-per-node", "2", "--standalone", "prog", LR, "x"]
 
 
 def test_dry_run_is_not_passed_to_torchrun():
@@ -141,6 +150,128 @@ def test_bad_command_lines_are_named_errors(argv, words):
         build(argv)
 
 
+# --- DeepSpeed launcher options and --local_rank ([Note: DeepSpeed launcher options]) -------
+
+
+@pytest.mark.parametrize("opts", [["--num_gpus", "2"], ["--num_gpus=2"], ["--num-gpus", "2"],
+                                  ["--num_accelerators", "2"]])
+def test_num_gpus_is_nproc_per_node(opts):
+    run = split_run_args([*opts, "train.py", "--deepspeed"])
+    assert run.option("nproc_per_node") == "2" and run.script_args == ("--deepspeed",)
+    cmd, _ = build([*opts, "train.py"])
+    assert cmd == [*TORCHRUN, "--nproc-per-node", "2", "--standalone", WORKER, "train.py", LR]
+
+
+def test_num_gpus_all_and_conflicts():
+    assert split_run_args(["--num_gpus", "-1", "t.py"]).option("nproc_per_node") == "gpu"
+    assert split_run_args(["--num_gpus", "2", "--nproc-per-node", "2", "t.py"]).option("nproc_per_node") == "2"
+    with pytest.raises(LaunchError, match=r"--num_gpus 2 conflicts with torchrun's --nproc-per-node"):
+        split_run_args(["--num_gpus", "2", "--nproc-per-node", "4", "t.py"])
+    with pytest.raises(LaunchError, match="expected a number of processes"):
+        split_run_args(["--num_gpus", "two", "t.py"])
+    with pytest.raises(LaunchError, match="needs a value"):
+        split_run_args(["--num_gpus"])
+
+
+def test_deepspeed_master_options_are_torchruns():
+    opts = ["--master_port", "29555", "--master_addr", "127.0.0.1", "--node_rank", "0"]
+    cmd, _ = build([*opts, "--num_gpus", "2", "train.py"])
+    assert cmd == [*TORCHRUN, *opts, "--nproc-per-node", "2", WORKER, "train.py", LR]
+
+
+@pytest.mark.parametrize("opts", [["--num_nodes", "1"], ["--num_nodes=-1"], ["--num-nodes", "1"]])
+def test_one_node_is_accepted(opts):
+    cmd, _ = build([*opts, "--num_gpus", "2", "train.py"])
+    assert cmd == [*TORCHRUN, "--nproc-per-node", "2", "--standalone", WORKER, "train.py", LR]
+
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        (["--num_nodes", "2"], r"--num_nodes 2: shardwise run starts the ranks of one node.*--nnodes N "
+                               r"--node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT"),
+        (["--hostfile", "hosts"], r"--hostfile hosts: DeepSpeed's hostfile is not read.*--nnodes N"),
+        (["-H", "hosts"], r"-H hosts: DeepSpeed's hostfile"),
+        (["--include", "localhost:1,3"], r"CUDA_VISIBLE_DEVICES=1,3 shardwise run --nproc-per-node 2"),
+        (["-i", "worker-1:0@worker-2:0"], r"device filter is not supported.*--rdzv-endpoint"),
+        (["--exclude=localhost:0"], r"--exclude localhost:0: DeepSpeed's device filter.*CUDA_VISIBLE_DEVICES"),
+        (["--launcher", "slurm"], r"--launcher slurm: shardwise run starts the ranks of one node"),
+        (["--no_ssh_check"], r"--no_ssh_check: shardwise run starts the ranks of one node"),
+        (["--elastic_training"], r"--nnodes MIN:MAX.*--max-restarts"),
+        (["--autotuning", "run"], r"`shardwise plan`"),
+        (["--enable_each_rank_log", "logs"], r"--log-dir DIR --redirects 3"),
+        (["--bind_cores_to_rank"], r"numactl"),
+    ],
+)
+def test_deepspeed_multi_node_options_name_the_torchrun_way(opts, words):
+    with pytest.raises(LaunchError, match=words):
+        split_run_args([*opts, "train.py"])
+
+
+def test_local_rank_passed_like_deepspeed_unless_turned_off():
+    run = split_run_args(["--nproc-per-node", "2", "train.py", "--x"])
+    assert run.local_rank
+    for flag in ("--no_local_rank", "--no-local-rank"):
+        run = split_run_args([flag, "--nproc-per-node", "2", "train.py", "--x"])
+        assert not run.local_rank and run.script_args == ("--x",)
+        cmd, _ = build([flag, "--nproc-per-node", "2", "train.py", "--x"])
+        assert cmd == [*TORCHRUN, "--nproc-per-node", "2", "--standalone", WORKER, "train.py", "--x"]
+    # after the script it belongs to the script
+    assert split_run_args(["train.py", "--no-local-rank"]).local_rank
+
+
+# --- the failure summary ([Note: launcher failure report]) --------------------------------
+
+REPORT = """Root Cause (first observed failure):
+[0]:
+  time      : 2026-01-01_00:00:00
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : 1 (pid: 4242)
+  error_file: {error_file}
+  traceback : {traceback}
+============================================================
+"""
+NO_TB = REPORT.format(error_file="<N/A>", traceback="To enable traceback see: https://pytorch.org/docs/x.html")
+
+
+def test_summary_prefers_the_worker_line():
+    tail = ("[rank0]: KeyError: 'a consequence'\n[shardwise rank 1] failed: ValueError: bad input ...\n"
+            "[shardwise rank 0] failed: KeyError: 'a consequence'\n" + NO_TB)
+    assert failure_summary(tail) == "shardwise run: rank 1 failed first, pid 4242: exit code 1: ValueError: bad input ..."
+
+
+def test_summary_reads_the_root_cause_traceback():
+    tb = "Traceback (most recent call last):\n    raise Boom('x')\n  mymod.Boom: x happened\n  "
+    tail = REPORT.format(error_file="/tmp/e/error.json", traceback=tb)
+    assert failure_summary(tail).endswith("exit code 1: mymod.Boom: x happened")
+
+
+def test_summary_reads_rank_lines_for_any_exception_type():
+    tail = ("[rank1]: Traceback (most recent call last):\n[rank1]:   File \"t.py\", line 3, in <module>\n"
+            "[rank1]:     raise StopIteration\n[rank1]: StopIteration\n" + NO_TB)
+    assert failure_summary(tail).endswith("exit code 1: StopIteration")
+    teed = "[default1]:[shardwise rank 1] failed: OSError: disk full\n" + NO_TB
+    assert failure_summary(teed).endswith("exit code 1: OSError: disk full")
+
+
+def test_summary_hints_at_no_local_rank():
+    tail = ("usage: t.py [-h] out\nt.py: error: unrecognized arguments: --local_rank=1\n"
+            + NO_TB.replace("exitcode  : 1", "exitcode  : 2"))
+    line = failure_summary(tail)
+    assert "exit code 2" in line and "shardwise run --no-local-rank" in line and "add_argument('--local_rank'" in line
+
+
+def test_worker_one_line():
+    from shardwise.launcher.worker import one_line
+
+    assert one_line(ValueError("a\nb")) == "ValueError: a ..."
+    assert one_line(KeyError("k")) == "KeyError: 'k'"
+    assert one_line(StopIteration()) == "StopIteration"
+    assert one_line(LaunchError("x")) == "shardwise.launcher.run.LaunchError: x"
+    assert len(one_line(RuntimeError("x" * 1000))) == 300
+
+
 # --- the console entry ------------------------------------------------------------------
 
 
@@ -148,7 +279,8 @@ def test_cli_dry_run_prints_the_command(capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert main(["run", "--dry-run", "--nproc-per-node", "2", "train.py", "--x", "1"]) == 0
     out = capsys.readouterr().out
-    assert "torch.distributed.run --nproc-per-node 2 --standalone train.py --x 1" in out
+    assert ("torch.distributed.run --nproc-per-node 2 --standalone "
+            f"{WORKER} train.py '--local_rank=${{local_rank}}' --x 1") in out
     if not torch.cuda.is_available():
         assert out.startswith("OMP_NUM_THREADS=1 ")
 

@@ -367,13 +367,72 @@ def test_unknown_type_did_you_mean():
         build_optimizer(opt_plan("RMSProp"), [torch.nn.Parameter(torch.zeros(1))])
 
 
-@pytest.mark.parametrize("type_", ["OneBitAdam", "ZeroOneAdam", "OneBitLamb", "Lamb", "lion",
-                                   "MuAdam", "MuAdamW", "MuSGD", "CPUAdam", "Muon"])
+@pytest.mark.parametrize("type_", ["lion", "MuAdam", "MuAdamW", "MuSGD", "CPUAdam", "Muon"])
 def test_deepspeed_only_optimizers_not_implemented(type_):
     (msg,) = check_optimizer_spec(type_, {"lr": 0.1})
     assert "not implemented" in msg and "AdamW" in msg
     with pytest.raises(ConfigError, match="not implemented"):
         build_optimizer(opt_plan(type_, lr=0.1), [torch.nn.Parameter(torch.zeros(1))])
+
+
+# --- Lamb and the 1-bit optimizers ([Note: DeepSpeed Lamb and 1-bit optimizers]) -------------
+
+
+def test_lamb_params_checked_like_fused_lamb():
+    msgs = check_optimizer_spec("Lamb", {"max_grad_norm": 1.0, "amsgrad": True, "max_cof": 1.0, "lr": "x"})
+    text = "\n".join(msgs)
+    assert len(msgs) == 4, msgs
+    assert "gradient_clipping" in text and "amsgrad is not part of LAMB" in text
+    assert "did you mean 'max_coeff'?" in text and "'lr' must be a number" in text
+    assert check_optimizer_spec("Lamb", {"max_grad_norm": 0.0}) == []
+
+
+def test_lamb_builds_when_the_engine_binds(monkeypatch):
+    from shardwise.optim import optimizers
+    from shardwise.optim.lamb import Lamb
+
+    monkeypatch.setattr(optimizers, "LAMB_IN_ENGINE", True)
+    assert check_optimizer_spec("Lamb", {"lr": 1e-3, "betas": [0.9, 0.99], "max_grad_norm": 0}) == []
+    opt = build_optimizer(opt_plan("Lamb", lr=1e-3, betas=[0.9, 0.99], max_coeff=0.3, bias_correction=False),
+                          [torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, Lamb)
+    g = opt.param_groups[0]
+    assert (g["betas"], g["max_coeff"], g["min_coeff"], g["bias_correction"]) == ((0.9, 0.99), 0.3, 0.01, False)
+    # OneBitLamb's alternative becomes Lamb
+    assert 'use "type": "Lamb"' in check_optimizer_spec("OneBitLamb", {"lr": 1e-3})[0]
+
+
+@pytest.mark.parametrize("type_, instead", [("OneBitAdam", "Adam"), ("onebitadam", "Adam"),
+                                            ("ZeroOneAdam", "Adam"), ("OneBitLamb", "Lamb")])
+def test_one_bit_optimizers_refused_with_the_uncompressed_alternative(type_, instead):
+    params = {"lr": 1e-4, "weight_decay": 0.01, "freeze_step": 400, "cuda_aware": False,
+              "comm_backend_name": "nccl", "var_freeze_step": 100}
+    (msg,) = check_optimizer_spec(type_, params)
+    assert "is not supported: it compresses the gradient all-reduce to 1 bit" in msg
+    assert "error feedback" in msg and "plain all-reduce / reduce-scatter" in msg
+    assert f'use "type": "{instead}" with the same hyper-parameters, minus the 1-bit-only ones' in msg
+    assert "same convergence without the bandwidth saving" in msg
+    with pytest.raises(ConfigError) as info:
+        build_optimizer(opt_plan(type_, **params), [torch.nn.Parameter(torch.zeros(1))])
+    assert info.value.problems[0].path == "optimizer.type"
+
+
+def test_one_bit_refusal_through_the_config_loader():
+    from shardwise.config import load_config
+
+    doc = {"train_micro_batch_size_per_gpu": 1,
+           "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-4, "freeze_step": 10}}}
+    with pytest.raises(ConfigError) as info:
+        load_config(doc, 1)
+    (problem,) = info.value.problems
+    assert problem.path == "optimizer.type" and "OneBitAdam" in str(info.value)
+    doc["optimizer"] = {"type": "Lamb", "params": {"lr": 1e-3}}
+    assert load_config(doc, 1).optimizer.type == "Lamb"  # the engine binds bucket layouts for it
+
+
+def test_adafactor_refused_on_flat_buckets():
+    (msg,) = check_optimizer_spec("Adafactor", {})
+    assert "torch.optim.Adafactor is not supported" in msg and "flat 1-D buckets" in msg
 
 
 def test_optimizer_param_problems():
@@ -402,3 +461,35 @@ def test_build_optimizer_errors():
         build_optimizer(opt_plan("AdamW", lr=-1.0), p)  # refused before torch sees it
     with pytest.raises(ConfigError, match="rejected"):  # torch's own check: beta2 < 1
         build_optimizer(opt_plan("AdamW", betas=[0.9, 1.0]), p)
+
+
+# --- refusals of DeepSpeed features outside the optimizer (schema_keys Section.why) ---------
+
+SECTION_REFUSALS = [
+    ({"autotuning": {"enabled": True, "fast": True}}, "autotuning.enabled",
+     ["DeepSpeed's autotuner launches trial runs", "`shardwise plan CONFIG --model FILE:FACTORY --world-size N "
+      "--fit 80GB`", "`shardwise estimate`", 'README "Planning"'], "remove it or set it to false"),
+    ({"compression_training": {"weight_quantization": {"shared_parameters": {"enabled": True}}}},
+     "compression_training", ["DeepSpeed's compression library rewrites the model's layers",
+                              "torch.ao.quantization (prepare_qat)", "torch.nn.utils.prune"], "remove it"),
+]
+
+
+def test_section_refusal_texts_are_catalogued():
+    from shardwise.config import schema_keys as K
+
+    assert "shardwise plan" in K.TOP_LEVEL["autotuning"][0].why
+    assert "torch.ao.quantization" in K.TOP_LEVEL["compression_training"][0].why
+
+
+@pytest.mark.parametrize("extra, path, words, fix", SECTION_REFUSALS, ids=[r[1] for r in SECTION_REFUSALS])
+def test_section_refusals_name_the_alternative(extra, path, words, fix):
+    from shardwise.config import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config({"train_micro_batch_size_per_gpu": 1, **extra}, 1)
+    (problem,) = info.value.problems
+    assert problem.path == path
+    for w in words:
+        assert w in problem.message, problem.message
+    assert problem.message.endswith(fix)

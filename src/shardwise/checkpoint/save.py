@@ -39,7 +39,7 @@ from shardwise.checkpoint.agree import outcome, raise_failed
 from shardwise.checkpoint.files import atomic_write_text, dtype_name, fsync_dir, remove_tree, write_safetensors
 from shardwise.checkpoint.schema import validate
 from shardwise.comm.collectives import all_gather_object, barrier, broadcast_object
-from shardwise.errors import CheckpointError, CollectiveTimeoutError, UsageError
+from shardwise.errors import CheckpointError, CollectiveError, CollectiveTimeoutError, UsageError
 from shardwise.zero.pieces import PARAM, state_names
 
 log = logging.getLogger("shardwise")
@@ -286,6 +286,12 @@ def save_checkpoint(engine, save_dir, tag: str | int | None = None, client_state
             f"save_checkpoint must be called on every rank: rank(s) {list(exc.missing_ranks)} did not "
             f"call it within {timeout:g} s (rank {ctx.rank} is waiting to save {tag!r} to {save_dir}). "
             "Call engine.save_checkpoint on all ranks, not only on rank 0.") from exc
+    except CollectiveError as exc:  # a peer exited before calling it (not a timeout)
+        from shardwise.comm.collectives import peer_exit_text
+
+        raise CheckpointError(f"save_checkpoint: {peer_exit_text(exc)}, while rank {ctx.rank} waited to save "
+                              f"{tag!r} to {save_dir} (up to {timeout:g} s); save_checkpoint must be called on "
+                              "every rank") from exc
     exclude = bool(exclude_frozen_parameters)
     tags = all_gather_object((tag, save_dir, exclude), ctx)
     if len(set(tags)) != 1:

@@ -343,11 +343,26 @@ def barrier(g: GroupContext, timeout_s: float | None = None) -> None:
     import re
     from datetime import timedelta
 
+    t0 = time.monotonic()
     try:
         dist.monitored_barrier(group=g.group, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
     except RuntimeError as exc:
+        elapsed = time.monotonic() - t0
         text = str(exc)
         m = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", text)
+        if m is None and elapsed < timeout_s:
+            # [Note: monitored barrier] not a timeout: a peer closed its connection (it exited,
+            # crashed or gave up) before arriving. Say so, with the time actually waited.
+            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            suspects = g.health.suspects(among=None if g.is_world else g.global_ranks) if g.health is not None else {}
+            ranks = tuple(r for r in suspects if r >= 0)
+            who = ("; ".join(f"rank {r} {why}" for r, why in suspects.items()) if suspects else
+                   "a peer closed its connection (it exited, crashed or gave up)")
+            err = CollectiveError(
+                f"rank {g.global_rank(g.rank)}: {who}, {elapsed:.1f} s into the barrier (which waits up to "
+                f"{timeout_s:g} s) (torch: {first})", ranks)
+            err.peer_detail = who  # read by peer_exit_text
+            raise err from exc
         # torch names group ranks; the error names global ones
         missing = tuple(g.global_rank(int(r)) for r in re.findall(r"\d+", m.group(1)) if int(r) < g.size) if m else ()
         if not missing and g.rank != 0:
@@ -368,6 +383,7 @@ def require_all_ranks(g: GroupContext, call: str, timeout_s: float, error: type 
     called on every rank: rank(s) [...] did not call it") instead of leaving the others hanging
     in the collective that follows. See [Note: monitored barrier].
     """
+    t0 = time.monotonic()
     try:
         barrier(g, timeout_s=timeout_s)
     except CollectiveTimeoutError as exc:
@@ -375,3 +391,13 @@ def require_all_ranks(g: GroupContext, call: str, timeout_s: float, error: type 
         raise error(f"{call} must be called on every rank: rank(s) {missing} did not call it within "
                     f"{timeout_s:g} s (rank {g.global_rank(g.rank)} is waiting). Call it on all ranks, not only "
                     "on rank 0.") from exc
+    except CollectiveError as exc:  # a peer is gone: not a timeout (see barrier)
+        raise error(f"{call}: {peer_exit_text(exc)} {time.monotonic() - t0:.1f} s after rank "
+                    f"{g.global_rank(g.rank)} called it; it must be called on every rank, and that rank's own "
+                    "output says why it stopped") from exc
+
+
+def peer_exit_text(exc: CollectiveError) -> str:
+    """``rank(s) [1] exited without completing the call (why)``, from :func:`barrier`'s error."""
+    ranks = list(exc.failed_ranks) or "?"
+    return f"rank(s) {ranks} exited without completing the call ({getattr(exc, 'peer_detail', exc)})"

@@ -48,6 +48,7 @@ def _inert(default: Any) -> Any:
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=True)
     sw_gate: ClassVar[Optional[str]] = None  # key that switches the section on (see K.Section)
+    sw_why: ClassVar[Optional[str]] = None  # said in the section's refusal (K.Section.why)
 
 
 def _section_model(name: str, section: K.Section) -> type[_Model]:
@@ -56,6 +57,7 @@ def _section_model(name: str, section: K.Section) -> type[_Model]:
     model = create_model("".join(p.title() for p in name.split("_")),
                          __base__=_Model, **fields)
     model.sw_gate = section.gate
+    model.sw_why = section.why
     return model
 
 

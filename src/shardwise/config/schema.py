@@ -450,7 +450,7 @@ def _unimplemented(model: type[_Model], raw: dict, path: str, skip: set[str],
         elif _same(value, gate.default):
             return  # switched off: the other keys have no effect
         elif refused_gate:
-            out.append(_refuse(_join(path, model.sw_gate), value, gate.default))
+            out.append(_refuse(_join(path, model.sw_gate), value, gate.default, model.sw_why))
             return
     for key, value in raw.items():
         field, sub_path = fields.get(key), _join(path, key)
@@ -460,7 +460,7 @@ def _unimplemented(model: type[_Model], raw: dict, path: str, skip: set[str],
         extra = field.json_schema_extra or {}
         accept = extra.get("sw_accept", [field.default])
         if kind == "presence" and value is not None:
-            out.append(_refuse(sub_path, value, None))
+            out.append(_refuse(sub_path, value, None, getattr(sub, "sw_why", None)))
         elif kind == "default" and not any(_same(value, a) for a in accept):
             out.append(_refuse(sub_path, value, field.default, extra.get("sw_why")))
         elif sub is not None and isinstance(value, dict) and kind != "presence":

@@ -46,7 +46,8 @@ class Section(NamedTuple):
     ``gate``: the key that switches the section on; while it holds its default the other
     keys have no effect and are accepted as they are. ``presence``: the section switches a
     feature on just by being there (DeepSpeed's ``sparse_attention``); its default is
-    ``null``. Every section is closed: a key it does not list is an unknown key (with a
+    ``null``. ``why``: said in the refusal when the section is on (why not, and what to use
+    instead). Every section is closed: a key it does not list is an unknown key (with a
     "did you mean"), so a typo cannot leave a feature silently off.
 
     [Note: opaque payloads]
@@ -59,6 +60,7 @@ class Section(NamedTuple):
     fields: dict[str, tuple]
     gate: str | None = None
     presence: bool = False
+    why: str | None = None  # said in the refusal when the section is switched on: why, and what instead
 
 
 def _enabled(**fields: tuple) -> Section:
@@ -67,6 +69,18 @@ def _enabled(**fields: tuple) -> Section:
 
 
 _OPAQUE = ("dict?", None)  # a nested object shardwise passes over (its owner is refused)
+
+# refusal texts (Section.why)
+AUTOTUNING_WHY = (
+    "DeepSpeed's autotuner launches trial runs to pick the ZeRO stage and micro-batch size; in "
+    "shardwise, `shardwise plan CONFIG --model FILE:FACTORY --world-size N --fit 80GB` picks the "
+    "cheapest stage and offload that fit from the engine's own memory layout, without trial runs, "
+    "and `shardwise estimate` gives the bytes per rank of every stage (README \"Planning\")")
+COMPRESSION_WHY = (
+    "DeepSpeed's compression library rewrites the model's layers (quantization-aware training, "
+    "pruning, layer reduction) inside the engine; shardwise trains the model as given: prepare it "
+    "before shardwise.initialize, e.g. torch.ao.quantization (prepare_qat) for quantization-aware "
+    "training or torch.nn.utils.prune for pruning")
 
 # --- inside "zero_optimization" (implemented keys live in schema.ZeroSection: the offload
 # sections and sub_group_size too, see schema.py [Note: offload keys]) --------------------
@@ -170,7 +184,7 @@ TOP_LEVEL: dict[str, tuple] = {
         max_train_batch_size=("int?", None), min_train_batch_size=("int", 1),
         max_train_micro_batch_size_per_gpu=("int", 1024),
         min_train_micro_batch_size_per_gpu=("int", 1),
-        num_tuning_micro_batch_sizes=("int", 3)), None),
+        num_tuning_micro_batch_sizes=("int", 3))._replace(why=AUTOTUNING_WHY), None),
     # precision features other than fp16/bf16
     "amp": (_enabled(  # the other keys are apex amp.initialize()'s options
         opt_level=("str?", None), cast_model_type=("any", None),
@@ -243,7 +257,7 @@ TOP_LEVEL: dict[str, tuple] = {
     "compression_training": (Section({
         k: _OPAQUE for k in ("weight_quantization", "activation_quantization", "sparse_pruning",
                              "row_pruning", "head_pruning", "channel_pruning", "layer_reduction")},
-        presence=True), None),
+        presence=True, why=COMPRESSION_WHY), None),
     "quantize_training": (_enabled(
         quantize_verbose=("bool", False), quantizer_kernel=("bool", False),
         quantize_type=("str?", None), quantize_bits=_OPAQUE, quantize_schedule=_OPAQUE,

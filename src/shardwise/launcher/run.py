@@ -7,15 +7,21 @@ everything after it belongs to the script, even when it looks like a torchrun op
 ``--nproc-per-node 5``). To find where the script starts we only need to know which torchrun
 options take a value; that is read from torchrun's own argument parser, so the launcher follows
 whatever torch version is installed. The only option added is ``--standalone``, when nothing
-says the run spans several nodes or names a rendezvous. Processes are managed by torchrun:
+says the run spans several nodes or names a rendezvous. Two things change what torchrun runs:
+the script runs inside ``worker.py`` ([Note: launcher failure report]; not with
+``--no-python``/``--run-path``), and gets ``--local_rank=N`` first, as under DeepSpeed's
+launcher ([Note: --local_rank]); DeepSpeed launcher options are handled as in
+[Note: DeepSpeed launcher options]. Processes are managed by torchrun:
 shardwise starts it and returns its exit code, with two additions (see [Note: launcher on
 failure]).
 
 [Note: launcher on failure]
 1. torchrun's stderr (which the workers share) is passed through unchanged while its tail is
    kept; when torchrun fails, the launcher ends with one line naming the rank that failed first
-   and why (signal or exit code, and that rank's last exception line), read from torchrun's
-   "Root Cause" report and the ranks' ``[rankN]:`` traceback lines.
+   and why (signal or exit code, and that rank's exception), read from torchrun's "Root Cause"
+   report and the exception line ``worker.py`` prints for a failed rank (falling back to the
+   report's traceback and the ranks' ``[rankN]:`` lines; see [Note: launcher failure report]).
+   A script that rejects ``--local_rank`` gets a hint naming ``--no-local-rank``.
 2. torchrun stops a failed group with SIGTERM and waits 30 s before SIGKILL. A worker that is
    *stopped* (SIGSTOP, state T) cannot act on SIGTERM, so the job would outlive its timeout by
    those 30 s. Once a worker of the group has exited, the launcher sends SIGCONT to the workers
@@ -34,6 +40,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from shardwise.errors import ShardwiseError
+from shardwise.launcher import deepspeed_flags as ds
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 TORCHRUN = ("-m", "torch.distributed.run")
 
@@ -58,19 +67,25 @@ _FALLBACK_FLAGS = {
 }
 
 USAGE = """\
-usage: shardwise run [--dry-run] [torchrun options] script.py [script args]
+usage: shardwise run [--dry-run] [--no-local-rank] [torchrun options] script.py [script args]
 
-Runs `python -m torch.distributed.run [torchrun options] script.py [script args]`.
+Runs `python -m torch.distributed.run [torchrun options] script.py --local_rank=N [script args]`.
 Common torchrun options: --nproc-per-node N, --nnodes N, --node-rank R,
 --master-addr HOST, --master-port PORT, --rdzv-backend, --rdzv-endpoint, --rdzv-id,
 --max-restarts, --monitor-interval, --redirects, --tee, --log-dir
 (all of them: python -m torch.distributed.run --help).
+DeepSpeed launcher options: --num_gpus N (= --nproc-per-node N), --num_nodes 1,
+--master_port, --master_addr; multi-node ones (--hostfile, --include, --num_nodes N>1)
+are refused with the torchrun equivalent.
 
-  --dry-run   print the command instead of running it
+  --dry-run         print the command instead of running it
+  --no-local-rank   do not pass --local_rank=N to the script (as DeepSpeed's --no_local_rank);
+                    LOCAL_RANK is in the environment either way
 
 Without --nnodes > 1 or a rendezvous/master option, --standalone is added (single node, free
 port). On a machine without CUDA, OMP_NUM_THREADS=1 is set unless already set.
-Arguments after the script belong to the script.
+Arguments after the script belong to the script. A rank's uncaught exception is named in the
+last line when the run fails.
 """
 
 
@@ -88,6 +103,7 @@ class RunArgs:
     dry_run: bool = False
     help: bool = False  # -h/--help before the script: show USAGE
     options: tuple[tuple[str, str | bool], ...] = ()  # (torchrun dest, value) as given; last wins
+    local_rank: bool = True  # pass --local_rank=N to the script ([Note: --local_rank])
 
     def option(self, dest: str) -> str | bool | None:
         return dict(self.options).get(dest)
@@ -136,12 +152,25 @@ def _lookup(name: str) -> tuple[str, bool]:
     )
 
 
+def _lookup_quiet(arg: str) -> str | None:
+    """The torchrun dest of a flag token such as ``-m`` (None for values and unknown names)."""
+    if not arg.startswith("-"):
+        return None
+    try:
+        return _lookup(arg.partition("=")[0])[0]
+    except LaunchError:
+        return None
+
+
 def split_run_args(argv: Sequence[str]) -> RunArgs:
-    """Split ``shardwise run`` arguments at the script (see [Note: launcher passthrough])."""
+    """Split ``shardwise run`` arguments at the script (see [Note: launcher passthrough]);
+    DeepSpeed launcher options are translated or refused ([Note: DeepSpeed launcher options])."""
     argv = list(argv)
     passthrough: list[str] = []
     options: list[tuple[str, str | bool]] = []
-    dry_run = False
+    deepspeed_given: dict[str, str] = {}  # torchrun dest -> the DeepSpeed option that set it
+    dry_run, local_rank = False, True
+    table, _ = _torchrun_options()
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -154,6 +183,10 @@ def split_run_args(argv: Sequence[str]) -> RunArgs:
             dry_run = True
             i += 1
             continue
+        if arg in ds.NO_LOCAL_RANK:
+            local_rank = False
+            i += 1
+            continue
         if arg in HELP:
             return RunArgs(tuple(passthrough), "", (), dry_run, help=True)
         if arg.startswith("--"):
@@ -162,6 +195,19 @@ def split_run_args(argv: Sequence[str]) -> RunArgs:
             name, has_eq, attached = arg[:2], True, arg[2:]
         else:
             name, has_eq, attached = arg, False, ""
+        flag = ds.lookup(name) if name not in table else None
+        if flag is not None:
+            if flag.takes_value and not has_eq:
+                if i + 1 >= len(argv):
+                    raise LaunchError(f"DeepSpeed launcher option {name!r} needs a value")
+                value, i = argv[i + 1], i + 2
+            else:
+                value, i = (attached if has_eq else None), i + 1
+            for dest, val in ds.translate(flag, name, value):
+                passthrough += [f"--{dest.replace('_', '-')}", val]
+                options.append((dest, val))
+                deepspeed_given[dest] = f"{name} {value}"
+            continue
         dest, takes_value = _lookup(name)
         passthrough.append(arg)
         i += 1
@@ -182,12 +228,18 @@ def split_run_args(argv: Sequence[str]) -> RunArgs:
         raise LaunchError(
             "no training script given; usage: shardwise run [torchrun options] script.py [args]"
         )
+    for dest, given in deepspeed_given.items():
+        values = {str(v) for d, v in options if d == dest}
+        if len(values) > 1:
+            raise LaunchError(f"{given} conflicts with torchrun's --{dest.replace('_', '-')} "
+                              f"(values {sorted(values)}): give one of them")
     return RunArgs(
         torchrun_args=tuple(passthrough),
         script=argv[i],
         script_args=tuple(argv[i + 1 :]),
         dry_run=dry_run,
         options=tuple(options),
+        local_rank=local_rank,
     )
 
 
@@ -250,10 +302,21 @@ def torchrun_command(
     """:func:`build_torchrun_command` for arguments already split by :func:`split_run_args`."""
     if run.help:
         raise LaunchError("-h/--help asks for usage, not a command: see `shardwise run --help`")
-    cmd = [python or sys.executable, *TORCHRUN, *run.torchrun_args]
+    torchrun_args, program = list(run.torchrun_args), [run.script]
+    if not (run.option("no_python") or run.option("run_path")):
+        # [Note: launcher failure report] the script runs inside worker.py; with torchrun's
+        # -m/--module, worker.py is the program and runs the module itself
+        if run.option("module"):
+            torchrun_args = [a for a in torchrun_args if _lookup_quiet(a) != "module"]
+            program = [WORKER, "--module", run.script]
+        else:
+            program = [WORKER, run.script]
+    if run.local_rank:
+        program.append(ds.LOCAL_RANK_ARG)
+    cmd = [python or sys.executable, *TORCHRUN, *torchrun_args]
     if needs_standalone(run, env):
         cmd.append("--standalone")
-    cmd += [run.script, *run.script_args]
+    cmd += [*program, *run.script_args]
 
     child_env = dict(env)
     if "OMP_NUM_THREADS" not in child_env:
@@ -277,13 +340,49 @@ def format_command(cmd: Sequence[str], env: Mapping[str, str], base: Mapping[str
 
 _ROOT_CAUSE = re.compile(
     r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"
-    r"(?: \(pid: (\d+)\))?(?:\s*\((\w+)\))?", re.S)
-_RANK_LINE = re.compile(r"^\[(?:shardwise )?rank ?(\d+)\]:? (.*)$", re.M)
+    r"(?: \(pid: (\d+)\))?(?:\s*\((\w+)\))?(.*?)(?:^={20,}|\Z)", re.S | re.M)
+_PREFIX = r"^(?:\[[\w-]*\]:)?"  # torchrun's --tee/--local-ranks-filter line prefix, e.g. "[default1]:"
+_MARK_LINE = re.compile(_PREFIX + r"\[shardwise rank (\d+)\] failed: (.*)$", re.M)  # worker.py's line
+_RANK_LINE = re.compile(_PREFIX + r"\[(?:shardwise )?rank ?(\d+)\]:? ?(.*)$", re.M)
 _EXCEPTION = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b.*)$")
+_EXC_HEAD = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?::|$)")  # "pkg.Type: ..." or "Type"
+
+
+def _last_exception(lines: Sequence[str]) -> str | None:
+    """The exception line of the last traceback in ``lines`` (any exception type), else the last
+    line that looks like one (``...Error: ...``)."""
+    found, in_tb, fallback = None, False, None
+    for line in lines:
+        if line.strip() == "Traceback (most recent call last):":
+            in_tb = True
+            continue
+        if in_tb and line and not line[0].isspace() and _EXC_HEAD.match(line):
+            found, in_tb = line.strip(), False
+        elif not in_tb and _EXCEPTION.match(line.strip()):
+            fallback = line.strip()
+    return found or fallback
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _local_rank_hint(stderr_tail: str) -> str:
+    """[Note: --local_rank]: a script that rejects the --local_rank=N the launcher passed."""
+    for line in stderr_tail.splitlines():
+        if "--local_rank=" in line and ("unrecognized arguments" in line or "Error" in line):
+            return (" (the script does not accept the --local_rank=N that shardwise run passes, as DeepSpeed's "
+                    "launcher does: add `parser.add_argument('--local_rank', type=int, default=-1)` to it, or "
+                    "run `shardwise run --no-local-rank ...`)")
+    return ""
 
 
 def failure_summary(stderr_tail: str) -> str | None:
-    """One line naming the rank that failed first and why, from torchrun's report, or None."""
+    """One line naming the rank that failed first and why, from torchrun's report, or None.
+
+    The exception is, in order: the rank's ``[shardwise rank R] failed:`` line (worker.py),
+    the traceback in torchrun's root-cause report (from the rank's error file), the rank's
+    ``[rankR]:`` traceback lines (see [Note: launcher failure report])."""
     m = None
     for m in _ROOT_CAUSE.finditer(stderr_tail):
         pass
@@ -296,13 +395,20 @@ def failure_summary(stderr_tail: str) -> str | None:
     else:
         why = f"exit code {code}"
     last = None
-    for rm in _RANK_LINE.finditer(stderr_tail):
-        if int(rm.group(1)) == rank:
-            em = _EXCEPTION.match(rm.group(2).strip())
-            if em:
-                last = em.group(1)
+    for mm in _MARK_LINE.finditer(stderr_tail):
+        if int(mm.group(1)) == rank:
+            last = mm.group(2).strip()
+    if last is None:
+        block = m.group(5) or ""
+        if "traceback :" in block:
+            tb = block.split("traceback :", 1)[1].splitlines()
+            last = _last_exception([tb[0].strip(), *(ln[2:] if ln.startswith("  ") else ln for ln in tb[1:])])
+    if last is None:
+        last = _last_exception([rm.group(2) for rm in _RANK_LINE.finditer(stderr_tail) if int(rm.group(1)) == rank])
     if last:
-        why += f": {last if len(last) <= 300 else last[:297] + '...'}"
+        why += f": {_short(last)}"
+    if code == 2 or last:
+        why += _local_rank_hint(stderr_tail)
     where = f", pid {pid}" if pid else ""
     return f"shardwise run: rank {rank} failed first{where}: {why}"
 

@@ -17,6 +17,17 @@ DeepSpeed hands the params to torch unchanged and torch's default applies). Fuse
 AdamW step (``p -= lr * (adam_update + weight_decay * p)``) is ``torch.optim.AdamW``'s.
 ``bias_correction: false`` has no torch equivalent and is refused; ``set_grad_none`` only
 changes how ``zero_grad`` clears memory and is accepted and ignored.
+
+[Note: DeepSpeed Lamb and 1-bit optimizers]
+``Lamb`` (DeepSpeed's FusedLamb; ``FusedLamb`` too) is :class:`shardwise.optim.lamb.Lamb`,
+with FusedLamb's parameters. Its trust ratio is per model tensor, but the engine's optimizer
+steps flat buckets (stage 0 too), so it is exact only once the strategy binds each bucket's
+layout to it (``bind_flat_chunks``, [Note: LAMB over flat buffers]); until then
+(``LAMB_IN_ENGINE`` False) the config's ``Lamb`` is refused rather than run as a per-bucket
+LAMB. ``OneBitAdam``, ``ZeroOneAdam`` and ``OneBitLamb`` compress the gradient all-reduce
+(1-bit signs with error feedback, after uncompressed warm-up steps): that needs a compressed
+collective inside the gradient reduction, which shardwise does not have; they are refused
+with the uncompressed optimizer that has their convergence behaviour.
 """
 from __future__ import annotations
 
@@ -115,9 +126,26 @@ def _tuples_for_tuple_defaults(cls: type, kwargs: dict[str, Any], skip: tuple[st
 # deepspeed.ops classes people put in configs), lowercased -> display name.
 _NOT_IMPLEMENTED = {
     n.lower(): n
-    for n in ("Lamb", "OneBitAdam", "ZeroOneAdam", "OneBitLamb", "MuAdam", "MuAdamW", "MuSGD",
-              "Lion", "Muon", "CPUAdam", "DeepSpeedCPUAdam", "FusedAdam", "FusedLamb",
+    for n in ("MuAdam", "MuAdamW", "MuSGD",
+              "Lion", "Muon", "CPUAdam", "DeepSpeedCPUAdam", "FusedAdam",
               "FusedLion", "DeepSpeedCPUAdagrad", "DeepSpeedCPULion", "ZenFlowCPUAdam")
+}
+
+# [Note: DeepSpeed Lamb and 1-bit optimizers]
+_LAMB_NAMES = ("lamb", "fusedlamb")
+# True once strategy.py binds the buckets' layouts to the optimizer (bind_flat_chunks)
+LAMB_IN_ENGINE = True
+_LAMB_REFUSAL = (
+    "DeepSpeed's Lamb scales each parameter's update by its own trust ratio ||w|| / ||update||, but "
+    "shardwise's optimizer steps flat buckets that hold many parameters (at every ZeRO stage, 0 included) "
+    "and the engine does not yet tell the optimizer where each parameter lies in them, so it would compute "
+    "one ratio per bucket: not LAMB")
+_LAMB_HINT = ("use 'AdamW' (or 'Adam'); shardwise.optim.Lamb is exact on a plain model's parameters "
+              "outside the engine")
+_ONE_BIT = {
+    "onebitadam": ("OneBitAdam", "Adam"),
+    "zerooneadam": ("ZeroOneAdam", "Adam"),
+    "onebitlamb": ("OneBitLamb", "Lamb"),
 }
 
 # torch.optim classes that cannot run under a sharded engine step.
@@ -125,6 +153,9 @@ _REFUSED_TORCH = {
     "LBFGS": "needs a closure that re-evaluates the loss inside step(), which the engine's "
              "step does not provide",
     "SparseAdam": "needs sparse gradients, which ZeRO's flat gradient buffers never hold",
+    "Adafactor": "factors the second moment of each matrix by its rows and columns, but the engine steps "
+                 "flat 1-D buckets, where torch's Adafactor falls back to an unfactored second moment: "
+                 "a different optimizer, silently",
 }
 
 # DeepSpeed's Adam extras (FusedAdam / DeepSpeedCPUAdam constructor) on top of torch's.
@@ -142,7 +173,7 @@ def _torch_optimizers() -> dict[str, type]:
 
 def _known_names() -> list[str]:
     names = set(_torch_optimizers()) - set(_REFUSED_TORCH) - {"Muon"}
-    return sorted(names | {"Adam", "AdamW", "SGD", "Adagrad"})
+    return sorted(names | {"Adam", "AdamW", "SGD", "Adagrad", "Lamb"})
 
 
 def _resolve(type_: str) -> tuple[str, Any]:
@@ -151,6 +182,12 @@ def _resolve(type_: str) -> tuple[str, Any]:
     lower = type_.lower()
     if lower in ("adam", "adamw"):
         return "adam", lower == "adamw"
+    if lower in _LAMB_NAMES:
+        from shardwise.optim.lamb import Lamb
+
+        return "lamb", Lamb
+    if lower in _ONE_BIT:
+        return "onebit", _ONE_BIT[lower]
     if lower == "sgd":
         return "torch", torch.optim.SGD
     if lower == "adagrad":
@@ -215,7 +252,36 @@ def _optimizer_problems(type_: Any, params: Any) -> list[ConfigProblem]:
                          "use 'AdamW' or another torch.optim optimizer")]
     if kind == "adam":
         return _adam_problems(owner, params)
+    if kind == "lamb":
+        return _lamb_problems(owner, what, params)
+    if kind == "onebit":
+        name, instead = what
+        instead = instead if instead != "Lamb" or LAMB_IN_ENGINE else "AdamW"
+        # (no parameter names in the text: resolve.py would take one for the problem's JSON path)
+        return [_problem("optimizer.type", f"DeepSpeed's {name} is not supported: it compresses the gradient "
+                         "all-reduce to 1 bit per element with error feedback (after uncompressed warm-up "
+                         "steps), which needs a compressed collective inside the gradient reduction; "
+                         "shardwise reduces gradients with plain all-reduce / reduce-scatter",
+                         f'use "type": "{instead}" with the same hyper-parameters, minus the 1-bit-only ones '
+                         f"(warm-up, compression and communication-backend settings): the uncompressed optimizer "
+                         f"that {name} approximates, so the same convergence without the bandwidth saving")]
     return _check_torch_kwargs(owner, "optimizer.params", what, params, _PARAMS_ARG)
+
+
+def _lamb_problems(owner: str, cls: type, params: Mapping[str, Any]) -> list[ConfigProblem]:
+    path = "optimizer.params"
+    problems = []
+    if params.get("max_grad_norm", 0) not in (0, 0.0):
+        problems.append(_problem(f"{path}.max_grad_norm", f"{owner}: 'max_grad_norm' is not applied by the "
+                                 "optimizer", "set the top-level 'gradient_clipping' instead"))
+    if params.get("amsgrad", False) is not False:
+        problems.append(_problem(f"{path}.amsgrad", f"{owner}: amsgrad is not part of LAMB (nor of DeepSpeed's "
+                                 "FusedLamb)", "remove it"))
+    rest = {k: v for k, v in params.items() if k not in ("max_grad_norm", "amsgrad")}
+    problems += _check_torch_kwargs(owner, path, cls, rest, _PARAMS_ARG)
+    if not problems and not LAMB_IN_ENGINE:
+        problems.append(_problem("optimizer.type", f"{owner} is not supported yet: {_LAMB_REFUSAL}", _LAMB_HINT))
+    return problems
 
 
 def check_optimizer_spec(type: str, params: dict) -> list[str]:  # noqa: A002 (config name)
@@ -325,6 +391,8 @@ def build_optimizer(plan: OptimizerPlan, params: Any) -> torch.optim.Optimizer:
     kind, what = _resolve(plan.type)
     if kind == "adam":
         cls, kwargs = _adam_class_and_kwargs(what, raw)
+    elif kind == "lamb":
+        cls, kwargs = what, {k: v for k, v in raw.items() if k not in ("max_grad_norm", "amsgrad")}
     else:
         cls, kwargs = what, dict(raw)
     kwargs = _tuples_for_tuple_defaults(cls, kwargs, _PARAMS_ARG)

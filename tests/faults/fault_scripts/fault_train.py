@@ -23,8 +23,9 @@ import shardwise  # noqa: E402
 
 
 def main() -> int:
-    out, cfg_text, fault, fault_rank, fault_step = sys.argv[1:6]
-    steps = int(sys.argv[6]) if len(sys.argv) > 6 else 4
+    argv = [a for a in sys.argv if not a.startswith("--local_rank=")]  # passed by `shardwise run`
+    out, cfg_text, fault, fault_rank, fault_step = argv[1:6]
+    steps = int(argv[6]) if len(argv) > 6 else 4
     fault_rank, fault_step = int(fault_rank), int(fault_step)
     rank = int(os.environ.get("RANK", "0"))
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
