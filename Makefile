@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/shardwise run --nproc-per-node $(NPROC) examples/gpt/train.py --config examples/gpt/ds_zero2.json
+	$(VENV)/bin/shardwise report runs/gpt_zero2
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0 and metrics_file:
         metrics_file.close()
         print(f"metrics saved to {Path(args.metrics_csv).resolve()}", flush=True)
+    # every rank: the monitors (tensorboard / csv_monitor in ds_zero2.json) write the last
+    # partial interval and close their files
+    engine.destroy()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return 0

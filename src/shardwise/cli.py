@@ -102,6 +102,8 @@ COMMANDS: dict[str, Command] = {
     "estimate": Command("per-rank memory of ZeRO stages 0-3 (device, host, disk per offload choice)", _estimate),
     "plan": Command("dry-run a config + model at N ranks: bytes per rank, units, comm, fits; --fit: "
                     "cheapest stage + offload", _plan),
+    "report": Command("a PNG of a monitored run's curves and a Markdown summary (RUN_DIR: its log dir)",
+                      lambda argv: __import__("shardwise.monitor.report", fromlist=["main"]).main(argv)),
     "zero_to_fp32": Command("the whole fp32 model of a checkpoint as safetensors (DeepSpeed's zero_to_fp32.py)",
                             lambda argv: __import__("shardwise.utils.zero_to_fp32", fromlist=["main"]).main(argv)),
 }

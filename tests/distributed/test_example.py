@@ -35,7 +35,8 @@ def test_example_trains_on_two_ranks(stage, tmp_path):
            "run", "--nproc-per-node", "2", os.path.join(ROOT, "examples", "gpt", "train.py"),
            "--config", os.path.join(ROOT, "examples", "gpt", f"ds_zero{stage}.json"),
            "--preset", "tiny", "--steps", "6", "--log-every", "2", "--metrics-csv", str(metrics)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    # a scratch working directory: ds_zero2.json's monitors write under ./runs (make demo's too)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     _check_memory_table(out, stage, world=2)
