@@ -173,9 +173,8 @@ def shardwise_run(kind: str, stage: int, optimizer: bool, weight_decay: float, o
                                train_dataset=TokenData(samples), eval_dataset=eval_data(),
                                shardwise_config=config(stage, optimizer))
     trainer.train()
-    stage_of = trainer.engine.zero_optimization_stage  # a property today, a method in DeepSpeed
     result: dict[str, Any] = {**history(trainer), "params": whole(model), "kinds": kinds,
-                              "stage": stage_of() if callable(stage_of) else stage_of,
+                              "stage": trainer.engine.zero_optimization_stage(),
                               "eval_loss": trainer.evaluate()["eval_loss"], "engine_logits": logits_of(model)}
     saved = os.path.join(out, "saved")
     trainer.save_model(saved)
