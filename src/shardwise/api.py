@@ -113,23 +113,37 @@ def _check_trainable(groups: ParamGroups, model: nn.Module) -> None:
 
 
 def compose(model: nn.Module, groups: ParamGroups, plan, ctx, make_optimizer):
-    """Apply the features to the plain model, in this fixed order; returns the strategy.
+    """Apply the features to the plain model, in this fixed order; returns ``(strategy, pipe)``.
 
     [Note: composition order]
     Each step is a function of the model, its policy (a frozen part of the plan) and the
     context; a later step sees the model the earlier ones left:
 
-    1. ``apply_activation_checkpointing`` (``shardwise/checkpointing.py``): wraps the chosen
+    0. the pipeline split happened before: a ``PipelineModule`` builds only this rank's stage
+       (``shardwise/pipe``), so what follows sees one stage's layers.
+    1. ``apply_tensor_parallel`` (``shardwise/tensor_parallel``): DTensor ``parallelize_module``
+       over ``ctx.mesh["tp"]``; sharded parameters become DTensor parameters (the param groups
+       are remapped to them), so the ZeRO strategy sees this rank's local shards.
+    2. ``apply_activation_checkpointing`` (``shardwise/checkpointing.py``): wraps the chosen
        modules' ``forward``; names, parameters and modules are unchanged, so what follows
        sees the same structure (stage 3 still finds its fetch units).
-    2. the ZeRO strategy (``create_strategy``, ``shardwise/strategy.py``): moves the model to
-       the device and dtype, broadcasts rank 0's state, lays parameters into flat buckets or
-       stage-3 shards and builds the optimizer over them. It comes last: it owns the storage.
-
-    Tensor and pipeline parallelism and compilation will slot in before step 2.
+    3. the ZeRO strategy (``create_strategy``, ``shardwise/strategy.py``) over ``ctx.dp``: moves
+       the model to the device and dtype, broadcasts the starting state over dp, lays
+       parameters into flat buckets or stage-3 shards and builds the optimizer over them. It
+       owns the storage, so it comes after every step that changes parameters.
+    4. ``build_pipeline`` (``shardwise/pipe``): the torch ``PipelineStage`` and schedule over the
+       stage the strategy now holds (None unless the model is a ``PipelineModule``).
     """
+    from shardwise.pipe import build_pipeline
+    from shardwise.tensor_parallel import apply_tensor_parallel
+
+    before = dict(model.named_parameters(remove_duplicate=False))
+    apply_tensor_parallel(model, plan.parallel.tensor, ctx)
+    after = dict(model.named_parameters(remove_duplicate=False))
+    groups = groups.remapped({id(p): after[n] for n, p in before.items() if n in after and after[n] is not p})
     apply_activation_checkpointing(model, plan.activation_checkpointing, ctx)
-    return create_strategy(model, groups, plan, ctx, make_optimizer)
+    strategy = create_strategy(model, groups, plan, ctx, make_optimizer)
+    return strategy, build_pipeline(model, strategy, plan, ctx)
 
 
 def _default_logging(rank: int) -> None:
@@ -182,10 +196,12 @@ def initialize(
     # the config is checked before any communication (a ConfigError never leaves other ranks
     # waiting in a collective); its comms_timeout then bounds every wait from the join on
     _default_logging(int(os.environ.get("RANK", "0") or 0))
-    # the batch triangle is for the data-parallel size (the world size on the default mesh)
-    plan = _config.load_config(config, world_size=mesh_dp_size(mesh))
+    # the batch triangle is for the data-parallel size: the ranks one replica spans (the world
+    # size on the default mesh) over pipeline stages x tensor parallel
+    plan = _config.load_config(config, world_size=mesh_dp_size(mesh), pipeline_stages=_pipeline_stages(model))
     timeout_s = resolve_timeout(plan.comms_timeout_s)
-    ctx = init_context(timeout_s=timeout_s, allow_reduce_scatter=plan.zero.reduce_scatter, mesh=mesh)
+    ctx = init_context(timeout_s=timeout_s, allow_reduce_scatter=plan.zero.reduce_scatter, mesh=mesh,
+                       pp=plan.parallel.pp, tp=plan.parallel.tp)
     check_same_everywhere(plan, model, ctx, timeout_s)
     if ctx.dp_replicas > 1 and (plan.checkpoint.auto_resume or plan.checkpoint.save_interval):
         from shardwise.checkpoint import require_one_replica
@@ -201,9 +217,14 @@ def initialize(
         raise ConfigError(
             "no optimizer: add an `optimizer` section to the config or pass optimizer= to initialize()"
         )
-    strategy = compose(model, groups, plan, ctx, make_optimizer)
+    strategy, pipe = compose(model, groups, plan, ctx, make_optimizer)
     scheduler = _build_scheduler(plan, lr_scheduler, strategy.optimizer)
-    engine = Engine(model, strategy, plan, ctx, scheduler, make_observers(plan, model, ctx))
+    if pipe is None:
+        engine = Engine(model, strategy, plan, ctx, scheduler, make_observers(plan, model, ctx))
+    else:
+        from shardwise.pipe.engine import PipelineEngine
+
+        engine = PipelineEngine(model, strategy, plan, ctx, scheduler, make_observers(plan, model, ctx), pipe)
     _OWNED[model] = f"ZeRO stage {plan.zero.stage}, engine {id(engine):#x}"
     loader = None
     if training_data is not None:
@@ -218,6 +239,14 @@ def initialize(
     return engine, strategy.optimizer, loader, scheduler
 
 
+def _pipeline_stages(model: nn.Module) -> int | None:
+    """A ``PipelineModule``'s ``num_stages`` (the config's ``pipeline.stages`` must agree), else None."""
+    import shardwise.pipe as pipe
+
+    cls = getattr(pipe, "PipelineModule", None)
+    return int(model.num_stages) if cls is not None and isinstance(model, cls) else None
+
+
 def _check_mpu(mpu: Any) -> None:
     if mpu is None:
         return
@@ -225,9 +254,10 @@ def _check_mpu(mpu: Any) -> None:
     if size is None:
         raise UsageError("initialize(mpu=...) needs an object with get_model_parallel_world_size() (Megatron's mpu)")
     if size() != 1:
-        raise UsageError(f"initialize(mpu=...) has model-parallel size {size()}: shardwise does not implement tensor "
-                         "parallelism through mpu yet. Pass mesh= (a DeviceMesh with a 'dp' dimension) to train "
-                         "independent data-parallel groups, or use model-parallel size 1.")
+        raise UsageError(f"initialize(mpu=...) has model-parallel size {size()}: shardwise does not take Megatron's "
+                         "tensor-parallel layers through mpu. Give the plain model and the config's "
+                         '"tensor_parallel": {"autotp_size": N} (DTensor tensor parallelism; see the README\'s '
+                         "Parallelism section), or a mesh= with 'dp' and 'tp' dimensions.")
 
 
 def _auto_resume(engine: Engine, directory: str) -> None:

@@ -44,20 +44,33 @@ def fingerprint(plan: Plan, model: nn.Module, timeout_s: float | None) -> dict[s
     return out
 
 
+MODEL_KEY = "model.parameters"
+
+
 def check_same_everywhere(plan: Plan, model: nn.Module, ctx: ParallelContext, timeout_s: float | None) -> None:
-    """Raise :class:`MismatchError` on every rank if any rank's fingerprint differs (over the
-    whole world: every rank of every mesh dimension runs the same config and model)."""
+    """Raise :class:`MismatchError` on every rank if any rank's fingerprint differs: the config
+    over the whole world, the model among the ranks of one pipeline stage (each stage builds
+    only its own layers; across tp the model is still whole here, before it is sharded)."""
     if not ctx.is_distributed:
         return
-    prints = all_gather_object(fingerprint(plan, model, timeout_s), ctx.world)
+    mine = fingerprint(plan, model, timeout_s)
+    mine["_where"] = ctx.where()
+    mine["_stage"] = str(ctx.pp.rank)
+    prints = all_gather_object(mine, ctx.world)
+    where = [p.pop("_where") for p in prints]
+    stage = [p.pop("_stage") for p in prints]
     keys = sorted(set().union(*prints))
     lines = []
     for key in keys:
         values = [p.get(key, "<absent>") for p in prints]
+        if key == MODEL_KEY and len(set(stage)) > 1:  # pipeline: compare within each stage
+            values = [f"stage {s}: {v}" for s, v in zip(stage, values)]
+            if all(len({v for v, s2 in zip(values, stage) if s2 == s}) == 1 for s in set(stage)):
+                continue
         if len(set(values)) > 1:
-            by_value: dict[str, list[int]] = {}
-            for r, v in enumerate(values):
-                by_value.setdefault(v, []).append(r)
+            by_value: dict[str, list] = {}
+            for r, v in enumerate(values):  # a rank is named with its mesh coordinates, if any
+                by_value.setdefault(v, []).append(where[r].removeprefix("rank ") if ctx.model_parallel else r)
             shown = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {rs if len(rs) > 1 else rs[0]}: "
                               f"{v if len(v) <= _SHOW else v[:_SHOW] + '...'}" for v, rs in by_value.items())
             lines.append(f"  {key}: {shown}")

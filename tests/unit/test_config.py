@@ -190,7 +190,6 @@ NOT_IMPL = [
     ({"communication_data_type": "fp32"}, "communication_data_type", None),
     ({"sparse_attention": {"mode": "fixed"}}, "sparse_attention", None),
     ({"compression_training": {"weight_quantization": {}}}, "compression_training", None),
-    ({"pipeline": {"stages": 2}}, "pipeline.stages", '"auto"'),
     ({"activation_checkpointing": {"partition_activations": True}},
      "activation_checkpointing.partition_activations", "false"),
     ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": True}}},
@@ -205,7 +204,7 @@ NOT_IMPL = [
     ({"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}},
      "fp16.fp16_master_weights_and_grads", "false"),
     ({"data_efficiency": {"enabled": True}}, "data_efficiency.enabled", "false"),
-    ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size", "0"),
+    ({"tensor_parallel": {"autotp_size": 2, "tp_overlap_comm": True}}, "tensor_parallel.tp_overlap_comm", "false"),
 ]
 
 

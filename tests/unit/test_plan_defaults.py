@@ -49,6 +49,10 @@ FROM_SCHEMA = {
     "offload.sub_group_size": "zero_optimization.sub_group_size",
     "offload.host_memory_budget": "offload.host_memory_budget",
     "observe.peak_tflops": "peak_tflops",
+    **{f"parallel.pipeline.{k}": f"pipeline.{k}" for k in ("seed_layers", "activation_checkpoint_interval",
+                                                            "schedule", "stages_per_rank")},
+    "parallel.tensor.preset": "tensor_parallel.preset_model",
+    "parallel.tensor.tp_plan": "tensor_parallel.tp_plan",
 }
 # resolved rules, not copies of one key's default
 RESOLVED = {
@@ -62,8 +66,12 @@ RESOLVED = {
     # every observer is switched off by default (its section's `enabled` is false)
     **{f"observe.{k}": None for k in ("tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler",
                                        "comms_logger")},
+    "parallel.pipeline.stages": None,  # "auto": the PipelineModule's num_stages
+    "parallel.pipeline.partition": "parameters",  # DeepSpeed's "best"
+    "parallel.pp": 1, "parallel.tp": 1,  # no pipeline section, autotp_size 0
+    "parallel.tensor.size": 1,
 }
-NOT_DEFAULTS = {"world_size", "batch.train_batch_size", "batch.micro_batch_size",
+NOT_DEFAULTS = {"world_size", "parallel.dp", "batch.train_batch_size", "batch.micro_batch_size",
                 "batch.gradient_accumulation_steps"}
 LOSS_SCALE = {"static_scale": "fp16.loss_scale", "initial_scale_power": "fp16.initial_scale_power",
               "loss_scale_window": "fp16.loss_scale_window", "hysteresis": "fp16.hysteresis",

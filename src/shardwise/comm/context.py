@@ -8,6 +8,7 @@ See [Note: parallel context] for the mesh and its named dimensions.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -79,8 +80,12 @@ class GroupContext:
 
 # [Note: parallel context]
 # One ParallelContext per engine holds the device, the backend, the collective policy and a
-# torch DeviceMesh whose dimensions are named: today only "dp" (data parallel); "tp" and "pp"
-# come later. Every other dimension of a user's mesh *replicates*: its coordinates index
+# torch DeviceMesh whose dimensions are named: "dp" (data parallel), and with model
+# parallelism "pp" (pipeline stages) and "tp" (tensor parallel), laid out as DeepSpeed's
+# topology: (pp, dp, tp), pipeline outermost and tensor innermost, so that global rank =
+# (pp_rank * dp + dp_rank) * tp + tp_rank and a tp group is consecutive ranks (one node's
+# GPUs). ``ctx.tp`` / ``ctx.pp`` are trivial groups of size 1 when the mesh has no such
+# dimension. Every other dimension of a user's mesh *replicates*: its coordinates index
 # independent data-parallel groups that never talk to each other during training.
 # For each mesh dimension there is a GroupContext (``ctx.dp``, ``ctx.dim("replica")``): its
 # process group, this rank's *group-local* rank and its size. Collectives (comm/collectives.py)
@@ -94,6 +99,9 @@ class GroupContext:
 # which refuse more than one replica group for now.
 # Without a process group (a plain single process): no mesh, a trivial dp of size 1.
 DP = "dp"
+TP = "tp"
+PP = "pp"
+MODEL_PARALLEL = (TP, PP)
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,35 @@ class ParallelContext:
     def dp(self) -> GroupContext:
         return self.dims[DP]
 
+    @property
+    def tp(self) -> GroupContext:
+        return self.dims.get(TP) or self._trivial(TP)
+
+    @property
+    def pp(self) -> GroupContext:
+        return self.dims.get(PP) or self._trivial(PP)
+
+    def _trivial(self, name: str) -> GroupContext:
+        return GroupContext(name, None, 0, 1, (self.rank,), self.device, self.backend, self.policy, self.health)
+
+    @property
+    def model_parallel(self) -> tuple[GroupContext, ...]:
+        """The model-parallel groups of size > 1 (tp, pp): what a gradient norm is also summed over."""
+        return tuple(g for g in (self.tp, self.pp) if g.size > 1)
+
+    def coords(self) -> str:
+        """This rank's mesh coordinates, e.g. ``"dp=1 tp=0 pp=2"`` (dimensions of size > 1; "" on
+        a plain data-parallel mesh): for error messages that name a rank."""
+        if not self.model_parallel:
+            return ""
+        return " ".join(f"{n}={g.rank}" for n, g in (("dp", self.dp), ("tp", self.tp), ("pp", self.pp))
+                        if g.size > 1 or n == "dp")
+
+    def where(self) -> str:
+        """``"rank 3 (dp=1 tp=1)"``: the global rank and its coordinates."""
+        c = self.coords()
+        return f"rank {self.rank}" + (f" ({c})" if c else "")
+
     def dim(self, name: str) -> GroupContext:
         try:
             return self.dims[name]
@@ -127,8 +164,9 @@ class ParallelContext:
 
     @property
     def dp_replicas(self) -> int:
-        """How many independent data-parallel groups the mesh holds (1 for a 1-D dp mesh)."""
-        return self.world_size // self.dp.size
+        """How many independent model replicas the mesh holds (1 for a 1-D dp mesh and for a
+        (pp, dp, tp) mesh): the world over dp x tp x pp."""
+        return self.world_size // (self.dp.size * self.tp.size * self.pp.size)
 
 
 def pick_device(local_rank: int = 0, backend: str | None = None) -> tuple[torch.device, Literal["gloo", "nccl"]]:
@@ -161,9 +199,9 @@ def single_process_context(device: torch.device | None = None) -> ParallelContex
 
 
 def mesh_dp_size(mesh: "DeviceMesh | None") -> int:
-    """The data-parallel size ``init_context(mesh=mesh)`` will see, known before any
-    communication (the batch triangle is resolved for it); a named UsageError for a mesh
-    without a ``"dp"`` dimension."""
+    """The number of ranks one model replica's plan covers (dp x tp x pp; the world size on the
+    default mesh), known before any communication (the batch triangle is resolved for it, after
+    dividing by tp and pp); a named UsageError for a mesh without a ``"dp"`` dimension."""
     if mesh is None:
         return expected_world_size()
     from torch.distributed.device_mesh import DeviceMesh
@@ -176,7 +214,7 @@ def mesh_dp_size(mesh: "DeviceMesh | None") -> int:
         raise UsageError(f"the device mesh passed to initialize(mesh=...) has no {DP!r} dimension (its "
                          f"dimensions: {list(names) or 'unnamed'}). Name the data-parallel dimension "
                          f"{DP!r}, e.g. init_device_mesh('cpu', (2, 4), mesh_dim_names=('replica', '{DP}')).")
-    return int(mesh.size(names.index(DP)))
+    return int(math.prod(mesh.size(names.index(n)) for n in (DP, TP, PP) if n in names))
 
 
 def _group_context(name: str, group, device: torch.device, backend, policy: CommPolicy,
@@ -188,14 +226,25 @@ def _group_context(name: str, group, device: torch.device, backend, policy: Comm
 
 
 def _mesh_context(mesh: "DeviceMesh | None", policy: CommPolicy, device: torch.device, backend,
-                  local_rank: int, health: RankHealth | None) -> ParallelContext:
-    from torch.distributed.device_mesh import DeviceMesh
+                  local_rank: int, health: RankHealth | None, pp: int = 1, tp: int = 1) -> ParallelContext:
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
     rank, world = dist.get_rank(), dist.get_world_size()
+    if mesh is None and pp * tp > 1:  # [Note: parallel context]: DeepSpeed's (pp, dp, tp) layout
+        if world % (pp * tp):
+            raise UsageError(f"the job has {world} ranks, which pipeline stages x tensor parallel = {pp} x {tp} "
+                             f"= {pp * tp} does not divide; use a world size that is a multiple of {pp * tp}")
+        mesh = init_device_mesh(device.type, (pp, world // (pp * tp), tp), mesh_dim_names=(PP, DP, TP))
     if mesh is None:  # the default: one "dp" dimension over the whole world, on torch's default group
         mesh = DeviceMesh.from_group(dist.group.WORLD, device.type, mesh_dim_names=(DP,))
     mesh_dp_size(mesh)  # a DeviceMesh with a "dp" dimension
     names = tuple(mesh.mesh_dim_names)
+    for dim, want in ((PP, pp), (TP, tp)):
+        have = int(mesh.size(names.index(dim))) if dim in names else 1
+        if have != want:
+            raise UsageError(f"the device mesh's {dim!r} dimension has size {have} but the config / model asks "
+                             f"for {want}; build the mesh with a {dim!r} dimension of size {want}, or pass no "
+                             "mesh and let initialize build (pp, dp, tp)")
     if mesh.mesh.numel() != world:
         raise UsageError(f"the device mesh covers {mesh.mesh.numel()} ranks but the job has {world}; "
                          "build it over every rank")
@@ -234,14 +283,14 @@ def resolve_timeout(config_s: float | None, env: "os._Environ[str] | dict[str, s
 
 
 def _context_from_group(allow_reduce_scatter: bool, health: RankHealth | None = None,
-                        mesh: "DeviceMesh | None" = None) -> ParallelContext:
+                        mesh: "DeviceMesh | None" = None, pp: int = 1, tp: int = 1) -> ParallelContext:
     rank = dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device, kind = pick_device(local_rank, backend=str(dist.get_backend()))
     if kind == "nccl":
         torch.cuda.set_device(device)
     policy = CommPolicy.for_backend(kind, reduce_scatter=allow_reduce_scatter)
-    return _mesh_context(mesh, policy, device, kind, local_rank, health)
+    return _mesh_context(mesh, policy, device, kind, local_rank, health, pp, tp)
 
 
 _QUIESCE_REGISTERED = False
@@ -262,7 +311,7 @@ def _register_quiesce() -> None:
 
 
 def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = True,
-                 mesh: "DeviceMesh | None" = None) -> ParallelContext:
+                 mesh: "DeviceMesh | None" = None, pp: int = 1, tp: int = 1) -> ParallelContext:
     """Join (or create) the default process group and describe it as a :class:`ParallelContext`.
 
     - A process group already initialised by the caller is used as it is.
@@ -270,7 +319,8 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
     - Otherwise this is a plain single process: world size 1, no process group, no mesh.
 
     ``mesh``: the caller's DeviceMesh (it needs a ``"dp"`` dimension; see [Note: parallel
-    context]); default: a 1-D mesh named ``("dp",)`` over the whole world.
+    context]); default: a 1-D mesh named ``("dp",)`` over the whole world, or ``(pp, dp, tp)``
+    when ``pp`` (pipeline stages) or ``tp`` (tensor-parallel size) is above 1.
     ``allow_reduce_scatter``: the config's ``zero_optimization.reduce_scatter`` (the
     :class:`CommPolicy` is decided here, once).
     """
@@ -278,7 +328,7 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
     if dist.is_available() and dist.is_initialized():
         _register_quiesce()
         health = _HEALTH[1] if _HEALTH is not None and _HEALTH[0] is dist.group.WORLD else None
-        return _context_from_group(allow_reduce_scatter, health, mesh=mesh)
+        return _context_from_group(allow_reduce_scatter, health, mesh=mesh, pp=pp, tp=tp)
     if mesh is not None:
         raise UsageError("initialize(mesh=...) needs the process group that built the mesh; none is "
                          "initialised in this process")
@@ -293,6 +343,9 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device, backend = pick_device(local_rank)
     if not env_set:
+        if pp * tp > 1:
+            raise UsageError(f"pipeline stages x tensor parallel = {pp} x {tp} needs {pp * tp} ranks or a multiple; "
+                             "this is a single process. Launch with `shardwise run --nproc-per-node N`")
         return single_process_context(device)
     if backend == "nccl":
         torch.cuda.set_device(device)
@@ -339,4 +392,18 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
         health.start_heartbeat()
     _HEALTH = (dist.group.WORLD, health)  # for a later init_context on this group (initialize() after
     # shardwise.init_distributed())
-    return _context_from_group(allow_reduce_scatter, health)
+    return _context_from_group(allow_reduce_scatter, health, pp=pp, tp=tp)
+
+
+def subgroup_contexts(ctx: ParallelContext, name: str, groups: "list[list[int]]") -> GroupContext | None:
+    """Process groups over lists of global ranks (e.g. a tied weight's pipeline stages): every
+    rank calls this with the same ``groups`` in the same order (torch's ``new_group`` rule);
+    returns this rank's GroupContext, or None when it is in none of them."""
+    mine = None
+    for ranks in groups:
+        ranks = sorted(int(r) for r in ranks)
+        group = dist.new_group(ranks) if ctx.is_distributed else None
+        if ctx.rank in ranks:
+            mine = GroupContext(name, group, ranks.index(ctx.rank), len(ranks), tuple(ranks), ctx.device,
+                                ctx.backend, ctx.policy, ctx.health)
+    return mine

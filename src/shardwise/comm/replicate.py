@@ -37,13 +37,18 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
     """Parameters and buffers of ``module`` that hold values, each storage's tensor once."""
     from shardwise.zero.sharded_params import ShardedParameter
 
+    from torch.distributed.tensor import DTensor
+
     seen: set[int] = set()
     out = []
     for t in [*module.parameters(), *module.buffers()]:
-        if t is None or isinstance(t, ShardedParameter) or t.is_meta or t.numel() == 0 or id(t) in seen:
+        if t is None or isinstance(t, ShardedParameter) or t.is_meta or id(t) in seen:
             continue
         seen.add(id(t))
-        out.append(t)
+        if isinstance(t, DTensor):  # a tensor-parallel shard: this rank's block
+            t = t.to_local()
+        if t.numel():
+            out.append(t)
     return out
 
 
@@ -88,7 +93,10 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor], group: GroupContext, *, s
 
 
 def broadcast_module_state(module: nn.Module, ctx: ParallelContext, *, src: int = 0) -> None:
-    """Every rank's parameters and buffers become global rank ``src``'s, bitwise (see [Note: one
-    starting point]). Over the whole world: today every mesh dimension replicates the model
-    (dp, and the dims that index independent dp groups); tensor parallelism will narrow this."""
-    broadcast_tensors(module_tensors(module), ctx.world, src=src)
+    """Every rank's parameters and buffers become ``src``'s, bitwise (see [Note: one starting
+    point]). Over the whole world when every mesh dimension replicates the model (dp, and the
+    dims that index independent dp groups); over dp (``src`` its group rank) when tensor or
+    pipeline parallelism gives ranks different parts of it (a tp shard starts equal over tp
+    already: ``parallelize_module`` distributes tp rank 0's full tensor)."""
+    group = ctx.dp if ctx.model_parallel else ctx.world
+    broadcast_tensors(module_tensors(module), group, src=src)

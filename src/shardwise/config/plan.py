@@ -123,6 +123,7 @@ class ActivationCheckpointingPlan:
     modules: str | tuple[str, ...] | None
     every: int
     cpu_checkpointing: bool
+    partition_activations: bool = False  # kept inputs split over tp ([Note: partitioned activations])
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,38 @@ class ObservePlan:
 
 
 @dataclass(frozen=True)
+class PipelinePlan:
+    """``pipeline``: how a ``PipelineModule`` is split and scheduled (``shardwise/pipe``)."""
+
+    stages: int | None  # None: "auto", the PipelineModule's num_stages
+    partition: str  # "parameters" | "uniform" | "type:<regex>"
+    seed_layers: bool
+    activation_checkpoint_interval: int  # 0: off
+    schedule: str  # a torch.distributed.pipelining schedule (schema_parallel.SCHEDULES)
+    stages_per_rank: int  # > 1 only for the looped / interleaved / V schedules
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """``tensor_parallel``: DTensor sharding of the model's layers over the mesh's ``"tp"``."""
+
+    size: int  # 1: off
+    tp_plan: tuple[tuple[str, str], ...] | None  # (pattern, style) in the config's order; None: built-in
+    preset: str | None  # a built-in plan's name; None: recognised from the model
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """The mesh one model replica spans: world = pp * dp * tp ([Note: parallel context])."""
+
+    pp: int
+    dp: int
+    tp: int
+    pipeline: PipelinePlan
+    tensor: TensorParallelPlan
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything the engine needs, resolved for one world size."""
 
@@ -261,3 +294,4 @@ class Plan:
     comms_timeout_s: float | None  # process-group timeout (None: torch's default)
     offload: OffloadPlan  # zero_optimization.offload_* / sub_group_size, aio, offload
     observe: ObservePlan  # monitors, flops_profiler, comms_logger, peak_tflops
+    parallel: ParallelPlan  # pipeline / tensor parallel sizes and policies; dp = world_size

@@ -32,14 +32,18 @@ from shardwise.config.schema import (NOT_IMPLEMENTED, STAGE3_MAX_PENDING_REDUCTI
                                      OffloadParamSection, OffloadSection, emit_warnings, parse_document,
                                      sorted_problems, with_note)
 from shardwise.config.resolve_observe import resolve_observe
+from shardwise.config.resolve_parallel import resolve_parallel
 from shardwise.errors import ConfigError, ConfigProblem, UsageError
 
 Source = Union[str, "os.PathLike[str]", dict]
 _TB, _MB, _GAS = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
 
 
-def load_config(source: Source, world_size: int) -> Plan:
-    """Read, validate and resolve a DeepSpeed JSON config (a path or a dict) for ``world_size``.
+def load_config(source: Source, world_size: int, pipeline_stages: int | None = None) -> Plan:
+    """Read, validate and resolve a DeepSpeed JSON config (a path or a dict) for ``world_size``
+    ranks (one model replica's: pipeline stages x data parallel x tensor parallel; the batch
+    triangle is for the data-parallel size). ``pipeline_stages``: a ``PipelineModule``'s
+    ``num_stages`` (``initialize`` passes it).
 
     Raises one :class:`~shardwise.errors.ConfigError` listing every problem in the document,
     each with its JSON path; old DeepSpeed spellings are read as their replacements with a
@@ -53,7 +57,7 @@ def load_config(source: Source, world_size: int) -> Plan:
     problems = list(parsed.problems)
     plan = None
     if parsed.config is not None:
-        plan, more = _resolve(parsed.config, world_size, parsed.broken)
+        plan, more = _resolve(parsed.config, world_size, parsed.broken, pipeline_stages)
         problems += [with_note(p, parsed.notes) for p in more]
     if plan is None and not problems:  # internal invariant; never expected
         problems.append(ConfigProblem("", "the config could not be resolved"))
@@ -96,14 +100,18 @@ def _lost(broken: frozenset[str], path: str) -> bool:
     return any(b == path or path.startswith((b + ".", b + "[")) for b in broken)
 
 
-def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optional[Plan], list]:
+def _resolve(cfg: Any, world_size: int, broken: frozenset[str],
+             pipeline_stages: int | None = None) -> tuple[Optional[Plan], list]:
     """Run every check whose inputs are healthy; a check that reads a ``broken`` key (one
     already reported, now at its default in ``cfg``) is skipped: a verdict on a default the
     user did not write would only add noise. Everything else is still checked, so that one
     error lists every problem of the document (see [Note: one pass, every problem])."""
     problems: list[ConfigProblem] = []
+    parallel = resolve_parallel(cfg, world_size, pipeline_stages, problems)
+    dp = parallel.dp if parallel is not None else world_size
     results: dict[str, Any] = {
-        "batch": None if _hit(broken, _TB, _MB, _GAS) else _batch(cfg, world_size, problems),
+        "parallel": parallel,
+        "batch": None if _hit(broken, _TB, _MB, _GAS) else _batch(cfg, dp, problems),
         "precision": _precision(cfg, problems, broken),
         "zero": _zero(cfg.zero_optimization, problems, _predivide(cfg)),
         "optimizer": _spec(cfg.optimizer, "optimizer", problems, broken),
@@ -112,9 +120,9 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str]) -> tuple[Optiona
         "offload": _offload(cfg, problems, broken),
         "observe": resolve_observe(cfg, problems),
     }
-    if problems or broken or any(results[k] is None for k in ("batch", "precision", "zero")):
+    if problems or broken or any(results[k] is None for k in ("batch", "precision", "zero", "parallel")):
         return None, problems
-    plan = Plan(world_size=world_size, batch=results["batch"], zero=results["zero"],
+    plan = Plan(world_size=dp, parallel=parallel, batch=results["batch"], zero=results["zero"],
                 precision=results["precision"], optimizer=results["optimizer"],
                 scheduler=results["scheduler"], gradient_clipping=float(cfg.gradient_clipping),
                 steps_per_print=cfg.steps_per_print,
@@ -133,7 +141,8 @@ def _activation_checkpointing(ac: Any) -> ActivationCheckpointingPlan:
                           "re-entrant checkpoint buffers; shardwise uses torch.utils.checkpoint "
                           "(non-re-entrant)", ConfigWarning, stacklevel=2)
     modules = tuple(ac.modules) if isinstance(ac.modules, list) else ac.modules
-    return ActivationCheckpointingPlan(modules=modules, every=ac.every, cpu_checkpointing=ac.cpu_checkpointing)
+    return ActivationCheckpointingPlan(modules=modules, every=ac.every, cpu_checkpointing=ac.cpu_checkpointing,
+                                       partition_activations=ac.partition_activations)
 
 
 def _checkpoint(ck: Any, problems: list[ConfigProblem], broken: frozenset[str]

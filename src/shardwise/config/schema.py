@@ -30,6 +30,7 @@ from pydantic import BeforeValidator, Field, ValidationError, create_model
 from shardwise.config import ranges as R
 from shardwise.config import schema_keys as K
 from shardwise.config import schema_observe as O
+from shardwise.config import schema_parallel as PAR
 from shardwise.config.load import join as _join
 from shardwise.config.load import load as _load
 from shardwise.config.load import report_duplicates as _duplicates
@@ -199,7 +200,7 @@ def _check_modules(value: Any) -> Any:
 
 class ActivationCheckpointingSection(_Model):
     # DeepSpeed's keys (see shardwise/checkpointing.py for what each does here)
-    partition_activations: Bool = _default_only(False)  # needs tensor parallelism: not yet
+    partition_activations: Bool = False  # split the kept inputs over tp (no effect at tp 1)
     cpu_checkpointing: Bool = False
     contiguous_memory_optimization: Bool = _inert(False)  # tune DeepSpeed's re-entrant path:
     number_checkpoints: typed("int", R.STEPS, nullable=True) = _inert(None)  # no effect here
@@ -248,6 +249,9 @@ class _TopLevel(_Model):
     nonfinite: Annotated[Literal["error", "skip"], BeforeValidator(check_str)] = "error"
     aio: Optional[AioSection] = None  # see [Note: offload keys]
     offload: Optional[OffloadSection] = None  # shardwise: offload.host_memory_budget
+    # model parallelism (schema_parallel.py)
+    pipeline: PAR.PipelineSection = Field(default_factory=PAR.PipelineSection)
+    tensor_parallel: PAR.TensorParallelSection = Field(default_factory=PAR.TensorParallelSection)
     # observers of the run (schema_observe.py)
     tensorboard: O.TensorboardSection = Field(default_factory=O.TensorboardSection)
     csv_monitor: O.CsvMonitorSection = Field(default_factory=O.CsvMonitorSection)

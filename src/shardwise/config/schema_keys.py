@@ -195,21 +195,8 @@ TOP_LEVEL: dict[str, tuple] = {
     "torch_autocast": (_enabled(dtype=("str?", None), lower_precision_safe_modules=("list?", None)),
                        None),
     # memory and parallelism features
-    "pipeline": (Section({
-        "stages": ("any", "auto"), "partition": ("str", "best"), "seed_layers": ("bool", False),
-        "activation_checkpoint_interval": ("int", 0), "pipe_partitioned": ("bool", True),
-        "grad_partitioned": ("bool", True), "use_reentrant": ("bool", True)}), None),
+    # pipeline, tensor_parallel: hand-written in schema_parallel.py
     "sequence_parallel_size": ("int", 1),
-    "tensor_parallel": (Section({
-        "autotp_size": ("int", 0), "enabled": ("bool", False), "dtype": ("any", None),
-        "tp_overlap_comm": ("bool", False), "vocab_parallel_lm_head": ("bool", False),
-        "vocab_parallel_ce_backend": (("torch", "liger"), "torch"),
-        "tp": (Section({"tp_size": ("int", 1), "tp_grain_size": ("int", 1),
-                        "mpu": ("any", None), "tp_group": ("any", None)}), None),
-        "injection_policy_tuple": ("any", None), "partition_config": _OPAQUE,
-        "preset_model": ("str?", None), "keep_module_on_host": ("bool", False),
-        "replace_with_kernel_inject": ("bool", False), "kernel_inject": ("bool", False),
-        "tp_grain_size": ("int", 1)}, gate="autotp_size"), None),
     "expert_parallel": (_enabled(  # DeepSpeed's AutoEP
         autoep_size=("int", 1), preset_model=("str?", None), moe_layer_pattern=("str?", None),
         expert_pattern=("str?", None), router_pattern=("str?", None),

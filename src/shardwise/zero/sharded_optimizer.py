@@ -137,8 +137,16 @@ class ShardedStep:
         clip: float,
         tier: Any = None,
         post_divide: float = 1.0,
+        norm_weights: Sequence[float] | None = None,
+        model_parallel: Sequence[GroupContext] = (),
     ):
         self.buckets = list(buckets)
+        # [Note: norm over the mesh] in shardwise/parallel_norm.py: per bucket 1.0, or 0.0 where
+        # another rank of the model-parallel groups counts the same gradient
+        self.norm_weights = list(norm_weights) if norm_weights is not None else [1.0] * len(self.buckets)
+        if len(self.norm_weights) != len(self.buckets):
+            raise UsageError(f"ShardedStep: {len(self.norm_weights)} norm weights for {len(self.buckets)} buckets")
+        self.model_parallel = tuple(g for g in model_parallel if g.is_distributed)
         self.post_divide = post_divide  # dp / gradient_predivide_factor; 1.0 by default
         if tier is None:
             from shardwise.offload.tiers import ResidentTier
@@ -154,12 +162,17 @@ class ShardedStep:
         self._grads = list(grads)  # per bucket: the gradient of its opt_param, in the gradient dtype
 
     def _squared_norm(self) -> float:
-        if not self._grads:
+        counted = [g for g, w in zip(self._grads, self.norm_weights) if w != 0.0]
+        if not counted:
             local = 0.0
         else:
-            norms = torch._foreach_norm(self._grads, 2.0, dtype=torch.float32)
+            norms = torch._foreach_norm(counted, 2.0, dtype=torch.float32)
             local = float(torch.stack(norms).double().pow(2).sum())
-        return all_reduce_scalar(local, self.dp) if self.norm_needs_all_reduce else local
+        if self.norm_needs_all_reduce:
+            local = all_reduce_scalar(local, self.dp)
+        for group in self.model_parallel:  # tp, pp: each rank holds a different part of the model
+            local = all_reduce_scalar(local, group)
+        return local
 
     def step(self, step_index: int) -> StepResult:
         frozen = frozen_buckets(self.buckets)  # before any collective: every rank raises alike
