@@ -8,6 +8,7 @@ See [Note: parallel context] for the mesh and its named dimensions.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -254,7 +255,22 @@ def _mesh_context(mesh: "DeviceMesh | None", policy: CommPolicy, device: torch.d
                          f"init_device_mesh({device.type!r}, ...)")
     dims = {n: _group_context(n, mesh.get_group(n), device, backend, policy, health) for n in names}
     world_group = GroupContext("world", None, rank, world, tuple(range(world)), device, backend, policy, health)
-    return ParallelContext(rank, world, local_rank, device, backend, policy, world_group, dims, mesh, health)
+    ctx = ParallelContext(rank, world, local_rank, device, backend, policy, world_group, dims, mesh, health)
+    if health is not None and ctx.model_parallel:  # failures name mesh coordinates
+        health.coords = mesh_coords(mesh)
+    return ctx
+
+
+def mesh_coords(mesh: "DeviceMesh") -> dict[int, str]:
+    """Every global rank's coordinates in ``mesh`` (``"dp=1 tp=0 pp=2"``; dims of size > 1, dp always)."""
+    names = tuple(mesh.mesh_dim_names)
+    grid = mesh.mesh
+    out: dict[int, str] = {}
+    for index in itertools.product(*(range(n) for n in grid.shape)):
+        at = {n: (i, size) for n, i, size in zip(names, index, grid.shape)}
+        out[int(grid[index])] = " ".join(f"{n}={at[n][0]}" for n in (DP, TP, PP)
+                                         if n in at and (at[n][1] > 1 or n == DP))
+    return out
 
 
 def expected_world_size() -> int:

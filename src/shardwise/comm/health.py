@@ -72,6 +72,9 @@ class RankHealth:
         self._store = dist.PrefixStore(self._prefix, store)
         self.host = socket.gethostname()
         self.peers: dict[int, dict] = {}
+        # global rank -> its mesh coordinates ("dp=1 tp=0 pp=2"), set when the context's mesh
+        # has model-parallel dimensions, so that a failure names where in the mesh a rank sits
+        self.coords: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -172,15 +175,20 @@ def collective_error(rank: int, op: str, exc: BaseException, health: RankHealth 
     timed_out = "timed out" in text.lower() or "timeout" in text.lower()
     suspects = health.suspects(among=among) if health is not None else {}
     ranks = tuple(r for r in suspects if r >= 0)
+    coords = health.coords if health is not None else {}
+
+    def name(r: int) -> str:
+        return f"rank {r} ({coords[r]})" if r in coords else f"rank {r}"
+
     if ranks:
-        who = "; ".join(f"rank {r} {why}" for r, why in suspects.items())
+        who = "; ".join(f"{name(r)} {why}" for r, why in suspects.items())
     elif suspects:
         who = suspects[-1]
     else:
         who = "could not tell which rank failed; another rank may have died, stopped, or skipped this call"
     what = f"timed out after {health.timeout_s:g} s" if timed_out and health is not None else \
         ("timed out" if timed_out else "failed")
-    msg = (f"rank {rank}: {op} {what}: {who}. Every rank stops; the launcher's summary names the "
+    msg = (f"{name(rank)}: {op} {what}: {who}. Every rank stops; the launcher's summary names the "
            f"first failure. (torch: {text})")
     if timed_out:
         msg += " If the step is just slow, raise comms_timeout or SHARDWISE_TIMEOUT."
