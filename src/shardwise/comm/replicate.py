@@ -96,7 +96,8 @@ def broadcast_module_state(module: nn.Module, ctx: ParallelContext, *, src: int 
     """Every rank's parameters and buffers become ``src``'s, bitwise (see [Note: one starting
     point]). Over the whole world when every mesh dimension replicates the model (dp, and the
     dims that index independent dp groups); over dp (``src`` its group rank) when tensor or
-    pipeline parallelism gives ranks different parts of it (a tp shard starts equal over tp
-    already: ``parallelize_module`` distributes tp rank 0's full tensor)."""
+    pipeline parallelism gives ranks different parts of it (over tp the start agrees already:
+    ``parallelize_module`` distributes tp rank 0's full tensor into the DTensor shards, and
+    ``apply_tensor_parallel`` broadcasts the plain parameters and buffers from tp rank 0)."""
     group = ctx.dp if ctx.model_parallel else ctx.world
     broadcast_tensors(module_tensors(module), group, src=src)

@@ -15,8 +15,10 @@ from shardwise.config.ranges import check_str, typed
 # torch.distributed.pipelining's schedules, by shardwise's name (DeepSpeed has only 1F1B)
 SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
 MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
-TP_STYLES = ("colwise", "rowwise", "sequence_parallel")
-TP_PRESETS = ("gpt", "gpt2", "llama")
+# Hugging Face's tp_plan styles; "colwise_gather_output" (alias "colwise_rep"): a colwise layer
+# whose output is gathered (an LM head); "replicate": left whole on every tp rank
+TP_STYLES = ("colwise", "rowwise", "sequence_parallel", "colwise_gather_output", "colwise_rep", "replicate")
+TP_PRESETS = ("gpt", "gpt_sp", "gpt2", "llama")
 MAX_STAGES = 2**16
 
 

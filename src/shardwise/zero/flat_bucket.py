@@ -7,6 +7,16 @@ one ``opt_param`` per bucket, covering this rank's chunk (stages 1-2) or the who
 (stage 0). With fp32 compute ``opt_param`` *aliases* ``param_flat`` (the parameters are the
 master weights; no second fp32 copy). With bf16/fp16 compute it is a separate fp32 master
 tensor, copied back into ``param_flat`` after each step.
+
+[Note: DTensor parameters in flat buckets]
+Under tensor parallelism (shardwise/tensor_parallel) a sharded parameter is a DTensor whose
+local tensor is this rank's shard. A bucket holds LOCAL tensors: its slots are sized by the
+local numel (what this rank stores; the strategy lays buckets out with it), ``param_view``
+gives the local-shaped view, and the parameter is re-pointed at its slot by swapping in a
+DTensor built on the view (``tensor_parallel.rebind_local``: ``.data`` does not reach a
+DTensor's local tensor; the swap keeps the Python object, so ties, param groups and hooks
+still refer to it). ``grad_view`` wraps a gradient slot the same way, so that autograd
+accumulates a DTensor gradient (summing a ``Partial`` one over tp) straight into the buffer.
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import torch.nn as nn
 
 from shardwise.comm.buckets import BucketLayout
 from shardwise.comm.context import GroupContext
+from shardwise.tensor_parallel import is_dtensor, local_shape, local_tensor, rebind_local, wrap_local
 
 
 class FlatBucket:
@@ -42,11 +53,14 @@ class FlatBucket:
         dtype = self.params[0].dtype
         device = self.params[0].device
         self.param_flat = torch.zeros(layout.padded_numel, dtype=dtype, device=device)
+        # per slot: the shape this rank stores (a DTensor's local shard; see the Note above)
+        self.local_shapes = [local_shape(p) for p in self.params]
+        self.distributed = [is_dtensor(p) for p in self.params]
         with torch.no_grad():
-            for slot, p in zip(layout.slots, self.params):
+            for slot, p, shape in zip(layout.slots, self.params, self.local_shapes):
                 view = self.param_flat[slot.offset : slot.offset + slot.numel]
-                view.copy_(p.detach().reshape(-1))
-                p.data = view.view_as(p)
+                view.copy_(local_tensor(p).detach().reshape(-1))
+                rebind_local(p, view.view(shape))
         self.lo, self.hi = layout.chunk_range(dp.rank, dp.size) if optimizer_sees_chunk else (0, layout.padded_numel)
         self.mixed = dtype != master_dtype
         own = self.param_flat[self.lo : self.hi]
@@ -66,7 +80,13 @@ class FlatBucket:
     def param_view(self, slot_index: int, flat: torch.Tensor) -> torch.Tensor:
         """The view of ``flat`` (a full-bucket buffer) where parameter ``slot_index`` lives."""
         slot = self.layout.slots[slot_index]
-        return flat[slot.offset : slot.offset + slot.numel].view_as(self.params[slot_index])
+        return flat[slot.offset : slot.offset + slot.numel].view(self.local_shapes[slot_index])
+
+    def grad_view(self, slot_index: int, flat: torch.Tensor) -> torch.Tensor:
+        """``param_view`` as the parameter's ``.grad`` (a DTensor laid out like the parameter for
+        a tensor-parallel one; the view itself otherwise)."""
+        view = self.param_view(slot_index, flat)
+        return wrap_local(self.params[slot_index], view) if self.distributed[slot_index] else view
 
     def own(self, flat: torch.Tensor) -> torch.Tensor:
         """This rank's chunk of a full-bucket buffer."""

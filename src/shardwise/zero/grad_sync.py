@@ -19,6 +19,15 @@ when all its parameters have produced gradients *and* every earlier bucket has b
 so the order is always bucket 0, 1, 2, ... whatever order hooks fire in. Buckets whose
 parameters got no gradient (unused in this forward) are launched at the end of backward with
 zeros for those parameters, on every rank alike.
+
+[Note: DTensor gradients]
+A tensor-parallel (DTensor) parameter's gradient is a DTensor; what goes into the buffers is
+its LOCAL tensor, laid out like the parameter (``tensor_parallel.local_grad``: a ``Partial``
+gradient, which DTensor gives a replicated parameter used on sequence-sharded activations, is
+summed over tp first). Where ``.grad`` is a view of the buffer, it is a DTensor wrapping the
+view (``FlatBucket.grad_view``) and autograd's in-place accumulation does the same
+redistribution. Reductions then run over dp only: the tp ranks of a dp group hold different
+shards, and equal replicated gradients.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import torch
 from shardwise.comm.collectives import Handle, all_reduce, reduce_to_shard
 from shardwise.comm.context import GroupContext
 from shardwise.errors import UsageError
+from shardwise.tensor_parallel import local_grad
 from shardwise.zero.flat_bucket import FlatBucket
 
 ReduceFn = Callable[[torch.Tensor, GroupContext], Handle]
@@ -152,13 +162,13 @@ class FullGradSync(_GradSyncBase):
         for bucket, flat, is_view in zip(self.buckets, self.grad_flats, self._views):
             if is_view:
                 for i, p in enumerate(bucket.params):
-                    p.grad = bucket.param_view(i, flat)
+                    p.grad = bucket.grad_view(i, flat)
 
     def _on_grad(self, bucket: FlatBucket, slot_index: int, param: torch.Tensor) -> None:
         if self._sync and bucket.index < self._launched:
             self._mark_ready(bucket, slot_index)  # too late for this bucket: raises the named error
         if not self._views[bucket.index]:
-            bucket.param_view(slot_index, self.grad_flats[bucket.index]).add_(param.grad)
+            bucket.param_view(slot_index, self.grad_flats[bucket.index]).add_(local_grad(param, param.grad))
             param.grad = None
         if self._sync:
             self._mark_ready(bucket, slot_index)
@@ -295,10 +305,11 @@ class ShardGradSync(_GradSyncBase):
             self._mark_ready(bucket, slot_index)  # too late for this bucket: raises the named error
         staging = self._staging_for(bucket)
         view = bucket.param_view(slot_index, staging)
+        grad = local_grad(param, param.grad)  # [Note: DTensor gradients]
         if self._fired[bucket.index][slot_index]:
-            view.add_(param.grad)  # a second gradient in the same backward (before launch)
+            view.add_(grad)  # a second gradient in the same backward (before launch)
         else:
-            view.copy_(param.grad)
+            view.copy_(grad)
         param.grad = None
         self._mark_ready(bucket, slot_index)
 
