@@ -106,7 +106,7 @@ def test_unknown_class_and_no_blocks_are_named():
         shardwise.initialize(model=nn.Linear(2, 2), config=config(0, modules="blocks"))
 
 
-@pytest.mark.parametrize("ac, path", [({"partition_activations": True}, "partition_activations"),
+@pytest.mark.parametrize("ac, path", [({"partition_activations": "yes"}, "partition_activations"),
                                       ({"modules": "all"}, "modules"), ({"every": 0}, "every"),
                                       ({"module": "blocks"}, "module")])
 def test_config_problems(ac, path):
@@ -167,6 +167,24 @@ def test_cpu_checkpointing_never_moves_parameters():
     assert all(w is weight for w in seen) and len(seen) == 2 and weight.grad is not None
 
 
-def test_configure_refuses_partitioning():
-    with pytest.raises(UsageError, match="tensor parallelism"):
-        ckpt.configure(None, partition_activations=True)
+def test_partitioning_without_tensor_parallelism_has_no_effect(caplog):
+    """DeepSpeed's rule: without model parallelism there is nothing to partition over; the key is
+    accepted (a warning) and checkpoints keep their inputs whole (tp 2: test_stage3_tp.py)."""
+    plan = shardwise.config.load_config(config(0, partition_activations=True, modules="blocks"), world_size=1)
+    assert plan.activation_checkpointing.partition_activations is True
+    model = GPT(CFG)
+    with caplog.at_level("WARNING", logger="shardwise"):
+        ckpt.apply_activation_checkpointing(model, plan.activation_checkpointing, None)
+    assert "partition_activations has no effect without tensor parallelism" in caplog.text
+    made = []
+    orig = ckpt._Partitioned.__init__
+    try:
+        ckpt._Partitioned.__init__ = lambda self, *a, **k: (made.append(1), orig(self, *a, **k))[1]
+        x = torch.randint(0, CFG.vocab_size, (2, 8))
+        model(x[:, :-1], x[:, 1:]).backward()
+    finally:
+        ckpt._Partitioned.__init__ = orig
+        ckpt._SETTINGS.partition_activations = False
+    assert made == []
+    with pytest.raises(UsageError, match="mpu_"):
+        ckpt.configure(object(), partition_activations=True)

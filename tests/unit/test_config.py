@@ -190,8 +190,6 @@ NOT_IMPL = [
     ({"communication_data_type": "fp32"}, "communication_data_type", None),
     ({"sparse_attention": {"mode": "fixed"}}, "sparse_attention", None),
     ({"compression_training": {"weight_quantization": {}}}, "compression_training", None),
-    ({"activation_checkpointing": {"partition_activations": True}},
-     "activation_checkpointing.partition_activations", "false"),
     ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": True}}},
      "zero_optimization.offload_optimizer.super_offload", "false"),
     ({"aio": {"use_gds": True}}, "aio.use_gds", "false"),
@@ -507,8 +505,7 @@ REAL = {
         ("microsoft/DeepSpeedExamples bing_bert/deepspeed_bsz64k_lamb_config_seq128.json",
          {"sparse_attention"}),
     "ds_examples_megatron_zero2.json":
-        ("microsoft/DeepSpeedExamples Megatron-LM/scripts/ds_zero2_config.json",
-         {"activation_checkpointing.partition_activations"}),
+        ("microsoft/DeepSpeedExamples Megatron-LM/scripts/ds_zero2_config.json", set()),
     "hf_transformers_ds_config_zero2.json":
         ("huggingface/transformers tests/deepspeed/ds_config_zero2.json (as in the DeepSpeed "
          "integration docs)", None),  # every "auto" (its CPU offload is accepted)

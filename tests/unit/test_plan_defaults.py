@@ -38,6 +38,7 @@ FROM_SCHEMA = {
     "activation_checkpointing.modules": "activation_checkpointing.modules",
     "activation_checkpointing.every": "activation_checkpointing.every",
     "activation_checkpointing.cpu_checkpointing": "activation_checkpointing.cpu_checkpointing",
+    "activation_checkpointing.partition_activations": "activation_checkpointing.partition_activations",
     # offload: no offload section, no aio section, no offload.host_memory_budget
     **{f"offload.optimizer.{k}": f"zero_optimization.offload_optimizer.{k}"
        for k in ("device", "nvme_path", "pin_memory", "buffer_count", "pipeline_read", "pipeline_write",

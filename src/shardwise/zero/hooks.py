@@ -32,6 +32,16 @@ optimizer skips it. A unit whose parameters are all frozen never completes a red
 nothing would free it in backward (a GAN's frozen discriminator is traversed by the
 generator's backward): when backward enters another unit, the frozen units it entered before
 are freed (gathered again on demand, which is always correct).
+
+[Note: DTensor parameters in the hooks]
+With tensor parallelism ([Note: tensor-parallel parameters at stage 3] in sharded_params.py)
+autograd records the DTensor ops, so what it saves are DTensors (``weight.t()`` of a DTensor
+weight) whose *local* tensor is the view into a gathered buffer: they are packed as a
+:class:`_Saved` that also keeps the layout, and unpacked as the same DTensor over a view of
+the fresh buffer. Their gradients arrive as DTensors: the post-accumulate-grad hook hands the
+gradient reduction the local block (redistributed first to the parameter's placements if
+autograd produced others, e.g. ``Partial`` under sequence parallelism; every tp rank does it
+at the same point of the same graph).
 """
 from __future__ import annotations
 
@@ -43,7 +53,7 @@ import torch
 import torch.nn as nn
 
 from shardwise.zero.prefetch import PrefetchPolicy
-from shardwise.zero.sharded_params import ShardedUnit, ShardState
+from shardwise.zero.sharded_params import DTensorLayout, ShardedUnit, ShardState, is_dtensor
 
 if TYPE_CHECKING:
     from shardwise.zero.stage3 import Stage3Runtime
@@ -64,13 +74,35 @@ def in_autograd_backward() -> bool:
 
 
 class _Saved:
-    """A saved tensor that was a view of a gathered buffer (see [Note: saved parameters])."""
+    """A saved tensor that was a view of a gathered buffer (see [Note: saved parameters]);
+    ``layout``: it was a DTensor over that view ([Note: DTensor parameters in the hooks])."""
 
-    __slots__ = ("unit", "shard", "size", "stride", "offset")
+    __slots__ = ("unit", "shard", "size", "stride", "offset", "layout")
 
-    def __init__(self, unit: ShardedUnit, shard: int, t: torch.Tensor):
+    def __init__(self, unit: ShardedUnit, shard: int, t: torch.Tensor, layout: DTensorLayout | None = None):
         self.unit, self.shard = unit, shard
         self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+        self.layout = layout
+
+
+class _LocalGrad:
+    """What the gradient reduction reads a DTensor parameter's gradient from: its local block
+    (``on_grad`` takes ``.grad`` and sets it to None)."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self, grad: torch.Tensor):
+        self.grad = grad
+
+
+def _local_grad(full: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A DTensor gradient as the local block of the parameter's placements."""
+    if is_dtensor(grad):
+        if tuple(grad.placements) != tuple(full.placements):
+            grad = grad.redistribute(full.device_mesh, full.placements)
+        with torch.no_grad():
+            grad = grad.to_local()
+    return grad
 
 
 class Stage3Hooks:
@@ -101,8 +133,16 @@ class Stage3Hooks:
         for unit in rt.all_units():
             for ri, (r, full) in enumerate(zip(unit.records, unit.full)):
                 if unit.shards[r.shard].trainable:
-                    self.handles.append(full.register_post_accumulate_grad_hook(
-                        partial(rt.reduction.on_grad, unit, ri)))
+                    hook = partial(self._dtensor_grad if r.dtensor is not None else rt.reduction.on_grad, unit, ri)
+                    self.handles.append(full.register_post_accumulate_grad_hook(hook))
+
+    def _dtensor_grad(self, unit: ShardedUnit, ri: int, full: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of a DTensor parameter ([Note: DTensor parameters in the hooks])."""
+        g = full.grad
+        if g is None:
+            return
+        full.grad = None
+        self.rt.reduction.on_grad(unit, ri, _LocalGrad(_local_grad(full, g)))
 
     @property
     def in_forward(self) -> bool:
@@ -175,14 +215,19 @@ class Stage3Hooks:
 
     # -- saved tensors (see [Note: saved parameters]) ---------------------------------------
     def _pack(self, t: torch.Tensor) -> Any:
+        layout, local = None, t
+        if is_dtensor(t):  # [Note: DTensor parameters in the hooks]
+            layout = DTensorLayout.of(t)
+            with torch.no_grad():
+                local = t.to_local()
         try:
-            hit = self.rt.gathered_at(t)
+            hit = self.rt.gathered_at(local)
         except (RuntimeError, NotImplementedError):  # tensors without storage (subclasses)
             return t
         if hit is None:
             return t
         self._packed[hit[0].index] = self._packed.get(hit[0].index, 0) + 1
-        return _Saved(hit[0], hit[1], t)
+        return _Saved(hit[0], hit[1], local, layout)
 
     def _unpack(self, x: Any) -> torch.Tensor:
         if type(x) is not _Saved:
@@ -191,7 +236,8 @@ class Stage3Hooks:
         if unit.state is not ShardState.GATHERED:
             self.rt.ensure(unit)
         self._enter_backward(unit)
-        return unit.flats[x.shard].as_strided(x.size, x.stride, x.offset)
+        view = unit.flats[x.shard].as_strided(x.size, x.stride, x.offset)
+        return x.layout.wrap(view) if x.layout is not None else view
 
     # -- backward ---------------------------------------------------------------------------
     def _pre_backward(self, unit: ShardedUnit, grad: torch.Tensor) -> None:

@@ -22,6 +22,23 @@ For every parameter of a stage-3 model shardwise keeps:
 
 A unit is :attr:`ShardState.SHARDED`, ``GATHERING`` (all-gather in flight) or ``GATHERED``;
 transitions are checked.
+
+[Note: tensor-parallel parameters at stage 3]
+A parameter that tensor parallelism made a DTensor (``parallelize_module``: ``Shard(0)`` for a
+colwise weight, ``Shard(1)`` rowwise, ``Replicate()`` a rowwise bias) is sharded over dp *as
+its local tp block*: its slot holds ``to_local()`` (this rank's tp shard), the flat shard is
+split and all-gathered over ``ctx.dp`` only, so a rank stores 1/(dp*tp) of it. Its record keeps
+the DTensor layout (:class:`DTensorLayout`: mesh, placements, global shape and stride); the
+placeholder has the global shape and the DTensor's ``device_mesh`` and ``placements``
+attributes (metadata: what a checkpoint needs to place its block; it is not a DTensor); the full parameter is an ``nn.Parameter`` DTensor with the
+same layout whose local tensor is, while gathered, a view into the gathered flat buffer (and
+the one-element expanded tensor while freed). The module thus computes with the DTensors
+``parallelize_module`` left, and autograd accumulates DTensor gradients into the same full
+parameter objects as for plain parameters. Swapping the local tensor of that persistent
+object goes through ``_local_tensor``: ``to_local()`` of a Parameter returns a fresh view
+(torch gh-166156) and ``from_local`` per gather would give autograd a new parameter object
+each time (the graph of a forward accumulates into the object it saw), so
+:func:`show_local` is the one place that reaches into the DTensor.
 """
 from __future__ import annotations
 
@@ -36,6 +53,53 @@ from shardwise.comm.buckets import BucketLayout
 from shardwise.comm.collectives import DONE, Handle, all_gather_shard
 from shardwise.comm.context import GroupContext
 from shardwise.errors import UsageError
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: object) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+@dataclass(frozen=True)
+class DTensorLayout:
+    """How a tensor-parallel parameter is laid out over the mesh (see [Note: tensor-parallel
+    parameters at stage 3]): enough to wrap a local block back into the same DTensor."""
+
+    mesh: object  # torch DeviceMesh (the tp mesh parallelize_module used)
+    placements: tuple
+    shape: torch.Size  # global
+    stride: tuple[int, ...]  # global
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "DTensorLayout | None":
+        if not is_dtensor(t):
+            return None
+        return DTensorLayout(t.device_mesh, tuple(t.placements), t.shape, tuple(t.stride()))
+
+    def wrap(self, local: torch.Tensor) -> torch.Tensor:
+        """``local`` as a DTensor of this layout (no copy, no communication, no autograd edge)."""
+        with torch.no_grad():
+            return DTensor.from_local(local, self.mesh, self.placements, run_check=False,
+                                      shape=self.shape, stride=self.stride)
+
+
+def local_value(p: torch.Tensor) -> torch.Tensor:
+    """What a parameter contributes to a flat shard: its values, or its local tp block."""
+    with torch.no_grad():
+        return p.to_local().detach() if is_dtensor(p) else p.detach()
+
+
+def show_local(full: nn.Parameter, local: torch.Tensor) -> None:
+    """Point a full parameter at ``local``: its ``.data`` for a plain parameter, its local tp
+    block for a DTensor one (see [Note: tensor-parallel parameters at stage 3])."""
+    if is_dtensor(full):
+        full._local_tensor.data = local  # the persistent object's block; to_local() is a fresh view
+    else:
+        full.data = local
 
 
 class ShardedParameterError(UsageError):
@@ -113,8 +177,14 @@ class ParamRecord:
     name: str
     shard: int  # index into ShardedUnit.shards
     slot: int  # index into that shard's layout.slots / params
-    shape: torch.Size
+    shape: torch.Size  # of what the slot holds: the parameter, or its local tp block
     registrations: tuple[tuple[nn.Module, str], ...]  # (module, attribute) pairs (tied weights: several)
+    dtensor: DTensorLayout | None = None  # a tensor-parallel parameter's layout
+
+    @property
+    def global_shape(self) -> torch.Size:
+        """The parameter's logical shape (what the module and the placeholder show)."""
+        return self.dtensor.shape if self.dtensor is not None else self.shape
 
 
 class FlatShard:
@@ -304,8 +374,13 @@ class ShardedUnit:
         for r in records:
             s = shards[r.shard]
             requires_grad = s.trainable
-            self.placeholders.append(ShardedParameter(r.name, r.shape, s.dtype, s.shard.device, requires_grad))
-            full = nn.Parameter(not_gathered(r.shape, s.dtype, s.shard.device), requires_grad=requires_grad)
+            ph = ShardedParameter(r.name, r.global_shape, s.dtype, s.shard.device, requires_grad)
+            if r.dtensor is not None:  # a tp parameter's layout stays readable while it is sharded
+                ph.device_mesh, ph.placements = r.dtensor.mesh, r.dtensor.placements
+            self.placeholders.append(ph)
+            empty = not_gathered(r.shape, s.dtype, s.shard.device)
+            full = nn.Parameter(r.dtensor.wrap(empty) if r.dtensor is not None else empty,
+                                requires_grad=requires_grad)
             self.full.append(full)
         for r, ph, full in zip(records, self.placeholders, self.full):
             s = shards[r.shard]
@@ -340,7 +415,7 @@ class ShardedUnit:
         for s in self.shards:
             s.sync_requires_grad()  # a freeze set on the placeholders reaches the full parameters
         for r, full in zip(self.records, self.full):
-            full.data = self.shards[r.shard].slot_view(self._flats[r.shard], r.slot, r.shape)
+            show_local(full, self.shards[r.shard].slot_view(self._flats[r.shard], r.slot, r.shape))
             for module, attr in r.registrations:
                 module._parameters[attr] = full
         self.state = ShardState.GATHERED
@@ -357,7 +432,7 @@ class ShardedUnit:
         for s in self.shards:
             s.sync_requires_grad()  # and one set on the full parameters reaches the placeholders
         for r, full, ph in zip(self.records, self.full, self.placeholders):
-            full.data = not_gathered(r.shape, full.dtype, full.device)
+            show_local(full, not_gathered(r.shape, full.dtype, full.device))
             for module, attr in r.registrations:
                 module._parameters[attr] = ph
         self._flats = None
@@ -376,4 +451,4 @@ class ShardedUnit:
 
 
 __all__ = ["ShardState", "ShardedParameter", "ShardedParameterError", "FlatShard", "ShardedUnit",
-           "ParamRecord", "not_gathered"]
+           "ParamRecord", "DTensorLayout", "not_gathered", "local_value", "show_local", "is_dtensor"]

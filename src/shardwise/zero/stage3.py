@@ -27,7 +27,8 @@ from shardwise.config.plan import Stage3Policy  # built by config/resolve.py; re
 from shardwise.zero.hooks import Stage3Hooks, TrainingState
 from shardwise.zero.prefetch import PrefetchPolicy
 from shardwise.zero.reduction import GradReduction
-from shardwise.zero.sharded_params import FlatShard, ParamRecord, ShardedUnit, ShardState
+from shardwise.zero.sharded_params import (DTensorLayout, FlatShard, ParamRecord, ShardedUnit, ShardState,
+                                           local_value)
 from shardwise.zero.units import ROOT, declared_externals, declared_unit_classes, fetch_units
 
 _NO_SPLIT = 2 ** 62  # one flat buffer per (unit, group, dtype)
@@ -175,21 +176,27 @@ def _registrations(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tuple[str, nn.Parameter]],
                 group_of: dict[int, int], regs: dict[int, list], dp: GroupContext, dtype: torch.dtype,
-                grad_dtype: torch.dtype, *, resident: bool) -> ShardedUnit:
+                grad_dtype: torch.dtype, *, resident: bool, duplicates: frozenset[int] | set[int] = frozenset()
+                ) -> ShardedUnit:
+    # a flat shard is homogeneous in param group, dtype, device and norm weight ([Note: norm over
+    # the mesh] in shardwise/parallel_norm.py: a tp-replicated parameter counts on tp rank 0 only)
     keys = [(group_of.get(id(p), -1) if p.requires_grad else -1, dtype if p.is_floating_point() else p.dtype,
-             dp.device) for _, p in params]
-    layouts = assign_buckets([p.numel() for _, p in params], keys, _NO_SPLIT, dp.size) if params else []
+             dp.device, 0.0 if id(p) in duplicates else 1.0) for _, p in params]
+    # what a slot holds: the parameter, or its local tp block ([Note: tensor-parallel parameters at stage 3])
+    values = [local_value(p) for _, p in params]
+    layouts = assign_buckets([v.numel() for v in values], keys, _NO_SPLIT, dp.size) if params else []
     shards, records = [], []
     for si, lay in enumerate(layouts):
-        members = [params[s.param_index] for s in lay.slots]
-        group, shard_dtype, device = lay.group_key
-        shard = FlatShard(si, lay, [p for _, p in members], dp, dtype=shard_dtype, device=device,
+        members = [(params[s.param_index], values[s.param_index]) for s in lay.slots]
+        group, shard_dtype, device, weight = lay.group_key
+        shard = FlatShard(si, lay, [v for _, v in members], dp, dtype=shard_dtype, device=device,
                           trainable=group >= 0, resident=resident,
                           grad_dtype=torch.float32 if grad_dtype == torch.float32 else shard_dtype)
         shard.group = group
+        shard.norm_weight = weight
         shards.append(shard)
-        for slot_index, (pname, p) in enumerate(members):
-            records.append(ParamRecord(pname, si, slot_index, p.shape, tuple(regs[id(p)])))
+        for slot_index, ((pname, p), v) in enumerate(members):
+            records.append(ParamRecord(pname, si, slot_index, v.shape, tuple(regs[id(p)]), DTensorLayout.of(p)))
     unit = ShardedUnit(index, name, module, shards, records, resident=resident)
     if not resident:
         for r, ph in zip(records, unit.placeholders):
@@ -200,12 +207,17 @@ def _build_unit(index: int, name: str, module: nn.Module | None, params: list[tu
 
 def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]], policy: Stage3Policy,
                  dp: GroupContext, dtype: torch.dtype = torch.float32,
-                 grad_dtype: torch.dtype = torch.float32, on_shard=None) -> Stage3Runtime:
+                 grad_dtype: torch.dtype = torch.float32, on_shard=None,
+                 duplicates: frozenset[int] | set[int] = frozenset()) -> Stage3Runtime:
     """Shard ``model``'s parameters into fetch units in place and install the stage-3 hooks.
     Floating-point parameters are kept in ``dtype``, their gradients in ``grad_dtype`` (fp32, or
     the parameter's own dtype). Parameters built under ``zero.Init`` are
     gathered one at a time while their unit's chunk is filled. ``on_shard(shard)`` is called for
-    each flat shard as soon as its unit is built (offload_param moves it out of memory there)."""
+    each flat shard as soon as its unit is built (offload_param moves it out of memory there).
+    ``duplicates``: ids of parameters whose gradient another model-parallel rank counts in the
+    norm (``shardwise.parallel_norm.duplicate_params``): their shards get ``norm_weight`` 0.
+    Tensor-parallel (DTensor) parameters are sharded as their local blocks ([Note:
+    tensor-parallel parameters at stage 3] in sharded_params.py)."""
     threshold = policy.param_persistence_threshold
     group_of = {id(p): gi for gi, plist in enumerate(param_groups) for p in plist}
     regs = _registrations(model)
@@ -223,12 +235,12 @@ def apply_stage3(model: nn.Module, param_groups: Sequence[Sequence[nn.Parameter]
         if spec.name != ROOT and not big:
             continue
         units.append(_build_unit(len(units), spec.name, modules[spec.name], big, group_of, regs, dp, dtype,
-                                 grad_dtype, resident=False))
+                                 grad_dtype, resident=False, duplicates=duplicates))
         if on_shard is not None:
             for shard in units[-1].shards:
                 on_shard(shard)
     resident = _build_unit(len(units), "<persistent>", None, small, group_of, regs, dp, dtype, grad_dtype,
-                           resident=True) if small else None
+                           resident=True, duplicates=duplicates) if small else None
     for i, shard in enumerate(s for u in units + ([resident] if resident else []) for s in u.shards):
         shard.index = i  # unique across the model (the checkpoint keys buckets by it)
     externals = _resolve_externals(model, units, name_of)
