@@ -44,6 +44,8 @@ from shardwise.zero.grad_sync import FullGradSync, ShardGradSync, all_reduce_asy
 from shardwise.zero.sharded_optimizer import OptimizerChunk, ShardedStep, StepResult
 from shardwise.zero.sharded_params import ShardedParameter
 from shardwise.offload.params import make_param_tier
+from shardwise.parallel_norm import duplicate_params, norm_weight
+from shardwise.tensor_parallel import local_tensor
 from shardwise.zero.stage3 import Stage3Runtime, apply_stage3
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -77,6 +79,14 @@ class ParamGroups:
             params.append(tuple(unique))
             options.append({k: v for k, v in g.items() if k != "params"})
         return ParamGroups(tuple(params), tuple(options))
+
+    def remapped(self, replaced: dict[int, nn.Parameter]) -> "ParamGroups":
+        """The same groups after a step that replaced parameters (``{id(old): new}``: tensor
+        parallelism re-registers each sharded parameter as a DTensor parameter)."""
+        if not replaced:
+            return self
+        return ParamGroups(tuple(tuple(replaced.get(id(p), p) for p in plist) for plist in self.params),
+                           self.options)
 
 
 class Strategy(Protocol):
@@ -222,6 +232,8 @@ class FlatBucketStrategy:
         ctx: ParallelContext,
         make_optimizer: OptimizerFactory,
     ):
+        from shardwise.tensor_parallel import local_numel
+
         prepared = prepare_module(module, plan, ctx)
         self.stage = flat_stage.stage
         self.ctx = ctx
@@ -230,13 +242,16 @@ class FlatBucketStrategy:
 
         trainable: list[nn.Parameter] = []
         keys: list[tuple] = []
+        duplicates = duplicate_params(module, ctx)  # [Note: norm over the mesh]
         for gi, plist in enumerate(groups.params):
             for p in plist:
                 if p.requires_grad:
                     trainable.append(p)
-                    keys.append((gi, p.dtype, p.device))
+                    keys.append((gi, p.dtype, p.device, norm_weight(p, duplicates)))
         layouts = assign_buckets(
-            [p.numel() for p in trainable], keys, plan.zero.reduce_bucket_size, dp.size
+            # this rank's elements: a tensor-parallel (DTensor) parameter's local shard
+            # ([Note: DTensor parameters in flat buckets] in zero/flat_bucket.py)
+            [local_numel(p) for p in trainable], keys, plan.zero.reduce_bucket_size, dp.size
         )
         chunk = flat_stage.optimizer_sees_chunk
         self.buckets: list[FlatBucket] = [
@@ -263,6 +278,8 @@ class FlatBucketStrategy:
             clip=plan.gradient_clipping,
             tier=self.tier,
             post_divide=post_divide(plan, ctx),
+            norm_weights=[b.layout.group_key[3] for b in self.buckets],
+            model_parallel=ctx.model_parallel,
         )
         self._predivide = plan.zero.grad_predivide
 
@@ -314,7 +331,7 @@ class FlatBucketStrategy:
             for t in tensors:
                 if not isinstance(t, torch.Tensor):
                     continue
-                s = t.untyped_storage()
+                s = local_tensor(t).untyped_storage()  # a tp shard: its local block
                 if s.data_ptr() not in seen and s.nbytes() > 0:
                     seen.add(s.data_ptr())
                     total += s.nbytes()
@@ -347,6 +364,52 @@ class FlatBucketStrategy:
 
         return load_flat_pieces(self, module, source, whole=True, optimizer=optimizer, scalar_state=scalar_state)
 
+    # -- pipeline parallelism (shardwise/pipe: [Note: pipeline gradients] in pipe/runtime.py) -------
+    def _pipeline_slots(self) -> dict[int, tuple[FlatBucket, int]]:
+        slots = self.__dict__.get("_pipe_slots")
+        if slots is None:
+            slots = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+            self._pipe_slots = slots
+        return slots
+
+    def _pipeline_full_grads(self) -> FullGradSync:
+        if not isinstance(self.grad_sync, FullGradSync):
+            raise UsageError(f"pipeline parallelism needs ZeRO stage 0 or 1 (a full gradient buffer per bucket, "
+                             f"reduced once per step); this strategy is stage {self.stage}")
+        return self.grad_sync
+
+    def param_grad(self, param: nn.Parameter) -> torch.Tensor | None:
+        """The accumulated gradient of ``param`` (a view into its bucket's gradient buffer, in the
+        gradient dtype), None for a parameter outside the buckets (frozen at initialize)."""
+        sync = self._pipeline_full_grads()
+        loc = self._pipeline_slots().get(id(param))
+        if loc is None:
+            return None
+        bucket, slot = loc
+        return bucket.param_view(slot, sync.grad_flats[bucket.index])
+
+    @torch.no_grad()
+    def pipeline_absorb_grads(self) -> None:
+        """Fold gradients that autograd left in ``p.grad`` outside the bucket buffers into them.
+        The zero-bubble schedules compute weight gradients with ``torch.autograd.grad`` and assign
+        ``p.grad`` themselves, so the accumulate hooks do not fire: where ``p.grad`` is a view of
+        the buffer (same dtype) it was accumulated in place already; otherwise (fp32 gradients of
+        16-bit parameters) it is added here and released."""
+        from shardwise.tensor_parallel import local_grad, local_tensor
+
+        sync = self._pipeline_full_grads()
+        for bucket in self.buckets:
+            flat = sync.grad_flats[bucket.index]
+            for i, p in enumerate(bucket.params):
+                g = p.grad
+                if g is None:
+                    continue
+                view = bucket.param_view(i, flat)
+                if local_tensor(g).data_ptr() == view.data_ptr():
+                    continue
+                view.add_(local_grad(p, g).to(view.dtype))  # [Note: DTensor gradients] in grad_sync.py
+                p.grad = bucket.grad_view(i, flat) if sync._views[bucket.index] else None
+
 
 def _make_grad_sync(flat_stage: FlatStage, buckets: list[FlatBucket], plan: Plan, dp, grad_dtype: torch.dtype):
     """Stages 0-1 keep a full gradient buffer per bucket and all-reduce it (0) or reduce it to
@@ -373,12 +436,20 @@ class Stage3Strategy:
         prepared = prepare_module(module, plan, ctx)
         self.ctx = ctx
         self.dtype, self.grad_dtype, self.scaler = prepared.dtype, prepared.grad_dtype, prepared.scaler
+        if ctx.tp.size > 1 and any(isinstance(p, ShardedParameter) for p in module.parameters()):
+            raise UsageError("zero.Init with tensor parallelism (tensor_parallel.autotp_size > 1) is not supported: "
+                             "zero.Init splits each parameter over dp before parallelize_module could shard it over "
+                             "tp. Build the model without shardwise.zero.Init (ZeRO stage 3 still shards every "
+                             "tensor-parallel block over dp at initialize), or build it on the meta device")
         io: dict = {}  # one swap directory + I/O engine per nvme_path
         # offload_param: each shard leaves device memory as soon as it is built
         self.param_tier = make_param_tier(plan.offload, ctx.rank, ctx.device, io)
+        # DTensor (tensor-parallel) parameters are sharded over dp as their local blocks
+        # ([Note: tensor-parallel parameters at stage 3]); shards are homogeneous in norm weight
         self.runtime: Stage3Runtime = apply_stage3(module, groups.params, plan.zero.stage3, ctx.dp, self.dtype,
                                                    self.grad_dtype,
-                                                   on_shard=self.param_tier.adopt if self.param_tier else None)
+                                                   on_shard=self.param_tier.adopt if self.param_tier else None,
+                                                   duplicates=duplicate_params(module, ctx))
         self.buckets = [s for s in self.runtime.shards() if s.trainable]
         self.tier = offload_tier(plan, self.buckets, ctx, io, self.param_tier)  # [Note: offload tiers]
         opt_groups = [{**opts, "params": [s.opt_param for s in self.buckets if s.group == gi]}
@@ -389,7 +460,9 @@ class Stage3Strategy:
         # the persistent parameters are gathered by runtime.after_step
         self._step = ShardedStep(self.buckets, self.optimizer, ctx.dp, self.scaler, [s.grad for s in self.buckets],
                                  norm_needs_all_reduce=True, clip=plan.gradient_clipping, tier=self.tier,
-                                 post_divide=post_divide(plan, ctx))
+                                 post_divide=post_divide(plan, ctx),
+                                 norm_weights=[s.norm_weight for s in self.buckets],
+                                 model_parallel=ctx.model_parallel)  # [Note: norm over the mesh]
         self._predivide = plan.zero.grad_predivide
 
     @property

@@ -226,16 +226,37 @@ def _group_context(name: str, group, device: torch.device, backend, policy: Comm
     return GroupContext(name, group, ranks.index(dist.get_rank()), len(ranks), ranks, device, backend, policy, health)
 
 
+def _timed_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...],
+                timeout_s: float | None) -> "DeviceMesh":
+    """``init_device_mesh(device_type, shape, mesh_dim_names=names)``, but every dimension's
+    process groups get the job's timeout: groups torch creates for a mesh wait its default 30
+    minutes whatever the world group's timeout is, so a stopped peer would hang dp / tp / pp
+    collectives that long instead of ``comms_timeout``."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    rank = dist.get_rank()
+    grid = torch.arange(dist.get_world_size()).view(shape)
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
+    mine = []
+    for d, size in enumerate(shape):  # every rank creates every group, in the same order
+        for row in grid.movedim(d, -1).reshape(-1, size).tolist():
+            group = dist.new_group(row, timeout=timeout)
+            if rank in row:
+                mine.append(group)
+    return DeviceMesh.from_group(mine, device_type, mesh=grid, mesh_dim_names=names)
+
+
 def _mesh_context(mesh: "DeviceMesh | None", policy: CommPolicy, device: torch.device, backend,
-                  local_rank: int, health: RankHealth | None, pp: int = 1, tp: int = 1) -> ParallelContext:
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+                  local_rank: int, health: RankHealth | None, pp: int = 1, tp: int = 1,
+                  timeout_s: float | None = None) -> ParallelContext:
+    from torch.distributed.device_mesh import DeviceMesh
 
     rank, world = dist.get_rank(), dist.get_world_size()
     if mesh is None and pp * tp > 1:  # [Note: parallel context]: DeepSpeed's (pp, dp, tp) layout
         if world % (pp * tp):
             raise UsageError(f"the job has {world} ranks, which pipeline stages x tensor parallel = {pp} x {tp} "
                              f"= {pp * tp} does not divide; use a world size that is a multiple of {pp * tp}")
-        mesh = init_device_mesh(device.type, (pp, world // (pp * tp), tp), mesh_dim_names=(PP, DP, TP))
+        mesh = _timed_mesh(device.type, (pp, world // (pp * tp), tp), (PP, DP, TP), timeout_s)
     if mesh is None:  # the default: one "dp" dimension over the whole world, on torch's default group
         mesh = DeviceMesh.from_group(dist.group.WORLD, device.type, mesh_dim_names=(DP,))
     mesh_dp_size(mesh)  # a DeviceMesh with a "dp" dimension
@@ -299,14 +320,15 @@ def resolve_timeout(config_s: float | None, env: "os._Environ[str] | dict[str, s
 
 
 def _context_from_group(allow_reduce_scatter: bool, health: RankHealth | None = None,
-                        mesh: "DeviceMesh | None" = None, pp: int = 1, tp: int = 1) -> ParallelContext:
+                        mesh: "DeviceMesh | None" = None, pp: int = 1, tp: int = 1,
+                        timeout_s: float | None = None) -> ParallelContext:
     rank = dist.get_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device, kind = pick_device(local_rank, backend=str(dist.get_backend()))
     if kind == "nccl":
         torch.cuda.set_device(device)
     policy = CommPolicy.for_backend(kind, reduce_scatter=allow_reduce_scatter)
-    return _mesh_context(mesh, policy, device, kind, local_rank, health, pp, tp)
+    return _mesh_context(mesh, policy, device, kind, local_rank, health, pp, tp, timeout_s)
 
 
 _QUIESCE_REGISTERED = False
@@ -344,7 +366,7 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
     if dist.is_available() and dist.is_initialized():
         _register_quiesce()
         health = _HEALTH[1] if _HEALTH is not None and _HEALTH[0] is dist.group.WORLD else None
-        return _context_from_group(allow_reduce_scatter, health, mesh=mesh, pp=pp, tp=tp)
+        return _context_from_group(allow_reduce_scatter, health, mesh=mesh, pp=pp, tp=tp, timeout_s=timeout_s)
     if mesh is not None:
         raise UsageError("initialize(mesh=...) needs the process group that built the mesh; none is "
                          "initialised in this process")
@@ -408,7 +430,7 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
         health.start_heartbeat()
     _HEALTH = (dist.group.WORLD, health)  # for a later init_context on this group (initialize() after
     # shardwise.init_distributed())
-    return _context_from_group(allow_reduce_scatter, health, pp=pp, tp=tp)
+    return _context_from_group(allow_reduce_scatter, health, pp=pp, tp=tp, timeout_s=timeout_s)
 
 
 def subgroup_contexts(ctx: ParallelContext, name: str, groups: "list[list[int]]") -> GroupContext | None:

@@ -67,7 +67,7 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
     The backend is chosen in one place (NCCL with CUDA, else gloo): a different
     ``dist_backend`` is refused. MPI discovery, ``init_method`` and explicit ranks are
     DeepSpeed options for launchers shardwise does not use; they are refused if set."""
-    from shardwise.comm.context import init_context, pick_device
+    from shardwise.comm.context import init_context, pick_device, resolve_timeout
     from shardwise.errors import UsageError
 
     if dist.is_available() and dist.is_initialized():
@@ -81,7 +81,8 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
                          "machine (NCCL with CUDA, gloo on CPU); drop the argument")
     if "RANK" not in os.environ:
         return  # one plain process: nothing to join (initialize() runs single-process too)
-    init_context(timeout_s=timeout.total_seconds() if timeout is not None else None)
+    # SHARDWISE_TIMEOUT, if set, wins over timeout= (as it wins over the config's comms_timeout)
+    init_context(timeout_s=resolve_timeout(timeout.total_seconds() if timeout is not None else None))
 
 
 def is_initialized() -> bool:
