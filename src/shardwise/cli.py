@@ -99,9 +99,10 @@ COMMANDS: dict[str, Command] = {
     "run": Command("run a training script on every rank (through torchrun)", _run),
     "env": Command("show python, torch, CUDA, the backend that would be used and CPUs", _env),
     "checkpoint": Command("checkpoint info (verify) / export (Hugging Face safetensors)", _checkpoint),
-    "estimate": Command("per-rank memory of ZeRO stages 0-3 (device, host, disk per offload choice)", _estimate),
+    "estimate": Command("per-rank memory of ZeRO stages 0-3 (device, host, disk per offload choice; "
+                        "--tp/--pp: on a 3-D mesh)", _estimate),
     "plan": Command("dry-run a config + model at N ranks: bytes per rank, units, comm, fits; --fit: "
-                    "cheapest stage + offload", _plan),
+                    "cheapest stage + offload; --tp/--pp: per dimension on a 3-D mesh", _plan),
     "report": Command("a PNG of a monitored run's curves and a Markdown summary (RUN_DIR: its log dir)",
                       lambda argv: __import__("shardwise.monitor.report", fromlist=["main"]).main(argv)),
     "zero_to_fp32": Command("the whole fp32 model of a checkpoint as safetensors (DeepSpeed's zero_to_fp32.py)",

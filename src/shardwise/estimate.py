@@ -24,13 +24,14 @@ For transformers only: the bytes autograd keeps from one micro-batch's forward f
 backward (what ``saved_tensors_hooks`` sees, each storage once). A pre-norm block with fused
 attention (torch's ``scaled_dot_product_attention``, no attention matrix kept) and no dropout
 keeps 16 ``s*b*h`` tensors' worth in the compute dtype: its input, the two norm outputs, Q, K,
-V, the attention output before and after the head merge, the residual sum, the MLP's 4h input
-and GELU output (Korthikanti et al. 2022's 34 ``sbh`` bytes at 16-bit, less the dropout masks
+V, the attention output (its head merge is a view), the residual sum, the MLP's 4h input and
+GELU output (under tensor parallelism: ``memory_model.block_activation_bytes``) (Korthikanti et al. 2022's 34 ``sbh`` bytes at 16-bit, less the dropout masks
 and the ``5 a s / h`` attention matrix that fused kernels do not store), plus fp32 norm
 statistics (``4 s b``) and the attention's log-sum-exp (``a s b``). A checkpointed block keeps
 only its input (``s*b*h``); its 16 are rebuilt for one block at a time during backward (a
 transient of one block, not counted). Outside the blocks: the final norm's input and output,
-the fp32 log-softmax of the logits (``s*b*vocab*4``) and the token ids. Models with dropout
+the fp32 log-softmax of the logits (``s*b*vocab*4``), the token ids and targets and the
+loss's 4-byte total weight. Models with dropout
 keep a 1-byte mask per dropped element more. Measured on the example GPT within 1% at fp32
 (tests/unit/test_activation_estimate.py). ``None`` when micro-batch, sequence length or the
 model's shape is not known.
@@ -53,7 +54,8 @@ import torch.nn as nn
 from shardwise.errors import UsageError
 from shardwise.memory_model import (ALIGN, BUCKET_NUMEL, DTYPE_BYTES, OPTIMIZER_STATES, PERSISTENCE_THRESHOLD,
                                     Offload, RankElements, bucket_layouts, layout_states, model_state_bytes,
-                                    offload_choices, offload_states, result, states_per_element, trainable_params)
+                                    offload_choices, offload_states, result, states_per_element, trainable_params,
+                                    transformer_activation_bytes)
 
 FIELDS = ("params", "grads", "master_params", "optimizer_state", "activations", "total")
 ModelLike = Union[int, float, nn.Module, Callable[[], nn.Module]]
@@ -91,11 +93,9 @@ def activation_bytes(shape: TransformerShape | None, micro_batch: int | None, se
     every k-th block keeps only its input; 0: no checkpointing."""
     if shape is None or not micro_batch or not seq_len:
         return None
-    s, b, h, a, d = seq_len, micro_batch, shape.hidden, shape.heads, DTYPE_BYTES[precision]
     kept = shape.layers // checkpoint_every if checkpoint_every > 0 else 0
-    full_layer = 16 * s * b * h * d + 4 * s * b * 4 + a * s * b * 4
-    outside = 2 * s * b * h * d + 2 * s * b * 4 + (s * b * shape.vocab * 4 if shape.vocab else 0) + (2 * b + 1) * s * 8
-    return int((shape.layers - kept) * full_layer + kept * s * b * h * d + outside)
+    return transformer_activation_bytes(shape.layers, seq_len, micro_batch, shape.hidden, shape.heads, shape.vocab,
+                                        DTYPE_BYTES[precision], kept)
 
 
 def _check(world_size: int, stage: int, precision: str) -> None:
@@ -375,6 +375,8 @@ class PlanningConfig:
     checkpoint_every: int  # activation checkpointing of every k-th block; 0: none
     # zero_optimization.offload_optimizer / offload_param / sub_group_size (none when absent)
     offload: Offload = field(default_factory=Offload)
+    parallel: Any = None  # the plan's ParallelPlan (pp, dp, tp, pipeline, tensor)
+    partition_activations: bool = False  # activation_checkpointing.partition_activations
 
 
 def _offload_from_plan(plan: Any) -> Offload | None:
@@ -430,10 +432,11 @@ def _offload_from_doc(doc: dict[str, Any]) -> Offload:
                    opt.get("pipeline_write") is True or opt.get("pipeline") is True)
 
 
-def planning_config(path: str, world_size: int) -> PlanningConfig:
+def planning_config(path: str, world_size: int, *, tp: int | None = None, pp: int | None = None) -> PlanningConfig:
     """Resolve a config at ``world_size`` with ``shardwise.config.load_config`` (so batch sizes
     that do not divide at N raise its ConfigError). The offload settings come from the
-    validated plan's ``offload`` when it has one, else from the raw document."""
+    validated plan's ``offload`` when it has one, else from the raw document. ``tp`` / ``pp``
+    override ``tensor_parallel.autotp_size`` / ``pipeline.stages``."""
     from shardwise.config import load_config
 
     try:
@@ -441,6 +444,10 @@ def planning_config(path: str, world_size: int) -> PlanningConfig:
             doc = json.load(f)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read config {path}: {exc}") from None
+    if tp is not None:
+        doc["tensor_parallel"] = {**(doc.get("tensor_parallel") or {}), "autotp_size": tp}
+    if pp is not None:
+        doc["pipeline"] = {**(doc.get("pipeline") or {}), "stages": pp}
     plan = load_config(doc, world_size=world_size)
     offload = _offload_from_plan(plan) or _offload_from_doc(doc)
     stage, threshold = plan.zero.stage, plan.zero.stage3.param_persistence_threshold
@@ -450,7 +457,8 @@ def planning_config(path: str, world_size: int) -> PlanningConfig:
     return PlanningConfig(stage, plan.precision.compute, plan.precision.grads, opt, plan.zero.reduce_bucket_size,
                           plan.batch.micro_batch_size, plan.batch.gradient_accumulation_steps, int(threshold),
                           plan.activation_checkpointing.every if plan.activation_checkpointing.modules else 0,
-                          offload)
+                          offload, getattr(plan, "parallel", None),
+                          bool(getattr(plan.activation_checkpointing, "partition_activations", False)))
 
 
 def add_world_args(p: argparse.ArgumentParser) -> None:
@@ -489,9 +497,12 @@ def main(argv: list[str]) -> int:
     for name in ("layers", "hidden", "heads", "vocab"):
         p.add_argument(f"--{name}", type=int, help=f"transformer {name} (with --params, for activations)")
     add_offload_args(p)
+    p.add_argument("--tp", type=int, help="tensor-parallel size T (per-rank bytes on a pp x dp x tp mesh; default: "
+                   "the config's tensor_parallel.autotp_size, else 1)")
+    p.add_argument("--pp", type=int, help="pipeline stages P (default: the config's pipeline.stages, else 1)")
     args = p.parse_args(argv)
     world = world_from_args(args)
-    cfg = planning_config(args.config, world) if args.config else None
+    cfg = planning_config(args.config, world, tp=args.tp, pp=args.pp) if args.config else None
     base = offload_base(args, cfg)
     bandwidth = disk_bandwidth(args)
     kwargs: dict[str, Any] = {"precision": args.precision or (cfg.precision if cfg else "fp32"),
@@ -509,6 +520,17 @@ def main(argv: list[str]) -> int:
         kwargs.pop("persistence_threshold", None)
     else:
         model = build_on_meta(load_factory(args.model) if args.model else hf_factory(args.hf_config))
+    mem = parse_bytes(args.device_memory) if args.device_memory else None
+    par = getattr(cfg, "parallel", None)
+    tp, pp = (par.tp, par.pp) if par is not None else (args.tp or 1, args.pp or 1)
+    if tp > 1 or pp > 1:
+        from shardwise.planner_parallel import estimate_parallel, print_estimate_parallel
+
+        kwargs.pop("shape", None)
+        out = estimate_parallel(model, world, tp, pp, gradient_accumulation_steps=(
+            cfg.gradient_accumulation_steps if cfg else 1), **kwargs)
+        print(json.dumps(out)) if args.json else print_estimate_parallel(out, mem)
+        return 0
     out = estimate_all(model, world, **kwargs)
     gas = cfg.gradient_accumulation_steps if cfg else 1
     tiers = [{**r, "io_seconds": io_seconds(r, bandwidth)}
@@ -518,7 +540,6 @@ def main(argv: list[str]) -> int:
                       "disk_bandwidth_gbps": None if bandwidth is None else {"read": bandwidth[0],
                                                                              "write": bandwidth[1]},
                       "rows": tiers}
-    mem = parse_bytes(args.device_memory) if args.device_memory else None
     if args.json:
         print(json.dumps(out))
         return 0

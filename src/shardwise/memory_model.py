@@ -84,7 +84,7 @@ gathers + p * (stored shards whose master is on the device) back after the step.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch.nn as nn
 
@@ -125,11 +125,20 @@ def trainable_params(model: nn.Module) -> tuple[list[nn.Parameter], int]:
 
 
 # -- stages 0-2 ---------------------------------------------------------------------------------
-def bucket_layouts(model: nn.Module, world_size: int, bucket_numel: int = BUCKET_NUMEL) -> list[BucketLayout]:
+def norm_key(p: nn.Parameter, duplicates: Collection[int]) -> float:
+    """The gradient-norm weight buckets are homogeneous in ([Note: norm over the mesh] in
+    shardwise/parallel_norm.py): 0 for a parameter another model-parallel rank counts."""
+    return 0.0 if id(p) in duplicates else 1.0
+
+
+def bucket_layouts(model: nn.Module, world_size: int, bucket_numel: int = BUCKET_NUMEL,
+                   duplicates: Collection[int] = frozenset()) -> list[BucketLayout]:
     """The buckets :class:`shardwise.strategy.FlatBucketStrategy` builds for ``model`` (one
-    param group; all floating-point parameters share the compute dtype and device)."""
+    param group; all floating-point parameters share the compute dtype and device; keyed by
+    norm weight: ``duplicates``, ids of parameters another tp / pp rank counts in the norm)."""
     trainable, _ = trainable_params(model)
-    return assign_buckets([p.numel() for p in trainable], [(0, "compute", "device")] * len(trainable),
+    return assign_buckets([p.numel() for p in trainable],
+                          [(0, "compute", "device", norm_key(p, duplicates)) for p in trainable],
                           bucket_numel, world_size, ALIGN)
 
 
@@ -161,7 +170,8 @@ class Stage3Buffer:
 
 
 def stage3_buffers(model: nn.Module, world_size: int, persistence_threshold: int = PERSISTENCE_THRESHOLD,
-                   unit_classes: Sequence[type | str] | None = None) -> list[Stage3Buffer]:
+                   unit_classes: Sequence[type | str] | None = None,
+                   duplicates: Collection[int] = frozenset()) -> list[Stage3Buffer]:
     """The flat buffers ``zero/stage3.py``'s ``apply_stage3`` builds for ``model`` (one param
     group): per fetch unit its parameters of at least ``persistence_threshold`` elements, the
     smaller ones of every unit in the resident unit; trainable and frozen ones apart."""
@@ -178,9 +188,9 @@ def stage3_buffers(model: nn.Module, world_size: int, persistence_threshold: int
         units.append(("<persistent>", small, True))
     out = []
     for name, params, resident in units:
-        keys = [p.requires_grad for p in params]
+        keys = [(p.requires_grad, norm_key(p, duplicates)) for p in params]
         for lay in assign_buckets([p.numel() for p in params], keys, _NO_SPLIT, world_size, ALIGN):
-            out.append(Stage3Buffer(name or ROOT, lay, bool(lay.group_key), resident))
+            out.append(Stage3Buffer(name or ROOT, lay, bool(lay.group_key[0]), resident))
     return out
 
 
@@ -477,13 +487,16 @@ class RankLayout:
 
 def rank_layout(model: nn.Module, world_size: int, stage: int, *, rank: int = 0, bucket_numel: int = BUCKET_NUMEL,
                 persistence_threshold: int = PERSISTENCE_THRESHOLD,
-                unit_classes: Sequence[type | str] | None = None) -> RankLayout:
+                unit_classes: Sequence[type | str] | None = None, duplicates: Collection[int] = frozenset()
+                ) -> RankLayout:
     """``rank``'s layout of ``model`` at ``stage`` (the strategies' layout calls, nothing allocated)."""
     if stage == 3:
         return RankLayout(3, world_size, rank,
-                          buffers=tuple(stage3_buffers(model, world_size, persistence_threshold, unit_classes)))
+                          buffers=tuple(stage3_buffers(model, world_size, persistence_threshold, unit_classes,
+                                                       duplicates)))
     _, frozen = trainable_params(model)
-    return RankLayout(stage, world_size, rank, layouts=tuple(bucket_layouts(model, world_size, bucket_numel)),
+    return RankLayout(stage, world_size, rank, layouts=tuple(bucket_layouts(model, world_size, bucket_numel,
+                                                                           duplicates)),
                       frozen_numel=frozen)
 
 
@@ -491,17 +504,19 @@ def rank_layout(model: nn.Module, world_size: int, stage: int, *, rank: int = 0,
 def _layout_model(stage: int) -> Callable[..., dict[str, int | None]]:
     def states(model: nn.Module, world_size: int, precision: str, optimizer: str, *, rank: int,
                bucket_numel: int, persistence_threshold: int, unit_classes: Sequence[type | str] | None,
-               grad_precision: str | None, activations: int | None) -> dict[str, int | None]:
+               grad_precision: str | None, activations: int | None,
+               duplicates: Collection[int] = frozenset()) -> dict[str, int | None]:
         _, frozen = trainable_params(model)
-        return layout_states(bucket_layouts(model, world_size, bucket_numel), frozen, world_size, stage,
+        return layout_states(bucket_layouts(model, world_size, bucket_numel, duplicates), frozen, world_size, stage,
                              precision, optimizer, rank, activations, grad_precision)
     return states
 
 
 def _stage3_model(model: nn.Module, world_size: int, precision: str, optimizer: str, *, rank: int,
                   bucket_numel: int, persistence_threshold: int, unit_classes: Sequence[type | str] | None,
-                  grad_precision: str | None, activations: int | None) -> dict[str, int | None]:
-    return stage3_buffer_states(stage3_buffers(model, world_size, persistence_threshold, unit_classes),
+                  grad_precision: str | None, activations: int | None,
+                  duplicates: Collection[int] = frozenset()) -> dict[str, int | None]:
+    return stage3_buffer_states(stage3_buffers(model, world_size, persistence_threshold, unit_classes, duplicates),
                                 world_size, precision, optimizer, rank, activations, grad_precision)
 
 
@@ -514,7 +529,8 @@ def model_state_bytes(model: nn.Module, world_size: int, stage: int, precision: 
                       persistence_threshold: int = PERSISTENCE_THRESHOLD,
                       unit_classes: Sequence[type | str] | None = None, grad_precision: str | None = None,
                       activations: int | None = None, offload: Offload | None = None,
-                      gradient_accumulation_steps: int = 1) -> dict[str, int | None]:
+                      gradient_accumulation_steps: int = 1,
+                      duplicates: Collection[int] = frozenset()) -> dict[str, int | None]:
     """``rank``'s bytes at ``stage`` for ``model`` (see [Note: memory model]); the keys of
     ``memory_report()`` plus ``activations`` (passed through, counted in ``total``). With
     ``offload`` (even ``Offload()``, no offload), the device keys count what stays on the
@@ -524,12 +540,74 @@ def model_state_bytes(model: nn.Module, world_size: int, stage: int, precision: 
         raise UsageError(f"rank must be in [0, {world_size}), got {rank!r}")
     if offload is not None:
         layout = rank_layout(model, world_size, stage, rank=rank, bucket_numel=bucket_numel,
-                             persistence_threshold=persistence_threshold, unit_classes=unit_classes)
+                             persistence_threshold=persistence_threshold, unit_classes=unit_classes,
+                             duplicates=duplicates)
         return layout.with_offload(offload, precision, optimizer, grad_precision, activations,
                                    gradient_accumulation_steps)
     return MEMORY_MODELS[stage](model, world_size, precision, optimizer, rank=rank, bucket_numel=bucket_numel,
                                 persistence_threshold=persistence_threshold, unit_classes=unit_classes,
-                                grad_precision=grad_precision, activations=activations)
+                                grad_precision=grad_precision, activations=activations, duplicates=duplicates)
+
+
+# -- tensor and pipeline parallelism ([Note: parallel memory model] in shardwise/planner_parallel.py) ----
+def tp_shard_dim(kind: str, param: str, style: str) -> int | None:
+    """The dimension torch's ``ColwiseParallel`` / ``RowwiseParallel`` shard a parameter on, None
+    where it stays replicated (a rowwise Linear's bias, every LayerNorm / sequence_parallel
+    parameter): Linear colwise weight and bias 0, rowwise weight 1; Embedding colwise 1, rowwise 0."""
+    style = {"colwise_gather_output": "colwise", "rowwise_from_replicated": "rowwise"}.get(style, style)
+    if style not in ("colwise", "rowwise"):  # replicate, sequence_parallel
+        return None
+    if kind == "Embedding":
+        return 1 if style == "colwise" else 0
+    if kind == "Linear":
+        return 0 if style == "colwise" else (1 if param == "weight" else None)
+    return None
+
+
+def tp_chunk(n: int, tp: int, tp_rank: int) -> int:
+    """Elements of ``tp_rank``'s piece of a dimension of ``n`` (DTensor's ``Shard``: torch.chunk sizes)."""
+    size = -(-n // tp)
+    lo = min(tp_rank * size, n)
+    return min(lo + size, n) - lo
+
+
+def in_flight(schedule: str, pp: int, stage: int, micro_batches: int) -> int:
+    """Micro-batches whose activations a pipeline stage holds at once: GPipe all of them; the
+    1F1B family (1F1B, interleaved, zero-bubble: warm-up depth) min(pp - stage, m)."""
+    return micro_batches if schedule == "GPipe" else max(1, min(pp - stage, micro_batches))
+
+
+def block_activation_bytes(seq: int, batch: int, hidden: int, heads: int, pb: int, tp: int = 1,
+                           sequence_parallel: bool = False) -> int:
+    """One pre-norm block's saved bytes for one micro-batch on tp rank 0 ([Note: activation
+    estimate] in estimate.py): of its 16 s*b*h tensors the block input, the two norm outputs and
+    the residual are whole on every tp rank (sequence_parallel: the two norm inputs and the fp32
+    norm statistics over s/tp too); q, k, v, the attention output, the MLP's 4h input and GELU
+    output (12) hold the local heads / columns, the log-sum-exp the local heads."""
+    sb, h_loc, a_loc = seq * batch, tp_chunk(hidden, tp, 0), tp_chunk(heads, tp, 0)
+    s_loc = tp_chunk(seq, tp, 0) * batch if sequence_parallel else sb
+    return (2 * s_loc * hidden + 2 * sb * hidden + 12 * sb * h_loc) * pb + 4 * s_loc * 4 + a_loc * sb * 4
+
+
+def transformer_activation_bytes(layers: int, seq: int, batch: int, hidden: int, heads: int, vocab: int | None,
+                                 pb: int, checkpointed: int = 0, tp: int = 1, sequence_parallel: bool = False,
+                                 partition_activations: bool = False, first: bool = True,
+                                 last: bool = True, kept_inputs: int | None = None) -> int:
+    """Saved bytes of ``layers`` blocks (``checkpointed`` of them keep only their input, / tp with
+    ``partition_activations``) for one micro-batch; ``first``: the token / position ids of the
+    embeddings; ``last``: the final norm's input and output, its fp32 statistics, the fp32
+    log-softmax of the (replicated) logits, the targets and the loss's 4-byte total weight.
+    ``kept_inputs``: inputs kept when not one per checkpointed block (a pipeline's chunks of k
+    layers: ceil(blocks / k))."""
+    sb = seq * batch
+    kept_input = (tp_chunk(sb * hidden, tp, 0) if partition_activations else sb * hidden) * pb
+    out = (layers - checkpointed) * block_activation_bytes(seq, batch, hidden, heads, pb, tp, sequence_parallel)
+    out += (checkpointed if kept_inputs is None else kept_inputs) * kept_input
+    if first:
+        out += (sb + seq) * 8
+    if last:
+        out += 2 * sb * hidden * pb + 2 * sb * 4 + (sb * vocab * 4 if vocab else 0) + sb * 8 + 4
+    return int(out)
 
 
 __all__ = ["DTYPE_BYTES", "ALIGN", "BUCKET_NUMEL", "PERSISTENCE_THRESHOLD", "OPTIMIZER_STATES", "MEMORY_MODELS",
@@ -539,4 +617,7 @@ __all__ = ["DTYPE_BYTES", "ALIGN", "BUCKET_NUMEL", "PERSISTENCE_THRESHOLD", "OPT
            "OFFLOAD_DEVICES", "OFFLOAD_KEYS", "TRAFFIC_KEYS", "SUB_GROUP_SIZE", "OPTIMIZER_BUFFER_COUNT",
            "PARAM_BUFFER_COUNT", "PARAM_BUFFER_SIZE", "MAX_IN_CPU", "Offload", "offload_choices", "RankElements",
            "layout_elements", "stage3_elements", "offloaded_flags", "tile_pool_bytes", "offload_states", "RankLayout",
-           "rank_layout", "PAGE"]
+           "rank_layout", "PAGE",
+           # tensor / pipeline parallelism
+           "tp_shard_dim", "tp_chunk", "in_flight", "block_activation_bytes",
+           "transformer_activation_bytes"]

@@ -9,6 +9,9 @@ arithmetic on element counts and the world size, so no process group is needed: 
 chunk of every buffer is ``chunk_range(r, N)``; ranks 0 and N-1 are evaluated for the
 max/min (equal by construction: every buffer is padded to a multiple of ``N * 16``).
 
+With ``--tp T --pp P`` (or a config with ``tensor_parallel`` / ``pipeline``) the plan is of the
+(pp, dp, tp) mesh: [Note: parallel memory model] in ``planner_parallel.py``.
+
 [Note: plan figures]
 - ``comm_bytes_per_step``: bytes of the buffers the collectives operate on, summed over one
   optimizer step (``gradient_accumulation_steps`` micro-steps) as seen by one rank. On the wire
@@ -52,7 +55,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch.nn as nn
 
@@ -153,11 +156,12 @@ def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str 
                seq_len: int | None = None, persistence_threshold: int = PERSISTENCE_THRESHOLD,
                unit_classes: Sequence[type | str] | None = None, device_memory: int | None = None,
                grad_precision: str | None = None, checkpoint_every: int = 0,
-               offload: Offload | None = None) -> PlanReport:
+               offload: Offload | None = None, duplicates: Collection[int] = frozenset()) -> PlanReport:
     """Plan ``model`` (build it on the meta device) at ``world_size`` ranks; see [Note: plan figures].
     ``grad_precision``: the gradient dtype (default ``precision``); ``checkpoint_every``: activation
     checkpointing of every k-th block (0: none); ``offload``: an offload choice applied to the
-    model states ([Note: offload in the memory model]; None or no offload: as without)."""
+    model states ([Note: offload in the memory model]; None or no offload: as without);
+    ``duplicates``: ids of parameters another tp / pp rank counts in the norm (kept in own buckets)."""
     t0 = time.perf_counter()
     pb, gas = DTYPE_BYTES[precision], gradient_accumulation_steps
     grad_precision = grad_precision or precision
@@ -171,7 +175,7 @@ def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str 
         units = fetch_units(model, unit_classes=unit_classes, persistence_threshold=persistence_threshold,
                             trainable_only=True)
         numels = [u.numel for u in units]
-        buffers = stage3_buffers(model, world_size, persistence_threshold, unit_classes)
+        buffers = stage3_buffers(model, world_size, persistence_threshold, unit_classes, duplicates)
         resident = [stage3_buffer_states(buffers, world_size, precision, optimizer, rank=r,
                                          grad_precision=grad_precision) for r in ranks]
         elements = [stage3_elements(buffers, world_size, r) for r in ranks]
@@ -193,7 +197,7 @@ def plan_model(model: nn.Module, world_size: int, stage: int, *, precision: str 
                 "larger device")
         unit_rows = [(u.name, u.numel) for u in units]
     else:
-        layouts = bucket_layouts(model, world_size, bucket_numel)
+        layouts = bucket_layouts(model, world_size, bucket_numel, duplicates)
         resident = [layout_states(layouts, frozen, world_size, stage, precision, optimizer, rank=r,
                                   grad_precision=grad_precision)
                     for r in ranks]
@@ -534,8 +538,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ranks-per-node", type=int,
                    help="ranks sharing one host's memory and disk (default: --gpus-per-node, else 1)")
     add_offload_args(p)
+    add_parallel_args(p)
     args = p.parse_args(argv)
     world = world_from_args(args)
+    if args.tp or args.pp or getattr(planning_config(args.config, world).parallel, "dp", world) != world:
+        return _main_parallel(args, world)
     classes = [c.strip() for c in args.fetch_units.split(",") if c.strip()] if args.fetch_units else None
     overrides = args.offload_ratio is not None or args.sub_group_size is not None
     base = offload_base(args, planning_config(args.config, world)) if overrides else None
@@ -561,6 +568,29 @@ def main(argv: list[str]) -> int:
         print(json.dumps(report.to_json()))
     else:
         _print(report)
+    return 0
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, help="tensor-parallel size T (tensor_parallel.autotp_size)")
+    p.add_argument("--pp", type=int, help="pipeline stages P (pipeline.stages)")
+    p.add_argument("--schedule", help="pipeline.schedule (1F1B, GPipe, Interleaved1F1B, ...)")
+    p.add_argument("--partition", help="pipeline.partition: parameters, uniform or type:<regex>")
+
+
+def _main_parallel(args: argparse.Namespace, world: int) -> int:
+    """``shardwise plan --tp T --pp P``: [Note: parallel memory model] in planner_parallel.py."""
+    from shardwise.planner_parallel import plan_job_parallel, print_parallel
+
+    if args.fit or args.params is not None or args.fetch_units:
+        raise UsageError("--fit, --params and --fetch-units plan data parallelism only; drop --tp/--pp")
+    r = plan_job_parallel(args.config, args.model, world, tp=args.tp, pp=args.pp, stage=args.stage,
+                          schedule=args.schedule, partition=args.partition, seq_len=args.seq,
+                          device_memory=parse_bytes(args.device_memory) if args.device_memory else None)
+    if args.json:
+        print(json.dumps(r.to_json()))
+    else:
+        print_parallel(r)
     return 0
 
 

@@ -89,7 +89,7 @@ def test_activation_formula():
     the figure against what autograd saves."""
     shape = TransformerShape(layers=2, hidden=64, heads=4, vocab=None)
     s, b = 32, 3
-    ints = (2 * b + 1) * s * 8
+    ints = (2 * b + 1) * s * 8 + 4  # token / position ids and targets; the loss's fp32 total weight
     layer16 = 16 * s * b * 64 * 2 + 4 * s * b * 4 + 4 * s * b * 4
     outside16 = 2 * s * b * 64 * 2 + 2 * s * b * 4 + ints
     assert activation_bytes(shape, b, s, "bf16") == 2 * layer16 + outside16

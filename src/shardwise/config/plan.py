@@ -123,7 +123,7 @@ class ActivationCheckpointingPlan:
     modules: str | tuple[str, ...] | None
     every: int
     cpu_checkpointing: bool
-    partition_activations: bool = False  # kept inputs split over tp ([Note: partitioned activations])
+    partition_activations: bool  # kept inputs split over tp ([Note: partitioned activations] in checkpointing.py)
 
 
 @dataclass(frozen=True)
