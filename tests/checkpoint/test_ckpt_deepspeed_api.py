@@ -161,7 +161,7 @@ def test_client_state_round_trip_and_rng_draws(tmp_path):
             elif name == "manifest.json":
                 json.loads(data, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))
     doc = C.read_doc(path)
-    assert doc["format_version"] == 4 and len(doc["client_tensors"]["tensors"]) == 16
+    assert doc["format_version"] == 5 and len(doc["client_tensors"]["tensors"]) == 16  # format 5: client state as format 4
     # the new file is verified like the shards: a flipped bit fails the load, nothing changes
     client_file = os.path.join(path, "client_state.safetensors")
     data = bytearray(open(client_file, "rb").read())

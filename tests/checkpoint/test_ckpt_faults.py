@@ -108,7 +108,7 @@ def test_unknown_format_version(saved):
     doc = json.load(open(manifest))
     doc["format_version"] = 99
     json.dump(doc, open(manifest, "w"))
-    assert "reads versions [1, 2, 3, 4]" in _load_fails(d, "format version 99")
+    assert "reads versions [1, 2, 3, 4, 5]" in _load_fails(d, "format version 99")
 
 
 def test_other_model_is_a_named_error(saved):

@@ -234,16 +234,19 @@ def test_format1_fixture_still_loads(tmp_path):
     _fails(tmp_path / "v1", r"is I32 of shape", extra=False)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_format2_fixture_still_loads_bitwise(tmp_path, stage):
+@pytest.mark.parametrize("fixture,stage", [("format2", 0), ("format2", 3), ("format4", 3)])
+def test_format2_fixture_still_loads_bitwise(tmp_path, fixture, stage):
     """``fixtures/format2`` was written by the format-2 code (``fixtures/make_fixture.py format2
     --world 2 --stage 1``: ``W.small_engine(seed=0, steps=2, extra=True)`` at 2 ranks, ZeRO-1),
-    before format 3; ``format2_expected.*`` hold its state. Loaded at world 1, ZeRO 0 and 3."""
-    shutil.copytree(os.path.join(FIXTURES, "format2"), tmp_path / "v2")
+    before format 3; ``fixtures/format4`` by the format-4 code (commit 522f7bb, ``make_fixture.py
+    format4 --world 2 --stage 2``), before format 5's n-d pieces; ``<name>_expected.*`` hold
+    their state. Loaded at world 1, ZeRO 0 and 3."""
+    shutil.copytree(os.path.join(FIXTURES, fixture), tmp_path / "v2")
     doc = C.read_doc(tmp_path / "v2" / TAG)
-    assert (doc["format_version"], doc["world_size"], doc["zero_stage"]) == (2, 2, 1)
-    expected = load_file(os.path.join(FIXTURES, "format2_expected.safetensors"))
-    with open(os.path.join(FIXTURES, "format2_expected.json")) as f:
+    assert (doc["format_version"], doc["world_size"], doc["zero_stage"]) == \
+        ((2, 2, 1) if fixture == "format2" else (4, 2, 2))
+    expected = load_file(os.path.join(FIXTURES, f"{fixture}_expected.safetensors"))
+    with open(os.path.join(FIXTURES, f"{fixture}_expected.json")) as f:
         meta = json.load(f)
     engine, model = W.small_engine(seed=3, steps=1, stage=stage, extra=True)
     engine.load_checkpoint(tmp_path / "v2")
@@ -275,12 +278,17 @@ def test_format3_manifest_is_merged_from_every_rank(two_rank):
     entry from rank 1's pieces; the piece identity covers the global shape."""
     root, _ = two_rank
     doc = C.read_doc(root / "pristine" / TAG)
-    assert doc["format_version"] == M.FORMAT_VERSION == 4  # format 4 lays pieces out as format 3
+    assert doc["format_version"] == M.FORMAT_VERSION == 5  # format 5: n-d pieces (whole-tensor blocks here)
     owners = {name: {p["rank"] for p in t["pieces"]} for name, t in doc["tensors"].items()}
     assert owners["frozen"] == owners["scale"] == {0} and owners["gate"] == {0, 1}
     assert any(ranks == {1} for name, ranks in owners.items()), owners
-    ident = M.piece_identity("w", "param", "param:w", "float32", 0, 4, [2, 2])
+    ident = M.piece_identity("w", "param", "param:w", "float32", 0, 4, [2, 2], version=4)
     assert json.loads(ident) == ["w", "param", "param:w", "float32", 0, 4, [2, 2]]
+    # format 5: the piece's block too (offsets, block shape; the whole tensor when not given)
+    assert json.loads(M.piece_identity("w", "param", "param:w", "float32", 0, 4, [2, 2])) == \
+        ["w", "param", "param:w", "float32", 0, 4, [2, 2], [0, 0], [2, 2]]
+    assert json.loads(M.piece_identity("w", "param", "param:w", "float32", 0, 2, [4, 2], offsets=[2, 0],
+                                       block=[1, 2])) == ["w", "param", "param:w", "float32", 0, 2, [4, 2], [2, 0], [1, 2]]
     assert json.loads(M.piece_identity("w", "param", "param:w", "float32", 0, 4, [2, 2], version=2)) == \
         ["w", "param", "param:w", "float32", 0, 4]
     assert M.piece_identity("w", "param", "param:w", "float32", 0, 4, [2, 2], version=1) == b""
@@ -291,7 +299,12 @@ def test_format3_shape_edit_fails_the_piece_checksum(ckpt):
     its own checksum recomputed) fails on the piece checksum even where the model is not asked."""
     from shardwise.checkpoint.reader import PieceReader
 
-    C.edit_doc(ckpt / TAG, lambda doc: doc["tensors"]["gate"].__setitem__("shape", [8, 8]))
+    def edit(doc):  # format 5 records each piece's block: edited alike, so the manifest stays consistent
+        doc["tensors"]["gate"]["shape"] = [8, 8]
+        for p in doc["tensors"]["gate"]["pieces"]:
+            p["offsets"], p["block"] = [0, 0], [8, 8]
+
+    C.edit_doc(ckpt / TAG, edit)
     m = M.read_manifest(str(ckpt / TAG))
     with PieceReader(str(ckpt / TAG), m) as reader, pytest.raises(CheckpointError, match="checksum mismatch"):
         reader.read("gate", "param", 0, 64)

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic save on every rank, verified load at any world size / ZeRO stage,
+"""Checkpoints: atomic save on every rank, verified load at any world size / ZeRO stage / mesh (dp, tp, pp),
 streaming consolidation and Hugging Face export. See manifest.py for the format."""
 from shardwise.checkpoint.load import load_checkpoint
 from shardwise.checkpoint.manifest import FORMAT_VERSION, SUPPORTED_VERSIONS, committed_tags, read_latest

@@ -43,7 +43,10 @@ def main(argv: list[str]) -> int:
     for row in report["tags"]:
         mark = "*" if row["tag"] == report["latest"] else " "
         if "step" in row:
-            print(f"{mark} {row['tag']}: step {row['step']}, world size {row['world_size']}, ZeRO stage "
+            mesh = row.get("mesh")
+            shown = f" (pp {mesh['pp']}, dp {mesh['dp']}, tp {mesh['tp']})" if mesh and (mesh["pp"] > 1 or mesh["tp"] > 1) \
+                else ""
+            print(f"{mark} {row['tag']}: step {row['step']}, world size {row['world_size']}{shown}, ZeRO stage "
                   f"{row['zero_stage']}, {row['dtype']}, {row['files']} files, {_human(row['bytes'])}"
                   + ("" if row["ok"] else f"  BAD: {row['problem']}")
                   + (" (verified)" if row["ok"] and not args.no_verify else ""))

@@ -230,7 +230,7 @@ def info(save_dir, verify: bool = True) -> dict:
         try:
             m = M.read_manifest(path)
             row |= {"step": m["counters"]["global_steps"], "world_size": m["world_size"],
-                    "zero_stage": m["zero_stage"], "dtype": m["compute_dtype"],
+                    "zero_stage": m["zero_stage"], "dtype": m["compute_dtype"], "mesh": m.get("mesh"),
                     "bytes": sum(f["size"] for f in m["files"].values()), "files": len(m["files"])}
             M.check_files(path, m)
             verify_files(path, m)

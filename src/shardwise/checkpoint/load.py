@@ -48,12 +48,13 @@ from shardwise.checkpoint import client_state as CS
 from shardwise.checkpoint import manifest as M
 from shardwise.checkpoint import rng
 from shardwise.checkpoint.files import dtype_from_name
-from shardwise.checkpoint.reader import PieceReader, verify_files
+from shardwise.checkpoint.reader import PieceReader, layout_text, verify_files
 from shardwise.checkpoint.agree import outcome, raise_failed
 from shardwise.checkpoint.save import join_timeout, require_one_replica
 from shardwise.comm.collectives import all_gather_object, broadcast_object, require_all_ranks
 from shardwise.errors import CheckpointError, UsageError
-from shardwise.zero.pieces import PARAM, regions, state_names
+from shardwise.checkpoint import nd as ND
+from shardwise.zero.pieces import PARAM, is_dtensor, mesh_size, regions, state_names
 
 log = logging.getLogger("shardwise")
 
@@ -75,8 +76,13 @@ class _Verified:
     unexpected: list[str]  # names only the checkpoint has (ignored)
 
 
+def is_stage(engine) -> bool:
+    """The engine's module is one pipeline stage (it holds a subset of the model's names)."""
+    return mesh_size(engine.ctx, "pp") > 1
+
+
 def _layout(m: dict) -> str:
-    return f"saved at world size {m['world_size']}, ZeRO stage {m['zero_stage']}, {m['compute_dtype']}"
+    return layout_text(m)
 
 
 def _check_optimizer(engine, m: dict) -> None:
@@ -162,7 +168,7 @@ def _check_state(engine, m: dict, with_optimizer: bool, module_only: bool, with_
         sched = engine.lr_scheduler
         if with_scheduler and sched is not None and m["lr_scheduler"] is not None:
             _check_scheduler(sched, m["lr_scheduler"], out)
-        rank = engine.ctx.dp.rank
+        rank = engine.ctx.rank  # one entry per saving rank of the mesh
         if rank < len(m["ranks"]):
             _check_rng(m["ranks"][rank]["rng"], f"ranks[{rank}].rng", out)
         loader = getattr(engine, "training_dataloader", None)
@@ -189,10 +195,14 @@ def _verify(engine, path: str, strict: bool) -> _Verified:
     M.check_files(path, m)
     verify_files(path, m)
     client = CS.load(path, m)
-    canonical, _ = state_names(engine.module)
+    canonical, own_aliases = state_names(engine.module)
     saved = m["tensors"]
-    missing = [n for n in canonical if n not in saved]
-    unexpected = [n for n in saved if n not in canonical]
+    aliases = m.get("aliases") or {}
+    missing = [n for n in canonical if n not in saved and aliases.get(n) not in saved]
+    # a pipeline stage's module holds its stage's names only ([Note: pieces on a mesh])
+    reached = set(canonical) | {aliases[n] for n in canonical if n in aliases} | \
+        {t for a, t in aliases.items() if a in own_aliases}
+    unexpected = [] if is_stage(engine) else [n for n in saved if n not in reached]
     if strict and (missing or unexpected):
         parts = []
         if missing:
@@ -220,7 +230,9 @@ def _current_values(module, names: list[str]) -> dict[str, torch.Tensor]:
     sharded = [canonical[n] for n in names if isinstance(canonical[n], ShardedParameter)]
     with GatheredParameters(sharded):
         whole, _ = state_names(module)  # inside: the module holds the gathered tensors
-        return {n: whole[n].detach().reshape(-1).cpu().clone() for n in names}
+        # a DTensor (tensor parallel) whole over tp: every tp rank has the same names
+        return {n: (whole[n].full_tensor() if is_dtensor(whole[n]) else whole[n]).detach().reshape(-1).cpu().clone()
+                for n in names}
 
 
 class _Lenient:
@@ -232,6 +244,7 @@ class _Lenient:
     def __init__(self, reader: PieceReader, engine, missing: list[str], unexpected: list[str],
                  current: dict[str, torch.Tensor]):
         self.reader, self.layout, self.current = reader, reader.layout, current
+        self.aliases, self.partial = reader.aliases, reader.partial
         saved = {k: v for k, v in reader.tensors.items() if k not in set(unexpected)}
         groups = {r.name: r.group for r in regions(engine.module, engine.strategy.buckets)}
         by_group: dict[int, dict] = {}
@@ -256,11 +269,16 @@ class _Lenient:
     def tensors(self) -> dict[str, dict]:
         return self._tensors
 
-    def read(self, name: str, kind: str, a: int, b: int) -> torch.Tensor:
+    def read(self, name: str, kind: str, a: int, b: int, block=None) -> torch.Tensor:
         if name not in self.current:
-            return self.reader.read(name, kind, a, b)
+            return self.reader.read(name, kind, a, b, block)
         if kind == PARAM:
-            return self.current[name][a:b].clone()
+            flat = self.current[name]
+            if block is None:
+                return flat[a:b].clone()
+            shape = self._tensors[name]["shape"]
+            return ND.assemble(f"param {name!r} of the model", shape, ND.Region(block[0], block[1], a, b),
+                               [ND.Region.whole(shape)], lambda _: flat, flat.dtype)
         entry = self._tensors[name]
         dtype = dtype_from_name(entry["state_dtypes"][kind]) if kind in entry["state_dtypes"] else \
             self._state_dtype[name]
@@ -278,6 +296,7 @@ def _stage(engine, path: str, with_optimizer: bool, module_only: bool = False,
     if with_optimizer:
         _check_optimizer(engine, m)
     with PieceReader(path, m) as reader:  # [Note: state pieces]: the strategy reads what its layout needs
+        reader.partial = is_stage(engine)
         source = reader if not (verified.missing or verified.unexpected) else \
             _Lenient(reader, engine, verified.missing, verified.unexpected, current[1])
         install = engine.strategy.load_pieces(engine.module, source, optimizer=with_optimizer,
@@ -313,7 +332,7 @@ def _apply(engine, staged: _Staged, with_optimizer: bool, module_only: bool, wit
     engine.skipped_steps, engine.micro_steps = c["skipped_steps"], c["micro_steps"]
     if with_scheduler and engine.lr_scheduler is not None and m["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(m["lr_scheduler"])
-    rank = engine.ctx.dp.rank
+    rank = engine.ctx.rank
     if rank < len(m["ranks"]):
         rng.restore(m["ranks"][rank]["rng"])
     loader = getattr(engine, "training_dataloader", None)

@@ -9,7 +9,8 @@ holds the newest committed tag (DeepSpeed's convention).
 
 The manifest lists, for every tensor of ``model.state_dict()`` (tied names as ``aliases``),
 its shape and dtypes and its *pieces*: which rank's file holds which element range
-``[start, stop)`` of the flattened tensor, under which key, with a crc32. Optimizer state
+``[start, stop)`` of the flattened tensor (from format 5 on: of the flattening of an n-d block
+of it, [Note: format 5]), under which key, with a crc32. Optimizer state
 that has one value per parameter element (Adam's ``exp_avg``, SGD's ``momentum_buffer``, ...)
 is stored in the same ranges, so any world size / ZeRO stage (stage 3 included: it only
 changes which ranges a rank holds) can read what it needs. Non-tensor state (counters, loss
@@ -44,6 +45,19 @@ left out). Its ``client_state`` is typed JSON (tuples, tensors, numpy arrays, no
 keys marked; :mod:`shardwise.checkpoint.client_state`), where earlier formats held plain JSON.
 Pieces are laid out and checksummed as in format 3.
 
+[Note: format 5]
+Format 5 (pipeline and tensor parallelism) makes a piece an n-d region ([Note: n-d pieces] in
+nd.py): each piece has ``offsets`` and ``block`` (its block within the tensor's global shape)
+and ``start``/``stop`` index that block's flattening; a tensor's pieces must tile it (blocks
+disjoint and covering the tensor, ranges covering each block). The piece identity covers the
+block too. The manifest records the saving ``mesh`` (``{"pp", "dp", "tp"}`` sizes; global
+rank = (pp_rank * dp + dp_rank) * tp + tp_rank) and ``world_size`` is the whole mesh's: there
+is one file and one ``ranks`` entry per global rank. ``tensors``, ``aliases`` and
+``state_dict_keys`` are merged from every rank (a pipeline stage's module holds its stage's
+names; tied copies on non-owning stages are aliases). Frozen tensors and buffers are
+written by dp rank 0 of their stage / tp shard. Formats 1-4 are read as whole-tensor blocks
+at a 1-D dp mesh.
+
 [Note: bounded reads]
 Only regular files (or symlinks to them) are read anywhere in a checkpoint, each bounded:
 ``latest`` at most ``MAX_LATEST_BYTES``, a manifest ``MAX_MANIFEST_BYTES``, a shard header
@@ -64,8 +78,8 @@ from shardwise.errors import CheckpointError
 from shardwise.zero.pieces import PARAM, piece_key
 
 FORMAT = "shardwise-checkpoint"
-FORMAT_VERSION = 4
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 MAX_LATEST_BYTES = 4096
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
@@ -90,13 +104,19 @@ def state_key(state: str, name: str) -> str:
 
 
 def piece_identity(name: str, kind: str, key: str, dtype: str, start: int, stop: int,
-                   shape: list[int] | None = None, version: int = FORMAT_VERSION) -> bytes:
+                   shape: list[int] | None = None, version: int = FORMAT_VERSION,
+                   offsets: list[int] | None = None, block: list[int] | None = None) -> bytes:
     """What a piece checksum covers besides the bytes (see [Note: piece identity]): nothing in
-    format 1; name, kind, key, dtype and range in format 2; and the tensor's global shape
-    from format 3 on."""
+    format 1; name, kind, key, dtype and range in format 2; the tensor's global shape from
+    format 3 on; and the piece's block (offsets and shape; the whole tensor when not given)
+    from format 5 on."""
     if version < 2:
         return b""
     fields = [name, kind, key, dtype, start, stop] + ([list(shape or [])] if version >= 3 else [])
+    if version >= 5:
+        shape = list(shape or [])
+        fields += [list(offsets) if offsets is not None else [0] * len(shape),
+                   list(block) if block is not None else shape]
     return json.dumps(fields, separators=(",", ":")).encode()
 
 

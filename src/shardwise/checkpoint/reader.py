@@ -24,6 +24,7 @@ from contextlib import ExitStack
 import torch
 
 from shardwise.checkpoint import manifest as M
+from shardwise.checkpoint import nd as ND
 from shardwise.checkpoint.files import dtype_from_name, open_regular, tensor_bytes
 from shardwise.errors import CheckpointError
 
@@ -165,6 +166,13 @@ class _ShardFile:
         return t
 
 
+def layout_text(m: dict) -> str:
+    """"saved at world size 4 (pp 1, dp 2, tp 2), ZeRO stage 1, float32": for messages."""
+    mesh = m.get("mesh")
+    shown = f" (pp {mesh['pp']}, dp {mesh['dp']}, tp {mesh['tp']})" if mesh and (mesh["pp"] > 1 or mesh["tp"] > 1) else ""
+    return f"saved at world size {m['world_size']}{shown}, ZeRO stage {m['zero_stage']}, {m['compute_dtype']}"
+
+
 class PieceReader:
     """``read(name, kind, a, b)``: elements ``[a, b)`` of flattened tensor ``name`` (``kind`` is
     ``"param"`` or an optimizer-state key), assembled from the pieces that overlap the range.
@@ -176,10 +184,11 @@ class PieceReader:
         self.manifest = manifest
         self.version = manifest["format_version"]
         # a PieceSource ([Note: state pieces]): what strategy.load_pieces reads
-        self.layout = (f"saved at world size {manifest['world_size']}, ZeRO stage {manifest['zero_stage']}, "
-                       f"{manifest['compute_dtype']}")
+        self.layout = layout_text(manifest)
         self._stack = ExitStack()
         self._handles: dict[str, _ShardFile] = {}
+        self.aliases: dict[str, str] = dict(manifest.get("aliases") or {})  # tied names: read as their tensor
+        self.partial = False  # True: the module loading is one pipeline stage (holds a subset of the names)
 
     def __enter__(self) -> "PieceReader":
         return self
@@ -216,29 +225,46 @@ class PieceReader:
         if t.numel() != piece["stop"] - piece["start"] or t.dtype != dtype_from_name(dtype):
             raise CheckpointError(f"tensor {key!r} in {path} is {t.numel()} x {t.dtype}, the manifest says "
                                   f"{piece['stop'] - piece['start']} x {dtype}")
-        seed = M.piece_identity(name, kind, key, dtype, piece["start"], piece["stop"], entry["shape"], self.version)
+        seed = M.piece_identity(name, kind, key, dtype, piece["start"], piece["stop"], entry["shape"], self.version,
+                                piece.get("offsets"), piece.get("block"))
         if zlib.crc32(tensor_bytes(t), zlib.crc32(seed)) & 0xFFFFFFFF != piece["crc32"][kind]:
             raise CheckpointError(f"checksum mismatch for tensor {key!r} in shard file {path}: the "
                                   "file is corrupt (a bit flipped on disk, or it was modified), or the "
                                   "manifest names the wrong piece")
         return t.reshape(-1)
 
-    def read(self, name: str, kind: str, a: int, b: int) -> torch.Tensor:
-        entry = self.manifest["tensors"][name]
+    def entry(self, name: str) -> dict:
+        """The saved entry of ``name``, following an alias (a tied name)."""
+        tensors = self.manifest["tensors"]
+        if name not in tensors and name in self.aliases:
+            name = self.aliases[name]
+        if name not in tensors:
+            raise CheckpointError(f"checkpoint {self.path} holds no tensor {name!r}")
+        return tensors[name]
+
+    def read(self, name: str, kind: str, a: int, b: int,
+             block: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> torch.Tensor:
+        """Elements ``[a, b)`` of the flattening of ``block`` (``(offsets, shape)`` within the
+        global tensor; None: the whole tensor) of ``kind`` of tensor ``name`` (or of the tensor
+        it is an alias of), assembled from whichever saved pieces hold them ([Note: n-d pieces]),
+        each verified; a gap or overlap is a :class:`CheckpointError` naming tensor and region."""
+        if name not in self.manifest["tensors"] and name in self.aliases:
+            name = self.aliases[name]
+        entry = self.entry(name)
+        shape = entry["shape"]
         dtype = dtype_from_name(kind_dtype(entry, kind) if kind == "param" or kind in entry["optimizer_state"]
                                 else entry["saved_dtype"])
-        out = None
-        covered = 0
-        for piece in entry["pieces"]:
-            s, e = max(a, piece["start"]), min(b, piece["stop"])
-            if s >= e:
-                continue
-            t = self._piece(name, entry, piece, kind)
-            if out is None:
-                out = torch.empty(b - a, dtype=t.dtype)
-            out[s - a:e - a] = t[s - piece["start"]:e - piece["start"]]
-            covered += e - s
-        if covered != b - a:
-            raise CheckpointError(f"checkpoint {self.path} does not cover elements [{a}, {b}) of "
-                                  f"{kind} {name!r} (found {covered}); the manifest is inconsistent")
-        return out if out is not None else torch.empty(0, dtype=dtype)
+        want = ND.Region(block[0], block[1], a, b) if block is not None else \
+            ND.Region([0] * len(shape), shape, a, b)
+        pieces = entry["pieces"]
+        regions = [piece_region(p, shape) for p in pieces]
+        return ND.assemble(f"{kind} {name!r} in checkpoint {self.path}", shape, want, regions,
+                           lambda i: self._piece(name, entry, pieces[i], kind), dtype)
+
+
+def piece_region(piece: dict, shape: list[int]) -> ND.Region:
+    """A manifest piece as a region: format 5's block, or the whole tensor (formats 1-4)."""
+    offsets = piece.get("offsets")
+    block = piece.get("block")
+    return ND.Region(offsets if offsets is not None else [0] * len(shape), block if block is not None else shape,
+                     piece["start"], piece["stop"])

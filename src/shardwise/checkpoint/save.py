@@ -40,23 +40,36 @@ from shardwise.checkpoint.files import atomic_write_text, dtype_name, fsync_dir,
 from shardwise.checkpoint.schema import validate
 from shardwise.comm.collectives import all_gather_object, barrier, broadcast_object
 from shardwise.errors import CheckpointError, CollectiveError, CollectiveTimeoutError, UsageError
-from shardwise.zero.pieces import PARAM, state_names
+from shardwise.zero.pieces import PARAM, state_names, tied_aliases
 
 log = logging.getLogger("shardwise")
 
 JOIN_TIMEOUT_S = 300.0  # how long save/load_checkpoint wait for every rank to call them
 
 
+def mesh_shape(ctx) -> dict[str, int]:
+    """``{"pp", "dp", "tp"}`` sizes of ``ctx``'s mesh (1 for an absent dimension)."""
+    from shardwise.zero.pieces import mesh_size
+
+    return {"pp": mesh_size(ctx, "pp"), "dp": ctx.dp.size, "tp": mesh_size(ctx, "tp")}
+
+
 def require_one_replica(ctx, call: str) -> None:
-    """Checkpoints are written and read by the ranks of one data-parallel group (file ``r`` is
-    dp rank ``r``'s). A mesh with several independent dp groups (``initialize(mesh=...)``) is
-    refused with a named error, on every rank alike, before any collective: which replica's
-    state to keep, and how the others would load it, is not decided yet."""
-    if ctx.dp_replicas > 1:
+    """Checkpoints are written and read by every rank of the mesh (file ``r`` is global rank
+    ``r``'s): the dp ranks of each pipeline stage / tensor-parallel shard hold its chunks, the
+    pp and tp ranks different parts of the model ([Note: pieces on a mesh]). A mesh with other
+    dimensions, which hold independent dp replicas (``initialize(mesh=...)`` with a dim
+    besides dp, tp and pp), is refused with a named error, on every rank alike, before any
+    collective: which replica's state to keep, and how the others would load it, is not
+    decided yet."""
+    shape = mesh_shape(ctx)
+    if ctx.world_size != shape["pp"] * shape["dp"] * shape["tp"]:
         raise UsageError(
             f"{call}: checkpoints with several data-parallel replica groups are not supported yet (the "
-            f"mesh has {ctx.dp_replicas} groups of {ctx.dp.size} ranks over dims {list(ctx.dims)}). Save "
-            "from a run whose mesh is one 'dp' dimension, or save the model with engine.save_16bit_model.")
+            f"mesh has {ctx.world_size // (shape['pp'] * shape['dp'] * shape['tp'])} groups of "
+            f"{shape['pp'] * shape['dp'] * shape['tp']} ranks over dims {list(ctx.dims)}; checkpoints follow the "
+            "dims dp, tp and pp). Save from a run whose mesh has only those dimensions, or save the model with "
+            "engine.save_16bit_model.")
 
 
 def join_timeout(ctx) -> float:
@@ -103,10 +116,12 @@ def _write_rank_file(engine, tmp: str, exclude_frozen: bool = False) -> dict:
     """Step 4 on one rank: the pieces its strategy holds ([Note: state pieces]) into its file
     (without frozen parameters when ``exclude_frozen``: those outside every param group).
     Returns what the manifest needs from this rank: each piece's description (no values)."""
-    rank = engine.ctx.dp.rank  # one file per dp rank (require_one_replica)
+    rank = engine.ctx.rank  # one file per rank of the mesh (require_one_replica)
     file = M.shard_file(rank)
     tensors, described = {}, []
     pieces = engine.strategy.state_pieces(engine.module)
+    _, aliases = state_names(engine.module)
+    tied = tied_aliases(engine.module)  # [Note: pieces on a mesh]
     if exclude_frozen:
         params = parameter_names(engine.module)
         pieces = [p for p in pieces if p.group is not None or p.name not in params]
@@ -117,8 +132,9 @@ def _write_rank_file(engine, tmp: str, exclude_frozen: bool = False) -> dict:
         described.append({"name": p.name, "kind": p.kind, "key": p.key, "shape": list(p.global_shape),
                           "start": p.elements[0], "stop": p.elements[1], "dtype": dtype_name(p.tensor.dtype),
                           "model_dtype": dtype_name(p.model_dtype), "group": p.group, "scalars": dict(p.scalars),
-                          "file": file, "rank": rank})
-    seeds = {d["key"]: M.piece_identity(d["name"], d["kind"], d["key"], d["dtype"], d["start"], d["stop"], d["shape"])
+                          "file": file, "rank": rank, "offsets": list(p.block_offsets), "block": list(p.block_shape)})
+    seeds = {d["key"]: M.piece_identity(d["name"], d["kind"], d["key"], d["dtype"], d["start"], d["stop"], d["shape"],
+                                        offsets=d["offsets"], block=d["block"])
              for d in described}  # [Note: piece identity]
     info = write_safetensors(os.path.join(tmp, file), tensors, rank, {"format": M.FORMAT, "rank": str(rank)},
                              seeds)
@@ -127,9 +143,12 @@ def _write_rank_file(engine, tmp: str, exclude_frozen: bool = False) -> dict:
     for d in described:
         d["crc32"] = crcs[d["key"]]
     loader = getattr(engine, "training_dataloader", None)
+    params = parameter_names(engine.module)
     return {
         "file": {file: {**info, "rank": rank}},
         "pieces": described,
+        "names": {"state_dict_keys": list(engine.module.state_dict().keys()), "aliases": aliases,
+                  "tied": tied, "parameters": sorted(params | {a for a, t in aliases.items() if t in params})},
         "rank_state": {"rng": rng.capture(),
                        "data_loader": loader.state_dict() if hasattr(loader, "state_dict") else None},
     }
@@ -152,8 +171,11 @@ def merge_pieces(ranks: list[list[dict]], order: list[str]) -> dict[str, dict]:
             if held != spec or kinds.setdefault(d["kind"], d["dtype"]) != d["dtype"]:
                 raise CheckpointError(f"rank {d['rank']} describes {d['kind']} of {name!r} as {spec} ({d['dtype']}), "
                                       f"another rank as {held} ({kinds[d['kind']]}); the ranks' state does not agree")
-            piece = pieces.setdefault(name, {}).setdefault((d["rank"], d["start"], d["stop"]), {
-                "start": d["start"], "stop": d["stop"], "keys": {}, "file": d["file"], "rank": d["rank"], "crc32": {}})
+            offsets = d.get("offsets", [0] * len(d["shape"]))
+            block = d.get("block", d["shape"])
+            piece = pieces.setdefault(name, {}).setdefault((d["rank"], tuple(offsets), d["start"], d["stop"]), {
+                "start": d["start"], "stop": d["stop"], "keys": {}, "file": d["file"], "rank": d["rank"], "crc32": {},
+                "offsets": list(offsets), "block": list(block)})
             piece["keys"][d["kind"]] = d["key"]
             piece["crc32"][d["kind"]] = d["crc32"]
     tensors: dict[str, dict] = {}
@@ -186,21 +208,59 @@ def _prepare(save_dir: str, tag: str, tmp: str, engine, client_state: Any) -> di
     return {"client_state": client_doc, "client_tensors": client_file, "lr_scheduler": sched_state}
 
 
+def merge_names(ranks: list[dict], saved: set[str]) -> tuple[list[str], dict[str, str], set[str]]:
+    """``(state_dict_keys, aliases, parameter names)`` of the whole model from every rank's
+    (a pipeline stage's module holds its stage's names; stages in rank order): a tied copy that
+    its stage did not write is an alias of the owner's name, or is saved under its own name by
+    the owning stage ([Note: pieces on a mesh])."""
+    keys: dict[str, None] = {}
+    aliases: dict[str, str] = {}
+    params: set[str] = set()
+    for r in ranks:
+        names = r["names"]
+        keys.update(dict.fromkeys(names["state_dict_keys"]))
+        params.update(names["parameters"])
+        for alias, target in names["aliases"].items():
+            aliases.setdefault(alias, target)
+        for dup, owner in names["tied"].items():
+            if dup in saved:
+                continue
+            if owner is None or owner not in saved:
+                raise CheckpointError(
+                    f"{dup!r} is a tied copy (module.tied_duplicates()) on rank {next(iter(r['file'].values()))['rank']}, "
+                    f"but no rank saves {owner or dup!r}: the owning stage must save it under the same name, or the "
+                    "module's tied_aliases() must name the owner's parameter")
+            aliases.setdefault(dup, owner)
+    # an alias whose target is itself an alias on another stage: follow it to the saved tensor
+    for alias in list(aliases):
+        seen, target = {alias}, aliases[alias]
+        while target not in saved and target in aliases and target not in seen:
+            seen.add(target)
+            target = aliases[target]
+        aliases[alias] = target
+    aliases = {a: t for a, t in aliases.items() if a not in saved}
+    return list(keys), aliases, params
+
+
 def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict], exclude_frozen: bool = False) -> dict:
     strategy = engine.strategy
-    order, aliases = state_names(engine.module)
+    order: dict[str, None] = {}
+    for r in ranks:
+        order.update(dict.fromkeys(r["names"]["state_dict_keys"]))
     files: dict[str, dict] = {}
     for r in ranks:
         files.update(r["file"])
     tensors = merge_pieces([r["pieces"] for r in ranks], list(order))
-    params = parameter_names(engine.module)
+    keys, aliases, params = merge_names(ranks, set(tensors))
+    order = list(keys)
     # frozen parameters left out (exclude_frozen_parameters); a tensor missing otherwise fails validation
-    excluded = {n for n in order if n in params and n not in tensors} if exclude_frozen else set()
+    excluded = {n for n in order if n in params and n not in tensors and n not in aliases} if exclude_frozen else set()
     excluded |= {a for a, target in aliases.items() if target in excluded}
     return {
         "tag": tag,
         "created_ns": time.time_ns(),
-        "world_size": engine.ctx.dp.size,
+        "world_size": engine.ctx.world_size,
+        "mesh": mesh_shape(engine.ctx),
         "zero_stage": strategy.stage,
         "compute_dtype": dtype_name(strategy.dtype),
         "optimizer": type(engine.optimizer).__name__,
@@ -212,7 +272,7 @@ def _manifest_body(engine, tag: str, prepared: dict, ranks: list[dict], exclude_
         "client_state": prepared["client_state"],
         "ranks": [r["rank_state"] for r in ranks],
         "aliases": {a: t for a, t in aliases.items() if a not in excluded},
-        "state_dict_keys": [k for k in engine.module.state_dict().keys() if k not in excluded],
+        "state_dict_keys": [k for k in keys if k not in excluded],
         "files": files,
         "tensors": tensors,
         "hf_config": hf_config(engine.module),

@@ -18,6 +18,8 @@ from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Str
 
 from shardwise.checkpoint.manifest import (FORMAT, MAX_HEADER_BYTES, SUPPORTED_VERSIONS, check_tag, param_key,
                                           shard_file, state_key)
+from shardwise.checkpoint import nd as ND
+from shardwise.checkpoint.nd import tiling_problems
 from shardwise.errors import CheckpointError
 
 NonNeg = Annotated[StrictInt, Field(ge=0)]
@@ -46,6 +48,14 @@ class Piece(_Strict):
     file: StrictStr
     rank: NonNeg
     crc32: dict[StrictStr, U32]
+    offsets: Optional[list[NonNeg]] = None  # format 5: the block's offsets ([Note: n-d pieces])
+    block: Optional[list[NonNeg]] = None  # format 5: the block's shape; start/stop index its flattening
+
+
+class Mesh(_Strict):  # format 5: the saving mesh; global rank = (pp * dp + dp_rank) * tp + tp_rank
+    pp: Positive
+    dp: Positive
+    tp: Positive
 
 
 class Scalar(_Strict):
@@ -163,6 +173,7 @@ class Manifest(_Strict):
     client_tensors: Optional[ClientTensors] = None  # format 4 ([Note: format 4])
     buffers: Optional[list[StrictStr]] = None  # format 4: the non-trainable tensors that are buffers
     excluded: Optional[list[StrictStr]] = None  # format 4: frozen parameters not saved
+    mesh: Optional[Mesh] = None  # format 5 ([Note: format 5])
 
 
 def _loc(loc: tuple) -> str:
@@ -181,7 +192,15 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def _tensor_problems(name: str, t: TensorEntry, files: dict[str, FileEntry], version: int) -> list[str]:
+def _dp_rank(rank: int, mesh: Mesh | None) -> int:
+    """The dp coordinate of global rank ``rank`` (the rank itself without a recorded mesh)."""
+    if mesh is None:
+        return rank
+    return (rank // mesh.tp) % mesh.dp
+
+
+def _tensor_problems(name: str, t: TensorEntry, files: dict[str, FileEntry], version: int,
+                     mesh: Mesh | None = None) -> list[str]:
     where = f"tensors[{name!r}]"
     out = []
     if t.trainable:
@@ -202,13 +221,25 @@ def _tensor_problems(name: str, t: TensorEntry, files: dict[str, FileEntry], ver
                        "element; a plain one has neither")
     numel = _numel(t.shape)
     covered = 0
-    for i, p in enumerate(sorted(t.pieces, key=lambda p: (p.start, p.stop))):
+    if version >= 5:
+        if any(p.offsets is None or p.block is None for p in t.pieces):
+            out.append(f"{where}.pieces: every piece has offsets and block from format version 5 on")
+            return out
+        problem = tiling_problems(t.shape, [ND.Region(p.offsets, p.block, p.start, p.stop) for p in t.pieces])
+        if problem:
+            out.append(f"{where}.pieces: pieces must tile the tensor (shape {t.shape}): {problem}")
+            return out
+    elif any(p.offsets is not None or p.block is not None for p in t.pieces):
+        out.append(f"{where}.pieces: offsets and block are not part of format versions before 5")
+        return out
+    pieces = t.pieces if version >= 5 else sorted(t.pieces, key=lambda p: (p.start, p.stop))
+    for i, p in enumerate(pieces):
         at = f"{where}.pieces (range [{p.start}, {p.stop}) in {p.file!r})"
-        if p.start != covered or p.stop < p.start or p.stop > numel:
+        if version < 5 and (p.start != covered or p.stop < p.start or p.stop > numel):
             out.append(f"{at}: pieces must cover [0, {numel}) in order without gaps or overlaps "
                        f"(the range expected next starts at {covered})")
             return out
-        covered = p.stop
+        covered = p.stop if version < 5 else numel
         want = {"param": param_key(name)} | {k: state_key(k, name) for k in t.optimizer_state}
         if p.keys != want:
             out.append(f"{at}.keys: {p.keys} should be {want} (each key is named after its tensor and kind)")
@@ -219,8 +250,9 @@ def _tensor_problems(name: str, t: TensorEntry, files: dict[str, FileEntry], ver
             out.append(f"{at}.file: {p.file!r} is not in the manifest's files")
         elif f.rank != p.rank:
             out.append(f"{at}.rank: {p.rank}, but {p.file!r} was written by rank {f.rank}")
-        if not t.trainable and p.rank != 0:
-            out.append(f"{at}.rank: frozen tensors and buffers are written by rank 0")
+        if not t.trainable and _dp_rank(p.rank, mesh) != 0:
+            out.append(f"{at}.rank: frozen tensors and buffers are written by rank 0 of a data-parallel group "
+                       f"(rank {p.rank} is dp rank {_dp_rank(p.rank, mesh)})")
     if covered != numel:
         out.append(f"{where}.pieces cover [0, {covered}) of {numel} elements")
     return out
@@ -262,10 +294,17 @@ def _problems(m: Manifest) -> list[str]:
             out.append(f"client_tensors: header_bytes {m.client_tensors.header_bytes} > size {m.client_tensors.size}")
     elif m.client_tensors is not None or m.buffers is not None or m.excluded is not None:
         out.append("client_tensors, buffers, excluded: not part of format versions before 4")
+    if m.format_version >= 5:
+        if m.mesh is None:
+            out.append("mesh: required from format version 5 on")
+        elif m.mesh.pp * m.mesh.dp * m.mesh.tp != m.world_size:
+            out.append(f"mesh: pp {m.mesh.pp} x dp {m.mesh.dp} x tp {m.mesh.tp} is not world_size {m.world_size}")
+    elif m.mesh is not None:
+        out.append("mesh: not part of format versions before 5")
     for name, t in m.tensors.items():
         if (t.state_dtypes is not None) != (m.format_version >= 2):
             out.append(f"tensors[{name!r}].state_dtypes: required from format version 2 on, absent before")
-        out.extend(_tensor_problems(name, t, m.files, m.format_version))
+        out.extend(_tensor_problems(name, t, m.files, m.format_version, m.mesh))
     return out
 
 

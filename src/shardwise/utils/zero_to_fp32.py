@@ -6,8 +6,9 @@ calls keep DeepSpeed's signatures. DeepSpeed copies a ``zero_to_fp32.py`` script
 checkpoint; shardwise writes nothing extra there: the same conversion is
 ``shardwise zero_to_fp32 CKPT_DIR OUT [--tag T]`` (or ``python -m shardwise.utils.zero_to_fp32``).
 
-A shardwise checkpoint already holds each parameter's fp32 master weights as element ranges
-(whatever the ZeRO stage and world size), so the state dict is assembled from them
+A shardwise checkpoint already holds each parameter's fp32 master weights as pieces (n-d
+blocks and element ranges of them: [Note: n-d pieces]), whatever the ZeRO stage, world size
+and mesh (tensor-parallel blocks, pipeline stages), so the state dict is assembled from them
 (:func:`shardwise.checkpoint.consolidate`'s reader: every piece's crc32 checked), tied names
 sharing one tensor as in ``model.state_dict()``. Trainable parameters come back in fp32 (the
 masters, also under bf16 / fp16 training); frozen parameters and buffers in the dtype they were

@@ -5,11 +5,15 @@ the checkpoint code.
 A checkpoint is about the tensors of ``model.state_dict()`` (tied names counted once), not
 about buckets or shards. A strategy describes its state as :class:`StatePiece` objects: for
 one tensor (``name``) and one *kind* (``"param"``: the weights, fp32 masters for bf16/fp16;
-or an optimizer-state key such as ``"exp_avg"``), the elements ``[start, stop)`` of the
-flattened global tensor that this rank holds and writes, with the tensor's global shape, its
-dtype in the module, its optimizer param group (None: a frozen parameter or a buffer) and its
-optimizer scalars (``step``). ``strategy.state_pieces(module)`` lists them, each element of
-each tensor on exactly one rank; ``strategy.scalar_state()`` is the loss scaler's state.
+or an optimizer-state key such as ``"exp_avg"``), a *region* of the global tensor that this
+rank holds and writes: an n-d block (``offsets`` and ``block`` shape within the global shape:
+the tensor-parallel local shard of a DTensor parameter, else the whole tensor) and the
+elements ``[start, stop)`` of that block's row-major flattening (the ZeRO chunk of the flat
+buffer holding the local shard; [Note: n-d pieces] in checkpoint/nd.py); with the tensor's
+global shape, its dtype in the module, its optimizer param group (None: a frozen parameter or
+a buffer) and its optimizer scalars (``step``). ``strategy.state_pieces(module)`` lists them,
+each element of each tensor on exactly one rank of the whole mesh; ``strategy.scalar_state()``
+is the loss scaler's state.
 
 Loading, ``strategy.load_pieces(module, source, ...)`` asks a :class:`PieceSource` (the
 checkpoint's reader) for just the ranges its own layout needs, checks that the saved tensors
@@ -23,10 +27,25 @@ stages 0-2, :class:`~shardwise.zero.sharded_params.FlatShard` at stage 3) and st
 Saving, rank r writes the part of every parameter that falls in *its chunk*
 ``chunk_range(r, world)`` (at stage 0 every rank holds everything, so the writes are spread
 the same way), read from ``opt_param`` and from its optimizer state; frozen parameters and
-buffers are written whole by rank 0 (frozen stage-3 parameters are gathered around it,
-:func:`whole_others`). Loading, stages 0-2 need every parameter whole in ``param_flat`` and
-the optimizer state of their own ``[lo, hi)``; stage 3 reads only its own ``[lo, hi)`` of
-both (:func:`load_flat_pieces` with ``whole=False``).
+buffers are written whole (their local block under tp) by dp rank 0 (frozen stage-3
+parameters are gathered around it, :func:`whole_others`). Loading, stages 0-2 need every
+parameter whole in ``param_flat`` and the optimizer state of their own ``[lo, hi)``; stage 3
+reads only its own ``[lo, hi)`` of both (:func:`load_flat_pieces` with ``whole=False``).
+
+[Note: pieces on a mesh]
+Under tensor and pipeline parallelism a rank writes only what it uniquely holds
+(:func:`tensor_block`): a DTensor's local block once per distinct block (the rank whose
+coordinate is 0 on every non-"dp" mesh dimension where the DTensor is ``Replicate``); a
+plain tensor, which tp replicates, on tp rank 0 only; a tied copy of a weight that another
+pipeline stage owns (``module.tied_duplicates()``) not at all: ``PipelineModule`` names it
+``tied_modules.<key>...`` on every stage, so the owner's piece has the same name (a module
+that names its copies otherwise says whose they are with ``tied_aliases()``, and the
+manifest records them as aliases; :func:`tied_aliases`). A pipeline stage's module holds only its stage's names;
+its pieces are those names'. The ZeRO chunking over dp is unchanged: it ranges over the flat
+buffer of local shards, so each chunk is a range within a block. Loading reads, for each
+parameter, its own block (whole at stages 0-2, the rank's range of it at stage 3) from
+whatever tiling the checkpoint has; a source with ``partial = True`` (a pipeline stage) may
+hold names the module lacks.
 """
 from __future__ import annotations
 
@@ -57,15 +76,25 @@ class StatePiece:
     kind: str  # PARAM, or the optimizer state's key ("exp_avg", "momentum_buffer", ...)
     key: str  # piece_key(name, kind)
     global_shape: tuple[int, ...]
-    elements: tuple[int, int]  # [start, stop) of the flattened global tensor
+    elements: tuple[int, int]  # [start, stop) of the flattened block (the whole tensor by default)
     tensor: torch.Tensor  # the stop - start values, 1-D (a view where the strategy can give one)
     model_dtype: torch.dtype  # the tensor's dtype in the module (compute dtype for parameters)
     group: int | None  # optimizer param group; None: frozen parameter or buffer
     scalars: Mapping[str, dict] = field(default_factory=dict)  # the tensor's optimizer scalars (JSON specs)
+    offsets: tuple[int, ...] | None = None  # the block's offsets in the global tensor (None: all 0)
+    block: tuple[int, ...] | None = None  # the block's shape (None: the global shape, the whole tensor)
 
     @property
     def trainable(self) -> bool:
         return self.group is not None
+
+    @property
+    def block_offsets(self) -> tuple[int, ...]:
+        return tuple(self.offsets) if self.offsets is not None else (0,) * len(self.global_shape)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return tuple(self.block) if self.block is not None else tuple(self.global_shape)
 
 
 class PieceSource(Protocol):
@@ -78,8 +107,87 @@ class PieceSource(Protocol):
         """Per saved tensor: ``shape``, ``trainable``, ``group``, ``optimizer_state`` (kinds),
         ``optimizer_scalars`` (JSON specs as :func:`split_state` makes them)."""
 
-    def read(self, name: str, kind: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the flattened ``kind`` of tensor ``name``, verified."""
+    def read(self, name: str, kind: str, start: int, stop: int,
+             block: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the flattened ``kind`` of tensor ``name`` (of the
+        flattening of ``block`` = ``(offsets, shape)`` within it when given), verified; a
+        name may be an alias of a saved tensor (a tied copy)."""
+
+    # optional: ``aliases`` ({name: saved name}) and ``partial`` (True: the module is one
+    # pipeline stage, the checkpoint may hold names it lacks)
+
+
+def source_entry(source: PieceSource, name: str) -> Mapping[str, Any] | None:
+    """The saved entry of ``name`` (following an alias), or None."""
+    saved = source.tensors
+    if name in saved:
+        return saved[name]
+    target = (getattr(source, "aliases", None) or {}).get(name)
+    return saved.get(target) if target is not None else None
+
+
+# -- tensors on a mesh ([Note: pieces on a mesh]) ------------------------------------------------
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (``t`` itself otherwise)."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
+
+
+def is_dtensor(t) -> bool:
+    return getattr(t, "placements", None) is not None and getattr(t, "device_mesh", None) is not None
+
+
+def tensor_block(t: torch.Tensor, tp_rank: int = 0) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], bool]:
+    """``(global shape, offsets, local shape, unique)`` of ``t`` on this rank: a DTensor's local
+    block (Shard(d) placements, uneven splits included) and whether this rank is the one that
+    writes it (coordinate 0 on every non-"dp" mesh dimension where ``t`` is replicated); a plain
+    tensor is its whole self, written by tp rank 0 (``tp_rank``)."""
+    shape = tuple(int(d) for d in t.shape)
+    if not is_dtensor(t):
+        return shape, (0,) * len(shape), shape, tp_rank == 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    if any(getattr(pl, "is_partial", lambda: False)() for pl in placements):
+        raise CheckpointError(f"a DTensor of shape {list(shape)} has a Partial placement {placements}: its values "
+                              "are not reduced, checkpoints store Shard / Replicate tensors only")
+    local, offsets = compute_local_shape_and_global_offset(t.shape, mesh, placements)
+    coord = mesh.get_coordinate() or [0] * mesh.ndim
+    names = mesh.mesh_dim_names or (None,) * mesh.ndim
+    unique = all(c == 0 for c, pl, n in zip(coord, placements, names) if not pl.is_shard() and n != "dp")
+    return shape, tuple(int(o) for o in offsets), tuple(int(d) for d in local), unique
+
+
+def mesh_rank(ctx, dim: str) -> int:
+    """This rank's coordinate on mesh dimension ``dim`` (0 when the mesh lacks it)."""
+    g = (getattr(ctx, "dims", None) or {}).get(dim)
+    return g.rank if g is not None else 0
+
+
+def mesh_size(ctx, dim: str) -> int:
+    g = (getattr(ctx, "dims", None) or {}).get(dim)
+    return g.size if g is not None else 1
+
+
+def duplicate_ids(module: nn.Module) -> set[int]:
+    """Ids of the tied copies this pipeline stage holds of weights another stage owns."""
+    tied = getattr(module, "tied_duplicates", None)
+    return {id(p) for p in tied()} if callable(tied) else set()
+
+
+def tied_aliases(module: nn.Module) -> dict[str, str | None]:
+    """``{name: owner's name or None}`` for the tied copies this stage does not write: the
+    owner's name from ``module.tied_aliases()`` when the module gives it, else None (the owning
+    stage saves it under the same name)."""
+    dups = duplicate_ids(module)
+    if not dups:
+        return {}
+    given = getattr(module, "tied_aliases", None)
+    given = dict(given()) if callable(given) else {}
+    canonical, _ = state_names(module)
+    return {n: given.get(n) for n, t in canonical.items() if id(t) in dups}
 
 
 # -- the module's tensors ----------------------------------------------------------------------
@@ -108,9 +216,18 @@ class Region:
     bucket: Any  # FlatBucket (stages 0-2) or FlatShard (stage 3)
     slot_index: int
     offset: int  # in the buffer's flat layout
-    numel: int
-    shape: tuple[int, ...]
+    numel: int  # of the local block (the whole tensor unless tensor parallel)
+    shape: tuple[int, ...]  # the global shape
     group: int  # optimizer param group
+    offsets: tuple[int, ...] = ()  # the local block in the global tensor ([Note: pieces on a mesh])
+    local_shape: tuple[int, ...] = ()
+
+    @property
+    def block(self) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        """``(offsets, local shape)``, or None for the whole tensor."""
+        if self.local_shape == self.shape and not any(self.offsets):
+            return None
+        return self.offsets, self.local_shape
 
     def clip(self, lo: int, hi: int) -> tuple[int, int]:
         """The element range ``[a, b)`` of this parameter inside buffer range ``[lo, hi)``."""
@@ -136,7 +253,14 @@ def regions(module: nn.Module, buckets: list) -> list[Region]:
                 raise CheckpointError(
                     f"a trainable parameter of shape {tuple(p.shape)} is not in model.state_dict(); "
                     "checkpoints cover the engine's module only")
-            out.append(Region(name, bucket, i, slot.offset, slot.numel, tuple(p.shape), group))
+            gshape, offsets, local, _ = tensor_block(p)
+            n = 1
+            for d in local:
+                n *= d
+            if n != slot.numel:
+                raise CheckpointError(f"parameter {name!r}: its bucket slot holds {slot.numel} elements, its local "
+                                      f"block {list(local)} (global shape {list(gshape)}) has {n}")
+            out.append(Region(name, bucket, i, slot.offset, slot.numel, gshape, group, offsets, local))
     return out
 
 
@@ -198,23 +322,32 @@ def scalar_value(spec: Mapping[str, Any], device: torch.device) -> Any:
 
 def flat_state_pieces(strategy, module: nn.Module) -> list[StatePiece]:
     """The pieces a flat-buffer strategy (stages 0-3) writes on this rank: its chunk
-    ``chunk_range(rank, world)`` of every trainable parameter (values from ``opt_param``, and
-    each per-element optimizer state), plus every frozen parameter and buffer whole on rank 0.
-    Every rank must call it (frozen stage-3 parameters are gathered)."""
-    dp = strategy.ctx.dp
+    ``chunk_range(rank, world)`` of every trainable parameter's local block (values from
+    ``opt_param``, and each per-element optimizer state), plus every frozen parameter and
+    buffer (its local block) on dp rank 0; on a mesh only what this rank uniquely holds
+    ([Note: pieces on a mesh]). Every rank must call it (frozen stage-3 parameters are gathered)."""
+    ctx = strategy.ctx
+    dp = ctx.dp
     rank, world = dp.rank, dp.size
+    tp_rank = mesh_rank(ctx, "tp")
     buckets, optimizer = strategy.buckets, strategy.optimizer
     regs = regions(module, buckets)
+    dups = duplicate_ids(module)
     split = {b.index: split_state(optimizer, b) for b in buckets}
     out: list[StatePiece] = []
     for reg in regs:
+        p = reg.bucket.params[reg.slot_index]
+        if id(p) in dups or not tensor_block(p, tp_rank)[3]:
+            continue  # a tied copy another stage writes; a block another tp rank writes
         elementwise, scalars = split[reg.bucket.index]
         lo, hi = reg.bucket.layout.chunk_range(rank, world)
         a, b = reg.clip(lo, hi)
         if a == b and not (reg.numel == 0 and rank == 0):  # an empty tensor: described once, by rank 0
             continue
+        block = reg.block
         common = dict(name=reg.name, global_shape=reg.shape, elements=(a, b),
-                      model_dtype=reg.bucket.params[reg.slot_index].dtype, group=reg.group, scalars=scalars)
+                      model_dtype=p.dtype, group=reg.group, scalars=scalars,
+                      offsets=block[0] if block else None, block=block[1] if block else None)
         out.append(StatePiece(kind=PARAM, key=piece_key(reg.name, PARAM),
                               tensor=reg.opt_slice(reg.bucket.opt_param.detach(), a, b), **common))
         for kind, t in elementwise.items():
@@ -223,9 +356,16 @@ def flat_state_pieces(strategy, module: nn.Module) -> list[StatePiece]:
     with whole_others(module, trainable):
         if rank == 0:
             for name, t in other_tensors(module, trainable).items():
-                out.append(StatePiece(name=name, kind=PARAM, key=piece_key(name, PARAM), global_shape=tuple(t.shape),
-                                      elements=(0, t.numel()), tensor=t.detach().reshape(-1).clone(),
-                                      model_dtype=t.dtype, group=None))
+                if id(t) in dups:
+                    continue
+                gshape, offsets, local, unique = tensor_block(t, tp_rank)
+                if not unique:
+                    continue
+                whole = local == gshape
+                values = local_tensor(t).detach().reshape(-1).clone()
+                out.append(StatePiece(name=name, kind=PARAM, key=piece_key(name, PARAM), global_shape=gshape,
+                                      elements=(0, values.numel()), tensor=values, model_dtype=t.dtype, group=None,
+                                      offsets=None if whole else offsets, block=None if whole else local))
     return out
 
 
@@ -234,15 +374,23 @@ def flat_state_pieces(strategy, module: nn.Module) -> list[StatePiece]:
 
 def _check_fit(strategy, source: PieceSource, regs: list[Region], others: dict[str, torch.Tensor],
                with_optimizer: bool) -> None:
-    """The saved tensors are the module's (names, shapes); with optimizer state, the same
-    parameters are trainable and in the same param groups."""
+    """The saved tensors are the module's (names, shapes; a pipeline stage's module may hold a
+    subset: ``source.partial``); with optimizer state, the same parameters are trainable and in
+    the same param groups."""
     saved = source.tensors
+    aliases = getattr(source, "aliases", None) or {}
     here = {r.name: list(r.shape) for r in regs} | {n: list(t.shape) for n, t in others.items()}
-    missing = sorted(set(here) - set(saved))
-    unexpected = sorted(set(saved) - set(here))
-    shapes = [f"{n}: saved {saved[n]['shape']}, model {here[n]}" for n in sorted(set(here) & set(saved))
-              if saved[n]["shape"] != here[n]]
+    found = {n: source_entry(source, n) for n in here}
+    missing = sorted(n for n, e in found.items() if e is None)
+    reached = {n for n in here} | {aliases[n] for n in here if n in aliases}
+    unexpected = [] if getattr(source, "partial", False) else sorted(set(saved) - reached)
+    shapes = [f"{n}: saved {e['shape']}, model {here[n]}" for n, e in sorted(found.items())
+              if e is not None and e["shape"] != here[n]]
     current = f"loading at world size {strategy.ctx.dp.size}, ZeRO stage {strategy.stage}"
+    coords = getattr(strategy.ctx, "coords", None)
+    where = coords() if callable(coords) else ""
+    if where:
+        current += f", on {where}"
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -255,8 +403,8 @@ def _check_fit(strategy, source: PieceSource, regs: list[Region], others: dict[s
                               + " | ".join(parts))
     if with_optimizer:
         trainable = {r.name for r in regs}
-        frozen_diff = sorted(n for n in here if saved[n]["trainable"] != (n in trainable))
-        moved = [r.name for r in regs if saved[r.name]["group"] not in (None, r.group)]
+        frozen_diff = sorted(n for n in here if found[n]["trainable"] != (n in trainable))
+        moved = [r.name for r in regs if found[r.name]["group"] not in (None, r.group)]
         if frozen_diff or moved:
             raise CheckpointError(f"parameters changed trainable/param-group membership since the save "
                                   f"({(frozen_diff + moved)[:8]}); pass load_optimizer_states=False")
@@ -274,6 +422,14 @@ def _stage_scaler(scaler, state: Mapping[str, Any] | None) -> Callable[[], None]
     return lambda: scaler.load_state_dict(state)
 
 
+def _read(source: PieceSource, name: str, kind: str, a: int, b: int, block) -> torch.Tensor:
+    """``source.read`` with the block argument only where there is one (sources written before
+    n-d pieces take four arguments)."""
+    if block is None:
+        return source.read(name, kind, a, b)
+    return source.read(name, kind, a, b, block=block)
+
+
 def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole: bool, optimizer: bool = True,
                      scalar_state: Mapping[str, Any] | None = None) -> Callable[[], None]:
     """Phase 1 of a load into a flat-buffer strategy: check, read and assemble; touches
@@ -285,7 +441,7 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
     regs = regions(module, buckets)
     others = other_tensors(module, {r.name for r in regs})
     _check_fit(strategy, source, regs, others, optimizer)
-    saved = source.tensors
+    saved = {n: source_entry(source, n) for n in [r.name for r in regs] + list(others)}
     by_bucket: dict[int, list[Region]] = {}
     for r in regs:
         by_bucket.setdefault(r.bucket.index, []).append(r)
@@ -310,11 +466,11 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
         for r in bregs:
             a, b = r.clip(bucket.lo, bucket.hi)
             if whole:
-                full = source.read(r.name, PARAM, 0, r.numel)
+                full = _read(source, r.name, PARAM, 0, r.numel, r.block)
                 flat[r.offset:r.offset + r.numel] = full.to(flat.dtype)
                 mine = full[a:b]
             elif a < b:
-                mine = source.read(r.name, PARAM, a, b)
+                mine = _read(source, r.name, PARAM, a, b, r.block)
                 r.opt_slice(flat, a, b).copy_(mine)
             if a == b:
                 continue
@@ -323,7 +479,7 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
             if not optimizer:
                 continue
             for k in state_keys:
-                piece = source.read(r.name, k, a, b)
+                piece = _read(source, r.name, k, a, b, r.block)
                 if new_state[k] is None:
                     new_state[k] = torch.zeros(bucket.numel, dtype=piece.dtype)
                 r.opt_slice(new_state[k], a, b).copy_(piece)
@@ -337,7 +493,11 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
             for k, t in new_state.items():
                 state[k] = (t if t is not None else torch.zeros(bucket.numel)).to(device)
             states[bucket.index] = state
-    new_others = {name: source.read(name, PARAM, 0, t.numel()).reshape(t.shape) for name, t in others.items()}
+    new_others = {}
+    for name, t in others.items():
+        gshape, offsets, local, _ = tensor_block(t)
+        block = None if local == gshape else (offsets, local)
+        new_others[name] = _read(source, name, PARAM, 0, local_tensor(t).numel(), block).reshape(local)
     restore_scaler = _stage_scaler(strategy.scaler, scalar_state)
     trainable = {r.name for r in regs}
 
@@ -360,7 +520,7 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
         with whole_others(module, trainable, modifier_rank=0):  # stage 3: frozen ones
             canonical, _ = state_names(module)
             for name, t in new_others.items():
-                canonical[name].detach().copy_(t)
+                local_tensor(canonical[name]).detach().copy_(t)
         strategy.after_load()
         strategy.zero_grad()
         restore_scaler()
@@ -369,4 +529,6 @@ def load_flat_pieces(strategy, module: nn.Module, source: PieceSource, *, whole:
 
 
 __all__ = ["PARAM", "StatePiece", "PieceSource", "piece_key", "state_names", "Region", "regions", "whole_others",
+           "source_entry", "local_tensor", "is_dtensor", "tensor_block", "mesh_rank", "mesh_size", "duplicate_ids",
+           "tied_aliases",
            "other_tensors", "split_state", "scalar_value", "flat_state_pieces", "load_flat_pieces"]
