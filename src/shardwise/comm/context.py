@@ -96,8 +96,9 @@ class GroupContext:
 # auto-resume); ``ctx.rank`` / ``ctx.world_size`` stay the global rank and world size.
 # Who uses which dim: the ZeRO strategies (grad sync, flat buckets and shard padding, stage 3,
 # the backward scale 1/dp, the grad-norm reduction), the data sampler and the batch triangle
-# use ``dp``; zero.Init splits over ``dp``; nothing uses the replicating dims but checkpoints,
-# which refuse more than one replica group for now.
+# use ``dp``; zero.Init splits over ``dp``; tensor parallelism runs over ``tp`` and pipeline
+# stages over ``pp``; nothing uses the replicating dims but checkpoints, which accept dp, tp and
+# pp and refuse any other dimension (more than one replica group) for now.
 # Without a process group (a plain single process): no mesh, a trivial dp of size 1.
 DP = "dp"
 TP = "tp"
