@@ -41,8 +41,8 @@ def launch(out: Path, cfg: dict, fault: str, rank: int = 1, step: int = 2, steps
     return proc.returncode, proc.stderr, time.time()
 
 
-def leftovers(out: Path) -> list[int]:
-    """Processes still running the script for this test's output directory."""
+def leftovers(out: Path, script: Path = SCRIPT) -> list[int]:
+    """Processes still running ``script`` for this test's output directory."""
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
@@ -50,7 +50,7 @@ def leftovers(out: Path) -> list[int]:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if str(out).encode() in cmdline and str(SCRIPT.name).encode() in cmdline:
+            if str(out).encode() in cmdline and str(script.name).encode() in cmdline:
                 found.append(int(pid))
     return found
 

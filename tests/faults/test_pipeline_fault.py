@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from test_fault_launch import leftovers as launch_leftovers
+
 SCRIPT = Path(__file__).parent / "fault_scripts" / "pipeline_fault.py"
 TIMEOUT_S = 5
 BOUND_S = TIMEOUT_S + 15
@@ -34,16 +36,7 @@ def launch(out: Path, fault: str, rank: int, nproc: int, pp: int = 2, step: int 
 
 
 def leftovers(out: Path) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(out).encode() in cmdline and SCRIPT.name.encode() in cmdline:
-                found.append(int(pid))
-    return found
+    return launch_leftovers(out, SCRIPT)
 
 
 def check_bound(out: Path, ended: float) -> None:
