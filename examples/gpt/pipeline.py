@@ -33,6 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from model import Block, GPTConfig  # noqa: E402
 
+from torch.distributed.tensor import DTensor, Replicate  # noqa: E402
+
 from shardwise.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: E402
 
 
@@ -73,8 +75,16 @@ class FinalNorm(nn.LayerNorm):
 
 
 def lm_head(embedding: nn.Embedding, x: torch.Tensor) -> torch.Tensor:
-    """The LM head: logits with the (tied) token-embedding matrix."""
-    return F.linear(x, embedding.weight)
+    """The LM head: logits with the (tied) token-embedding matrix. Under tensor parallelism with
+    a vocabulary-parallel embedding (``"tied_modules.embed": "rowwise"`` in the tp_plan) the
+    weight is a DTensor sharded along the vocabulary: each tp rank computes its slice of the
+    logits from the replicated hidden state and the slices are gathered (the input's gradient,
+    partial per rank, is summed over tp by DTensor)."""
+    w = embedding.weight
+    if isinstance(w, DTensor):
+        hidden = DTensor.from_local(x, w.device_mesh, [Replicate()] * w.device_mesh.ndim, run_check=False)
+        return F.linear(hidden, w).redistribute(placements=[Replicate()] * w.device_mesh.ndim).to_local()
+    return F.linear(x, w)
 
 
 def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

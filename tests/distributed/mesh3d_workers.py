@@ -26,3 +26,22 @@ def stage_models(mismatch_rank: int | None) -> str:
     except MismatchError as exc:
         return str(exc)
     return "ok"
+
+
+def tp_pattern_on_no_stage() -> str:
+    """(pp 2, tp 2): a tp_plan pattern that matches on no pipeline stage is a ConfigError on
+    every rank (a pattern matching on one stage only is fine: see test_pipeline.py)."""
+    import shardwise
+    from model import GPTConfig
+    from pipeline import gpt_pipeline
+
+    from shardwise.errors import ConfigError
+
+    config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1,
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+              "tensor_parallel": {"autotp_size": 2, "tp_plan": {"*.attn.q": "colwise", "*.attn.qq": "colwise"}}}
+    try:
+        shardwise.initialize(model=gpt_pipeline(GPTConfig.preset("tiny"), num_stages=2), config=config)
+    except ConfigError as exc:
+        return str(exc)
+    return "no error"

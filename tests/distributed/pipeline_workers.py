@@ -36,7 +36,10 @@ def case_defaults(case: dict) -> dict:
 # tensor parallelism inside each stage: the blocks' projections sharded (the pattern's "*" is the
 # layer index, the PipelineModule's name for a block); the tied embedding / head stay whole
 TP_PLAN = {"*.attn.q": "colwise", "*.attn.k": "colwise", "*.attn.v": "colwise", "*.attn.proj": "rowwise",
-           "*.mlp.fc": "colwise", "*.mlp.proj": "rowwise"}
+           "*.mlp.fc": "colwise", "*.mlp.proj": "rowwise",
+           # the tied embedding / LM head, vocabulary-parallel on both end stages (lm_head in
+           # examples/gpt/pipeline.py gathers the logits)
+           "tied_modules.embed": "rowwise"}
 
 
 def _placement(schedule: str) -> tuple[int, str]:

@@ -56,3 +56,10 @@ def test_zero_2_and_3_with_pipelining_are_refused_by_name(stage):
         plan_for({"pipeline": {"stages": 2}, "zero_optimization": {"stage": stage}}, world_size=2)
     text = str(info.value)
     assert f"ZeRO stage {stage} with pipeline parallelism" in text and "use ZeRO stage 0 or 1" in text
+
+
+def test_tp_plan_pattern_matching_no_pipeline_stage_is_named():
+    from mesh3d_workers import tp_pattern_on_no_stage
+
+    for msg in run_distributed(tp_pattern_on_no_stage, 4, timeout_s=180):
+        assert "tensor_parallel.tp_plan['*.attn.qq']" in msg and "any of the 2 pipeline stages" in msg, msg

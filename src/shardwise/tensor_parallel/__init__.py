@@ -214,7 +214,24 @@ def _already_parallel(model: nn.Module) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
 
 
-def parallelize(model: nn.Module, plan, tp_size: int, tp_mesh, *, where: str = "tensor_parallel.tp_plan") -> None:
+def _check_used_on_some_stage(model: nn.Module, plan, where: str, ctx: Any) -> None:
+    """Under pipeline parallelism each rank holds one stage: a tp_plan pattern that matches a
+    module on no stage is the ``ConfigError`` a single model gets (raised on every rank alike)."""
+    from shardwise.comm.collectives import all_gather_object
+
+    mine = {a.pattern for a in match_plan(model, plan, where=where, allow_unused=True)}
+    used = set().union(*all_gather_object(sorted(mine), ctx.pp))
+    unused = [pat for pat, _ in plan if pat not in used]
+    if unused:
+        raise ConfigError([ConfigProblem(f"{where}[{unused[0]!r}]", "the pattern matches no module on any "
+                                         f"of the {ctx.pp.size} pipeline stages",
+                                         "patterns are dotted module names with '*' for one name component "
+                                         "(in a PipelineModule the first component is the layer index: "
+                                         "'*.attn.q'); fix or remove the pattern")])
+
+
+def parallelize(model: nn.Module, plan, tp_size: int, tp_mesh, *, where: str = "tensor_parallel.tp_plan",
+                allow_unused: bool = False) -> None:
     """Check ``plan`` (``(pattern, style)`` pairs, [Note: tp plans]) against ``model`` and apply it
     with ``parallelize_module`` over ``tp_mesh`` (a 1-D DeviceMesh of ``tp_size`` ranks); tied
     weights stay one DTensor. No other communication than DTensor's own distribution."""
@@ -222,7 +239,7 @@ def parallelize(model: nn.Module, plan, tp_size: int, tp_mesh, *, where: str = "
 
     from shardwise.tensor_parallel.styles import make_style
 
-    assignments = match_plan(model, plan, where=where)
+    assignments = match_plan(model, plan, where=where, allow_unused=allow_unused)
     _check_sizes(assignments, tp_size, where)
     _check_heads(model, assignments, tp_size, where)
     sp = any(a.style == "sequence_parallel" for a in assignments)
@@ -277,5 +294,7 @@ def apply_tensor_parallel(model: nn.Module, policy: Any, ctx: Any) -> None:
                          "(init_context(tp=N) builds one)")
     if not _already_parallel(model):
         plan, where = _plan_for(model, policy)
-        parallelize(model, plan, tp.size, ctx.mesh["tp"], where=where)
+        if ctx.pp.size > 1:  # one pipeline stage: a pattern must match on some stage, not on each
+            _check_used_on_some_stage(model, plan, where, ctx)
+        parallelize(model, plan, tp.size, ctx.mesh["tp"], where=where, allow_unused=ctx.pp.size > 1)
     _sync_replicated(model, ctx)

@@ -151,9 +151,10 @@ class Assignment:
 
 
 def match_plan(model: nn.Module, plan: Sequence[tuple[str, str]], *, where: str = "tensor_parallel.tp_plan",
-               ) -> list[Assignment]:
+               allow_unused: bool = False) -> list[Assignment]:
     """Each module the plan names, with its style (first matching pattern wins), in module
-    order. A pattern that matches no module is a ``ConfigError`` naming it."""
+    order. A pattern that matches no module is a ``ConfigError`` naming it, unless
+    ``allow_unused`` (one pipeline stage: the pattern may match on another stage)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     if prefix and not isinstance(getattr(model, prefix, None), nn.Module):
         prefix = ""  # the base model itself (LlamaModel): names have no prefix
@@ -169,7 +170,7 @@ def match_plan(model: nn.Module, plan: Sequence[tuple[str, str]], *, where: str 
                 out.append(Assignment(name, mod, style, pat))
                 break
     unused = [pat for (pat, _, _), u in zip(compiled, used) if not u]
-    if unused:
+    if unused and not allow_unused:
         names = [n for n, _ in model.named_modules() if n][:8]
         raise ConfigError([ConfigProblem(
             f"{where}[{unused[0]!r}]",
