@@ -294,7 +294,8 @@ def apply_tensor_parallel(model: nn.Module, policy: Any, ctx: Any) -> None:
                          "(init_context(tp=N) builds one)")
     if not _already_parallel(model):
         plan, where = _plan_for(model, policy)
-        if ctx.pp.size > 1:  # one pipeline stage: a pattern must match on some stage, not on each
+        staged = getattr(ctx, "pp", None) is not None and ctx.pp.size > 1
+        if staged:  # one pipeline stage: a pattern must match on some stage, not on each
             _check_used_on_some_stage(model, plan, where, ctx)
-        parallelize(model, plan, tp.size, ctx.mesh["tp"], where=where, allow_unused=ctx.pp.size > 1)
+        parallelize(model, plan, tp.size, ctx.mesh["tp"], where=where, allow_unused=staged)
     _sync_replicated(model, ctx)
