@@ -193,6 +193,10 @@ def bind_layouts(optimizer: torch.optim.Optimizer, chunks: Sequence, dp, plan: P
         raise UsageError("Lamb with zero_optimization.offload_optimizer is not supported yet: the offloaded "
                          "step walks the state tile by tile, and Lamb's per-tensor norms span tiles. Use "
                          "AdamW with offload, or Lamb without it")
+    if isinstance(optimizer, Lamb) and plan.parallel.tp > 1:
+        raise UsageError("Lamb with tensor parallelism (tensor_parallel.autotp_size > 1) is not supported yet: its "
+                         "trust ratio is per model tensor, and a tensor-parallel tensor's norm would have to be "
+                         "summed over tp as well. Use AdamW with tensor parallelism, or Lamb without it")
     reduce = (lambda t: all_reduce(t, dp)) if dp is not None and dp.size > 1 else None
     bind_flat_chunks(optimizer, chunks, reduce)
 
