@@ -33,7 +33,7 @@ class RankFailedError(ShardwiseError):
 
 def _mp_context():
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor"])
     return ctx
 
 

@@ -43,6 +43,7 @@ each time (the graph of a forward accumulates into the object it saw), so
 from __future__ import annotations
 
 import enum
+import sys
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,14 +55,11 @@ from shardwise.comm.collectives import DONE, Handle, all_gather_shard
 from shardwise.comm.context import GroupContext
 from shardwise.errors import UsageError
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch build without distributed
-    DTensor = None  # type: ignore[assignment,misc]
-
-
 def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # no DTensor can exist before torch.distributed.tensor is imported (importing it costs ~1 s,
+    # paid only by tensor-parallel runs)
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 @dataclass(frozen=True)
@@ -82,6 +80,8 @@ class DTensorLayout:
 
     def wrap(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` as a DTensor of this layout (no copy, no communication, no autograd edge)."""
+        from torch.distributed.tensor import DTensor
+
         with torch.no_grad():
             return DTensor.from_local(local, self.mesh, self.placements, run_check=False,
                                       shape=self.shape, stride=self.stride)
