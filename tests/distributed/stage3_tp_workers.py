@@ -312,6 +312,9 @@ def kept_bytes_run(cfg: dict, tp: int = 2, steps: int = 3) -> dict:
         with track.mode:
             loss = engine(xb[:, :-1], xb[:, 1:])
         if i == 0:
+            import gc
+
+            gc.collect()  # what is only waiting for the cycle collector is not kept for backward
             exclude = {s.shard.untyped_storage().data_ptr() for s in rt.shards()}
             exclude |= {f.untyped_storage().data_ptr() for u in rt.units if u._flats for f in u._flats}
             exclude |= {t.untyped_storage().data_ptr() for ts in collectives._RECENT for t in ts}
