@@ -25,7 +25,7 @@ backward (what ``saved_tensors_hooks`` sees, each storage once). A pre-norm bloc
 attention (torch's ``scaled_dot_product_attention``, no attention matrix kept) and no dropout
 keeps 16 ``s*b*h`` tensors' worth in the compute dtype: its input, the two norm outputs, Q, K,
 V, the attention output (its head merge is a view), the residual sum, the MLP's 4h input and
-GELU output (under tensor parallelism: ``memory_model.block_activation_bytes``) (Korthikanti et al. 2022's 34 ``sbh`` bytes at 16-bit, less the dropout masks
+GELU output (under tensor parallelism: ``memory_model_parallel.block_activation_bytes``) (Korthikanti et al. 2022's 34 ``sbh`` bytes at 16-bit, less the dropout masks
 and the ``5 a s / h`` attention matrix that fused kernels do not store), plus fp32 norm
 statistics (``4 s b``) and the attention's log-sum-exp (``a s b``). A checkpointed block keeps
 only its input (``s*b*h``); its 16 are rebuilt for one block at a time during backward (a
@@ -54,8 +54,8 @@ import torch.nn as nn
 from shardwise.errors import UsageError
 from shardwise.memory_model import (ALIGN, BUCKET_NUMEL, DTYPE_BYTES, OPTIMIZER_STATES, PERSISTENCE_THRESHOLD,
                                     Offload, RankElements, bucket_layouts, layout_states, model_state_bytes,
-                                    offload_choices, offload_states, result, states_per_element, trainable_params,
-                                    transformer_activation_bytes)
+                                    offload_choices, offload_states, result, states_per_element, trainable_params)
+from shardwise.memory_model_parallel import transformer_activation_bytes
 
 FIELDS = ("params", "grads", "master_params", "optimizer_state", "activations", "total")
 ModelLike = Union[int, float, nn.Module, Callable[[], nn.Module]]

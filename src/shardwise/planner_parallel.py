@@ -8,7 +8,7 @@ A rank at mesh coordinates (pp stage i, dp rank d, tp rank t) of N = pp * dp * t
   ``memory_model.py``, the same functions on a meta-device copy of the stage):
   * tp: every module the tp plan (``tensor_parallel.tp_plan``, else the built-in plan of the
     model) marks ``colwise`` / ``rowwise`` holds the ``t``-th ``torch.chunk`` piece of the
-    dimension ``memory_model.tp_shard_dim`` names (Linear colwise: rows of weight and bias;
+    dimension ``memory_model_parallel.tp_shard_dim`` names (Linear colwise: rows of weight and bias;
     rowwise: columns of the weight, the bias whole; Embedding colwise: columns, rowwise: rows);
     everything else (norms, a rowwise bias, the position embedding, ``sequence_parallel``
     modules) is replicated: held whole on every tp rank;
@@ -20,11 +20,11 @@ A rank at mesh coordinates (pp stage i, dp rank d, tp rank t) of N = pp * dp * t
     rank i holds stage i (and i + pp, ... with ``stages_per_rank`` > 1; the V schedule's i and
     2 pp - 1 - i);
   * ZeRO stage s over dp (stages 0-1 only with pp > 1: ``config/resolve_parallel.py``).
-- activations of one micro-batch (``memory_model.transformer_activation_bytes``): the stage's
+- activations of one micro-batch (``memory_model_parallel.transformer_activation_bytes``): the stage's
   blocks, each with the replicated tensors whole and the head-/column-sharded ones at 1/tp
-  (``memory_model.block_activation_bytes``), a checkpointed block's input (1/tp with
+  (``memory_model_parallel.block_activation_bytes``), a checkpointed block's input (1/tp with
   ``partition_activations``), the ids on the first stage and the final norm + logits +
-  targets on the last; times the micro-batches in flight (``memory_model.in_flight``: GPipe all
+  targets on the last; times the micro-batches in flight (``memory_model_parallel.in_flight``: GPipe all
   m, the 1F1B family min(pp - i, m): up to pp on the first stage).
 - collectives per optimizer step (buffer bytes per rank, m = gradient_accumulation_steps micro-
   batches of b x s tokens, h = hidden, p = compute-dtype bytes):
@@ -52,8 +52,8 @@ import torch.nn as nn
 
 from shardwise.config.schema_parallel import SCHEDULES as PIPE_SCHEDULES
 from shardwise.errors import UsageError
-from shardwise.memory_model import (DTYPE_BYTES, in_flight, model_state_bytes, tp_chunk,
-                                    tp_shard_dim, transformer_activation_bytes, trainable_params)
+from shardwise.memory_model import DTYPE_BYTES, model_state_bytes, trainable_params
+from shardwise.memory_model_parallel import in_flight, tp_chunk, tp_shard_dim, transformer_activation_bytes
 from shardwise.pipe.module import partition_layers
 from shardwise.planner import Collective, PlanReport, plan_model
 

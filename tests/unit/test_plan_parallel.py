@@ -19,7 +19,8 @@ import torch
 from model import GPT, GPTConfig
 from shardwise.cli import main as cli_main
 from shardwise.errors import ConfigError, UsageError
-from shardwise.memory_model import block_activation_bytes, in_flight, tp_chunk, tp_shard_dim, transformer_activation_bytes
+from shardwise.memory_model_parallel import (block_activation_bytes, in_flight, tp_chunk, tp_shard_dim,
+                                             transformer_activation_bytes)
 from shardwise.planner_parallel import Mesh, mesh_for, plan_job_parallel, plan_parallel, tp_local_model
 
 WHOLE, BLOCK = 28032, 12704
