@@ -434,17 +434,14 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
     return _context_from_group(allow_reduce_scatter, health, pp=pp, tp=tp, timeout_s=timeout_s)
 
 
-def subgroup_contexts(ctx: ParallelContext, name: str, groups: "list[list[int]]",
-                      timeout_s: float | None = None) -> GroupContext | None:
+def subgroup_contexts(ctx: ParallelContext, name: str, groups: "list[list[int]]") -> GroupContext | None:
     """Process groups over lists of global ranks (e.g. a tied weight's pipeline stages): every
     rank calls this with the same ``groups`` in the same order (torch's ``new_group`` rule);
-    returns this rank's GroupContext, or None when it is in none of them. ``timeout_s``: the
-    groups' timeout (torch's default for a new group is 30 minutes, whatever the world's)."""
+    returns this rank's GroupContext, or None when it is in none of them."""
     mine = None
-    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
     for ranks in groups:
         ranks = sorted(int(r) for r in ranks)
-        group = dist.new_group(ranks, **kwargs) if ctx.is_distributed else None
+        group = dist.new_group(ranks) if ctx.is_distributed else None
         if ctx.rank in ranks:
             mine = GroupContext(name, group, ranks.index(ctx.rank), len(ranks), tuple(ranks), ctx.device,
                                 ctx.backend, ctx.policy, ctx.health)

@@ -36,23 +36,51 @@ def build_pipeline(model: Any, strategy: Any, plan: Any, ctx: Any) -> Any:
                           f"layers are built when the module is made, so pass PipelineModule(..., {key}=True)",
                           UserWarning, stacklevel=3)
     # [Note: pipeline groups and timeouts] the sends / receives between stages wait as long as
-    # their process group's timeout; torch gives a group made by new_group its default of 30
-    # minutes, whatever the world group's timeout. The mesh's pp group is made with the job's
-    # timeout (comm/context.py, _timed_mesh); the tie groups, made when the module was built
-    # (before the config was read), are made again here with it (comms_timeout /
-    # SHARDWISE_TIMEOUT): a stopped peer is then a CollectiveTimeoutError naming it
-    from shardwise.comm.context import resolve_timeout, subgroup_contexts
+    # their process group's timeout; torch gives a group made by new_group (the mesh's sub-groups
+    # included) its default of 30 minutes, whatever the world group's timeout. So the pipeline and
+    # tie groups are made here with the job's timeout (comms_timeout / SHARDWISE_TIMEOUT): a
+    # stopped peer is then a CollectiveTimeoutError naming it, within the timeout
+    from shardwise.comm.context import resolve_timeout
 
     timeout_s = resolve_timeout(plan.comms_timeout_s)
+    pp = _timed_group(ctx, "pp", _pp_groups(ctx, model.num_stages), timeout_s) or pp
+    if pp.global_ranks != ctx.pp.global_ranks:
+        raise UsageError(f"pipeline group {pp.global_ranks} differs from the mesh's {ctx.pp.global_ranks}")
     per = ctx.world_size // model.num_stages
-    if ctx.is_distributed:
-        for key, owners in sorted(model._tie_owners.items()):
-            if len(owners) > 1:
-                groups = [[s * per + j for s in owners] for j in range(per)]
-                group = subgroup_contexts(ctx, f"tie:{key}", groups, timeout_s)
-                if group is not None:
-                    model._tie_groups[key] = group
+    for key, owners in sorted(model._tie_owners.items()):
+        if len(owners) > 1:
+            group = _timed_group(ctx, f"tie:{key}", [[s * per + j for s in owners] for j in range(per)], timeout_s)
+            if group is not None:
+                model._tie_groups[key] = group
     return PipeRuntime(model, plan, ctx, pp)
+
+
+def _pp_groups(ctx: Any, num_stages: int) -> list[list[int]]:
+    """One pipeline group per (dp, tp) position: the mesh's layout, pipeline outermost."""
+    per = ctx.world_size // num_stages
+    return [[s * per + j for s in range(num_stages)] for j in range(per)]
+
+
+def _timed_group(ctx: Any, name: str, groups: list[list[int]], timeout_s: float | None) -> Any:
+    """``subgroup_contexts`` with a timeout: every rank makes every group, in order; returns this
+    rank's GroupContext (with the context's health, so a failure names the rank behind it)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from shardwise.comm.context import GroupContext
+
+    if not ctx.is_distributed:
+        return None
+    kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    mine = None
+    for ranks in groups:
+        ranks = sorted(int(r) for r in ranks)
+        group = dist.new_group(ranks, **kwargs)
+        if ctx.rank in ranks:
+            mine = GroupContext(name, group, ranks.index(ctx.rank), len(ranks), tuple(ranks), ctx.device,
+                                ctx.backend, ctx.policy, ctx.health)
+    return mine
 
 
 __all__ = ["PipelineModule", "LayerSpec", "TiedLayerSpec", "build_pipeline", "partition_balanced",
