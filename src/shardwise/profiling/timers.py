@@ -4,7 +4,8 @@ much of each this rank spent blocked in collectives.
 [Note: wall-clock breakdown]
 Each phase is bracketed by the engine's events ([Note: observers]) and timed with
 ``time.perf_counter`` after synchronising the device (``torch.cuda.synchronize`` on CUDA;
-nothing to wait for on CPU), so a phase's time includes the kernels it launched. The sums of
+nothing to wait for on CPU), so a phase's time includes the kernels it launched (see
+[Note: device-synchronised timers]). The sums of
 one optimizer step (all its micro-batches: with ``gradient_accumulation_steps`` = 4, forward is
 four forwards) are averaged over the ``steps_per_print`` steps of an interval and logged on
 rank 0 as ``time (ms) | forward: ... | backward: ... | step: ... | comm wait: ...``; every rank
@@ -34,10 +35,24 @@ PHASES = ("forward", "backward", "step")
 KEYS = PHASES + tuple(f"{p}_comm_wait" for p in PHASES)
 
 
-def device_sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA); nothing on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+# [Note: device-synchronised timers]
+# On CUDA a Python call returns once its kernels are queued, so a clock read around forward
+# alone would time the launches. Each phase boundary therefore waits for the device
+# (``torch.cuda.synchronize``) before reading ``time.perf_counter``: the phase's time is the
+# wall time until its kernels finished, the previous phase's tail is not charged to it. CUDA
+# events would avoid the host stall, but a phase's time also holds host work (hooks, Python,
+# the offloaded optimizer step on the CPU) that events do not see, and this observer is a
+# profiling mode (DeepSpeed's timers synchronise too). On the CPU ops run as they are called:
+# nothing to wait for, no call. ``_cuda_synchronize`` is the one place the wait happens (tests
+# replace it to see it called on a CUDA device and not on the CPU).
+def _cuda_synchronize(device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+
+
+def device_sync(device: "torch.device | str") -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU (see [Note: device-synchronised timers])."""
+    if torch.device(device).type == "cuda":
+        _cuda_synchronize(device)
 
 
 class WallClockBreakdown(Observer):
