@@ -188,22 +188,16 @@ def test_one_node_is_accepted(opts):
 @pytest.mark.parametrize(
     "opts, words",
     [
-        (["--num_nodes", "2"], r"--num_nodes 2: shardwise run starts the ranks of one node.*--nnodes N "
-                               r"--node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:PORT"),
-        (["--hostfile", "hosts"], r"--hostfile hosts: DeepSpeed's hostfile is not read.*--nnodes N"),
-        (["-H", "hosts"], r"-H hosts: DeepSpeed's hostfile"),
-        (["--include", "localhost:1,3"], r"CUDA_VISIBLE_DEVICES=1,3 shardwise run --nproc-per-node 2"),
-        (["-i", "worker-1:0@worker-2:0"], r"device filter is not supported.*--rdzv-endpoint"),
-        (["--exclude=localhost:0"], r"--exclude localhost:0: DeepSpeed's device filter.*CUDA_VISIBLE_DEVICES"),
-        (["--launcher", "slurm"], r"--launcher slurm: shardwise run starts the ranks of one node"),
-        (["--no_ssh_check"], r"--no_ssh_check: shardwise run starts the ranks of one node"),
+        (["--launcher", "slurm"], r"--launcher slurm: DeepSpeed's --launcher.*--launcher-cmd 'srun"),
+        (["--no_ssh"], r"--no_ssh: shardwise run starts one torchrun agent per host.*--rdzv-endpoint"),
+        (["--force_multi"], r"--force_multi: shardwise run starts one torchrun agent per host"),
         (["--elastic_training"], r"--nnodes MIN:MAX.*--max-restarts"),
         (["--autotuning", "run"], r"`shardwise plan`"),
         (["--enable_each_rank_log", "logs"], r"--log-dir DIR --redirects 3"),
         (["--bind_cores_to_rank"], r"numactl"),
     ],
 )
-def test_deepspeed_multi_node_options_name_the_torchrun_way(opts, words):
+def test_unsupported_deepspeed_options_name_what_to_use(opts, words):
     with pytest.raises(LaunchError, match=words):
         split_run_args([*opts, "train.py"])
 

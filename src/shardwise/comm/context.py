@@ -371,6 +371,9 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
     if mesh is not None:
         raise UsageError("initialize(mesh=...) needs the process group that built the mesh; none is "
                          "initialised in this process")
+    from shardwise.comm.env_discovery import apply_launcher_env
+
+    apply_launcher_env()  # [Note: rank discovery] srun/mpirun without torchrun: RANK etc. from SLURM/MPI
     env_set = [v for v in _TORCHRUN_VARS if v in os.environ]
     if env_set and len(env_set) < len(_TORCHRUN_VARS):
         missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
@@ -422,13 +425,15 @@ def init_context(timeout_s: float | None = None, allow_reduce_scatter: bool = Tr
             f"could not initialise torch.distributed ({backend}) for {where}: {exc}"
         ) from exc
     _register_quiesce()
-    # [Note: heartbeat only across hosts] same-host peers are diagnosed through /proc; the
-    # heartbeat thread (a cloned store client) is started only when ranks span several hosts.
-    # (It was switched off on one host after exit aborts; their cause turned out to be gloo
-    # worker threads freeing Python tensors during shutdown: [Note: tensors outlive gloo's
-    # works] in collectives.py.)
-    if any(info.get("host") != health.host for info in health.peers.values()):
-        health.start_heartbeat()
+    # [Note: heartbeat on every rank] every rank of a job started here runs the heartbeat
+    # (health.py): peers on other hosts can only be told apart from a frozen process by it,
+    # and on one host it names a rank that /proc sees as alive but that stopped taking part
+    # (stuck holding the GIL, in uninterruptible I/O); /proc is still asked first. It was
+    # once switched off on one host after finished ranks aborted at exit. Verified cause (core
+    # dumps of aborted ranks: the aborting thread is a gloo worker in runLoop freeing a
+    # finished work's Python tensors after Py_FinalizeEx began, the heartbeat thread already
+    # joined): [Note: tensors outlive gloo's works] in collectives.py, not the heartbeat.
+    health.start_heartbeat()
     _HEALTH = (dist.group.WORLD, health)  # for a later init_context on this group (initialize() after
     # shardwise.init_distributed())
     return _context_from_group(allow_reduce_scatter, health, pp=pp, tp=tp, timeout_s=timeout_s)

@@ -65,9 +65,11 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
     torchrun set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), with shardwise's
     join check and named failures; a no-op when already initialised or in a single process.
     The backend is chosen in one place (NCCL with CUDA, else gloo): a different
-    ``dist_backend`` is refused. MPI discovery, ``init_method`` and explicit ranks are
-    DeepSpeed options for launchers shardwise does not use; they are refused if set."""
+    ``dist_backend`` is refused. Under srun or mpirun without torchrun (``auto_mpi_discovery``,
+    the default), the ranks come from SLURM's or the MPI launcher's variables ([Note: rank
+    discovery]). ``init_method`` and explicit ranks are refused if set."""
     from shardwise.comm.context import init_context, pick_device, resolve_timeout
+    from shardwise.comm.env_discovery import apply_launcher_env
     from shardwise.errors import UsageError
 
     if dist.is_available() and dist.is_initialized():
@@ -75,6 +77,8 @@ def init_distributed(dist_backend: str | None = None, auto_mpi_discovery: bool =
     if init_method is not None or rank != -1 or world_size != -1:
         raise UsageError("init_distributed(init_method=/rank=/world_size=) is not supported: launch with "
                          "`shardwise run --nproc-per-node N script.py` (torchrun), which sets the environment")
+    if auto_mpi_discovery:
+        apply_launcher_env()  # before LOCAL_RANK is read for the device
     backend = pick_device(int(os.environ.get("LOCAL_RANK", 0)))[1]
     if dist_backend is not None and dist_backend != backend:
         raise UsageError(f"init_distributed(dist_backend={dist_backend!r}): shardwise picks {backend!r} on this "

@@ -7,8 +7,16 @@ launcher's. Those that torchrun spells the same way (``--master_port``, ``--mast
 
 * ``--num_gpus N`` / ``--num_accelerators N`` become ``--nproc-per-node N`` (``-1``, all
   GPUs, becomes torchrun's ``gpu``);
-* ``--num_nodes 1`` (or ``-1`` without a hostfile: this node) is accepted and dropped;
+* the multi-node ones (``--hostfile``/``-H``, ``--include``/``-i``, ``--exclude``/``-e``,
+  ``--num_nodes``, ``--ssh_port``) and shardwise's own ``--launcher-cmd``, ``--export``,
+  ``--join-timeout`` are collected in ``RunArgs.multinode`` and turned into one torchrun agent
+  per host ([Note: multi-host launch] in multinode.py); ``--num_nodes 1`` (or ``-1``) without a
+  hostfile is this node; ``--no_ssh_check`` is accepted and does nothing (no pre-check is made);
 * ``--no_local_rank`` is shardwise's own (see [Note: --local_rank]);
+* the rest (``--launcher``, ``--launcher_args``, ``--no_ssh``, ``--force_multi``, elastic options,
+  ...) are a :class:`LaunchError` that names what to use instead.
+
+[Note: --local_rank]);
 * the multi-node ones (``--hostfile``, ``--include``/``--exclude``, ``--num_nodes N>1``,
   ``--launcher``, ssh options, elastic options) and the few others are a :class:`LaunchError`
   that names what to use instead; ``shardwise run`` starts the ranks of one node.
@@ -28,12 +36,15 @@ NO_LOCAL_RANK = ("--no_local_rank", "--no-local-rank")
 LOCAL_RANK_ARG = "--local_rank=${local_rank}"  # torchrun's macro, substituted per worker
 
 _MULTI_NODE = (
-    "shardwise run starts the ranks of one node (multi-node launch is not supported yet). "
-    "torchrun's way, one command per node: `shardwise run --nnodes N --node-rank R "
-    "--rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id JOB --nproc-per-node G script.py "
-    "...`, started on every node by your scheduler (srun, mpirun, a job array) instead of "
-    "DeepSpeed's pdsh/ssh fan-out"
+    "shardwise run starts one torchrun agent per host of a DeepSpeed hostfile: `shardwise run "
+    "--hostfile HOSTS [--launcher-cmd 'srun -N1 -w {host}'] script.py ...` (ssh by default); or, "
+    "torchrun's way, one command per node started by your scheduler: `shardwise run --nnodes N "
+    "--rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id JOB --nproc-per-node G script.py ...`"
 )
+
+# RunArgs.multinode keys ([Note: multi-host launch] in multinode.py)
+MULTI_NODE_DESTS = ("hostfile", "include", "exclude", "num_nodes", "launcher_cmd", "export", "join_timeout",
+                    "ssh_port")
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,13 @@ _add("no_local_rank", False, "--no_local_rank")
 _add("hostfile", True, "-H", "--hostfile")
 _add("include", True, "-i", "--include")
 _add("exclude", True, "-e", "--exclude")
-_add("launcher", True, "--launcher", "--launcher_args", "--ssh_port")
-_add("ssh", False, "--no_ssh", "--no_ssh_check", "--force_multi")
+_add("launcher", True, "--launcher", "--launcher_args")
+_add("ssh_port", True, "--ssh_port")
+_add("launcher_cmd", True, "--launcher_cmd")
+_add("export", True, "--export")
+_add("join_timeout", True, "--join_timeout")
+_add("no_ssh_check", False, "--no_ssh_check")
+_add("ssh", False, "--no_ssh", "--force_multi")
 _add("elastic", False, "--elastic_training")
 _add("elastic_nodes", True, "--min_elastic_nodes", "--max_elastic_nodes")
 _add("autotuning", True, "--autotuning")
@@ -74,17 +90,6 @@ _add("save_pid", False, "--save_pid")
 def lookup(name: str) -> DeepSpeedFlag | None:
     """The DeepSpeed launcher option ``name`` (exact spelling), or None."""
     return _FLAGS.get(name)
-
-
-def _devices_hint(value: str) -> str:
-    """``localhost:0,2`` -> the CUDA_VISIBLE_DEVICES command line; else the general advice."""
-    host, _, slots = value.partition(":")
-    if "@" not in value and host in ("localhost", "127.0.0.1") and slots:
-        devices = [s for s in slots.split(",") if s.strip()]
-        return (f"choose the GPUs with the environment instead: `CUDA_VISIBLE_DEVICES={','.join(devices)} "
-                f"shardwise run --nproc-per-node {len(devices)} script.py ...`")
-    return ("on one node, choose the GPUs with the environment: `CUDA_VISIBLE_DEVICES=0,1 shardwise run "
-            "--nproc-per-node 2 script.py ...`; across nodes: " + _MULTI_NODE)
 
 
 def translate(flag: DeepSpeedFlag, name: str, value: str | None) -> list[tuple[str, str]]:
@@ -109,14 +114,17 @@ def translate(flag: DeepSpeedFlag, name: str, value: str | None) -> list[tuple[s
             n = int(value)
         except (TypeError, ValueError):
             raise LaunchError(f"{given}: expected a number of nodes") from None
-        if n in (1, -1):
-            return []  # this node only: nothing to pass
-        raise LaunchError(f"{given}: {_MULTI_NODE}")
-    if flag.dest == "hostfile":
-        raise LaunchError(f"{given}: DeepSpeed's hostfile is not read; {_MULTI_NODE}")
-    if flag.dest in ("include", "exclude"):
-        raise LaunchError(f"{given}: DeepSpeed's device filter is not supported; {_devices_hint(value or '')}")
-    if flag.dest in ("launcher", "ssh"):
+        if n == 0 or n < -1:
+            raise LaunchError(f"{given}: the number of nodes must be >= 1 (or -1: every host of the hostfile)")
+        return []  # recorded in RunArgs.multinode; 1 or -1 without a hostfile: this node
+    if flag.dest in ("hostfile", "include", "exclude", "launcher_cmd", "export", "join_timeout", "ssh_port",
+                     "no_ssh_check"):
+        return []  # recorded in RunArgs.multinode by split_run_args
+    if flag.dest == "launcher":
+        raise LaunchError(f"{given}: DeepSpeed's --launcher/--launcher_args are not used; give the command that "
+                          "starts a process on a host instead: `--launcher-cmd 'srun -N1 -n1 -w {{host}}'` "
+                          "(ssh by default). " + _MULTI_NODE)
+    if flag.dest == "ssh":
         raise LaunchError(f"{given}: {_MULTI_NODE}")
     if flag.dest in ("elastic", "elastic_nodes"):
         raise LaunchError(f"{given}: DeepSpeed elasticity is not supported; torchrun's elastic options are "

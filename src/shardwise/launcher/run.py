@@ -74,9 +74,16 @@ Common torchrun options: --nproc-per-node N, --nnodes N, --node-rank R,
 --master-addr HOST, --master-port PORT, --rdzv-backend, --rdzv-endpoint, --rdzv-id,
 --max-restarts, --monitor-interval, --redirects, --tee, --log-dir
 (all of them: python -m torch.distributed.run --help).
-DeepSpeed launcher options: --num_gpus N (= --nproc-per-node N), --num_nodes 1,
---master_port, --master_addr; multi-node ones (--hostfile, --include, --num_nodes N>1)
-are refused with the torchrun equivalent.
+DeepSpeed launcher options: --num_gpus N (= --nproc-per-node N), --num_nodes N,
+--master_port, --master_addr, --hostfile FILE (`HOST slots=N` lines; /job/hostfile is read
+when it exists), --include/--exclude HOST[:SLOT,...]@HOST..., --ssh_port P.
+Multi-host (one torchrun agent per host, c10d rendezvous at MASTER_ADDR:MASTER_PORT):
+  --launcher-cmd CMD  start each host's agent with CMD instead of ssh ({host} in CMD is the
+                      host name, else it is appended; then `sh -c '<agent command>'`)
+  --export NAME[=V]   also propagate NAME (repeatable); see README "Multi-node" for the list
+  --join-timeout S    seconds for every host to join (default 600); a host that has not is named
+Under an srun step (SLURM_STEP_ID, SLURM_NODEID, ...) nnodes, node rank and the rendezvous
+come from SLURM.
 
   --dry-run         print the command instead of running it
   --no-local-rank   do not pass --local_rank=N to the script (as DeepSpeed's --no_local_rank);
@@ -104,9 +111,14 @@ class RunArgs:
     help: bool = False  # -h/--help before the script: show USAGE
     options: tuple[tuple[str, str | bool], ...] = ()  # (torchrun dest, value) as given; last wins
     local_rank: bool = True  # pass --local_rank=N to the script ([Note: --local_rank])
+    multinode: tuple[tuple[str, str], ...] = ()  # (ds.MULTI_NODE_DESTS key, value) in order given
 
     def option(self, dest: str) -> str | bool | None:
         return dict(self.options).get(dest)
+
+    def host_option(self, dest: str) -> str | None:
+        """The last value of a multi-node option (``hostfile``, ``include``, ...), or None."""
+        return dict(self.multinode).get(dest)
 
 
 @lru_cache(maxsize=1)
@@ -169,6 +181,7 @@ def split_run_args(argv: Sequence[str]) -> RunArgs:
     passthrough: list[str] = []
     options: list[tuple[str, str | bool]] = []
     deepspeed_given: dict[str, str] = {}  # torchrun dest -> the DeepSpeed option that set it
+    multinode: list[tuple[str, str]] = []
     dry_run, local_rank = False, True
     table, _ = _torchrun_options()
     i = 0
@@ -203,6 +216,8 @@ def split_run_args(argv: Sequence[str]) -> RunArgs:
                 value, i = argv[i + 1], i + 2
             else:
                 value, i = (attached if has_eq else None), i + 1
+            if flag.dest in ds.MULTI_NODE_DESTS:
+                multinode.append((flag.dest, str(value)))
             for dest, val in ds.translate(flag, name, value):
                 passthrough += [f"--{dest.replace('_', '-')}", val]
                 options.append((dest, val))
@@ -240,6 +255,7 @@ def split_run_args(argv: Sequence[str]) -> RunArgs:
         dry_run=dry_run,
         options=tuple(options),
         local_rank=local_rank,
+        multinode=tuple(multinode),
     )
 
 
@@ -522,6 +538,13 @@ def launch(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     if run.help:
         print(USAGE, end="")
         return 0
+    from shardwise.launcher import multinode
+
+    # [Note: multi-host launch]: a hostfile of remote hosts gives one agent per host; one local
+    # host, or an srun step, gives this node's torchrun command with the options filled in
+    run, env, hosts = multinode.resolve(run, env)
+    if hosts is not None:
+        return multinode.run_hosts(hosts, dry_run=run.dry_run)
     cmd, child_env = torchrun_command(run, env)
     if run.dry_run:
         print(format_command(cmd, child_env, env), flush=True)

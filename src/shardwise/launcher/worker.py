@@ -68,8 +68,14 @@ def _record(exc: BaseException, tb) -> None:
         data = {"message": {"message": f"{type(exc).__name__}: {exc}", "extraInfo": {
             "py_callstack": "".join(traceback.format_exception(type(exc), exc, tb)),
             "timestamp": str(int(time.time()))}}}
-        with open(path, "w", encoding="utf-8") as f:
+        # [Note: error file written whole] written aside and renamed: torchrun SIGTERMs the
+        # survivors of a failed rank, and one killed halfway through an in-place write left an
+        # empty file that made torchrun itself crash reading it (JSONDecodeError in
+        # _capture_process_failures; seen in tests/faults/test_fault_launch.py's SIGKILL case)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(data, f)
+        os.replace(tmp, path)
     except Exception:  # noqa: BLE001 - never hide the script's own failure behind ours
         pass
 
@@ -82,6 +88,11 @@ def main(argv: list[str]) -> None:
         sys.exit("usage: worker.py [--module] SCRIPT [ARGS...] (started by `shardwise run`)")
     target, args = argv[0], argv[1:]
     sys.argv = [target, *args]
+    if os.environ.get("SHARDWISE_LAUNCH_HOST"):
+        # [Note: multi-host launch] tells the launcher this rank has started on its host (the
+        # launcher reads the rank from torchrun's line prefix and does not show this line)
+        sys.stderr.write(f"[shardwise rank {os.environ.get('RANK', '?')}] started\n")
+        sys.stderr.flush()
     try:
         if module:
             sys.path[0] = os.getcwd()  # as `python -m` does
