@@ -6,6 +6,7 @@ Run from the repository root (see benchmarks/README.md)::
     .venv/bin/python benchmarks/compare.py --model 25m --steps 16
     .venv/bin/python benchmarks/compare.py --model 25m --bucket 5e5 2e6 6.25e6   # bucket sweep
     .venv/bin/python benchmarks/compare.py --model 1m --profile zero2            # where time goes
+    .venv/bin/python benchmarks/compare.py --model 1m --compile-only             # eager vs torch.compile
 
 Setup (peers.md): ``--world`` ranks x 1 intra-op thread, fp32, global batch 8 sequences
 (micro-batch 8/world per rank, no accumulation), AdamW lr 1e-3 with weight decay 0.01 set
@@ -42,8 +43,17 @@ A run during which other processes used more than ``BUSY_CORES`` of CPU is repea
    rounds that completed, failed rows are marked, ``results.json`` is written with the failures
    recorded, and the process exits non-zero only when nothing at all was measured.
 
+[Note: compile rows]
+``--compile`` (after the rows above) or ``--compile-only`` (instead of them): per ZeRO stage of
+``--compile-stages``, shardwise eager vs the same engine with ``compile.enabled`` (backend
+``--compile-backend``, default inductor: its C++ backend on CPU), in one launch, stepping in
+turn (``compile_ranks.py``); medians of the timed steps side by side, the compile time (first
+compiled step minus its median) on its own, the graphs and graph breaks of the compile report,
+and the loss difference (compiled vs eager, same seed and batches).
+
 Modules: ``ranks.py`` (what runs in the ranks), ``prepare.py`` (steps 1-2), ``report.py`` (rows
-and tables), ``peers.py`` (FSDP2, plain, DeepSpeed builders, ideal model state).
+and tables), ``peers.py`` (FSDP2, plain, DeepSpeed builders, ideal model state),
+``compile_ranks.py`` (the compile rows).
 """
 from __future__ import annotations
 
@@ -299,6 +309,48 @@ def _profile(model_name, args, systems, cal, warmup, steps, out) -> None:
     out["profile"] = {label: res[0]["profile"]}
 
 
+def bench_compile(model_name: str, args) -> dict:
+    """The compile rows of one model ([Note: compile rows]); prints their table."""
+    import tempfile
+
+    import compile_ranks
+
+    warmup = args.warmup if args.warmup is not None else 2
+    steps = args.steps or 10
+    print(f"\n[{model_name}] compile rows: shardwise eager vs compiled ({args.compile_backend}), stages "
+          f"{args.compile_stages}, {warmup} warmup + {steps} timed steps each, in turn", flush=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="shardwise-inductor-") as cache:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+        try:
+            res, busy = _launch(compile_ranks.rank_compile, args, model_name, args.compile_stages, warmup, steps,
+                                args.compile_backend, timeout=args.compile_timeout)
+        finally:
+            if os.environ.get("TORCHINDUCTOR_CACHE_DIR") == cache:
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    rows = []
+    for stage, r in res[0]["stages"].items():
+        e, c = r["eager"], r["compiled"]
+        rel = max(abs(a - b) / abs(b) for a, b in zip(c["losses"], e["losses"]))
+        rows.append({"stage": int(stage), "eager_median_ms": 1e3 * e["median_step_s"],
+                     "compiled_median_ms": 1e3 * c["median_step_s"],
+                     "speedup": e["median_step_s"] / c["median_step_s"], "compile_s": r["compile_s"],
+                     "eager_first_step_s": e["first_step_s"], "compiled_first_step_s": c["first_step_s"],
+                     "graphs": r["graphs"], "graph_breaks": r["graph_breaks"], "regions": r["regions"],
+                     "compiled_runs": r["compiled_runs"], "loss_rel_diff": rel})
+    out = {"model": model_name, "world": args.world, "backend": args.compile_backend, "warmup": warmup,
+           "steps": steps, "other_load_cores": busy, "elapsed_s": time.perf_counter() - t0, "rows": rows}
+    print(f"\n| {model_name} world {args.world} | eager ms | compiled ms | speedup | compile s | graphs | breaks "
+          "| loss rel diff |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| zero{r['stage']} | {r['eager_median_ms']:.1f} | {r['compiled_median_ms']:.1f} | "
+              f"{r['speedup']:.2f}x | {r['compile_s']:.1f} | {r['graphs']} | {r['graph_breaks']} | "
+              f"{r['loss_rel_diff']:.1e} |")
+    print(f"(other load up to {busy:.2f} cores{'  <-- BUSY MACHINE' if busy > BUSY_CORES else ''}; "
+          f"{out['elapsed_s']:.0f} s)", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("25m", "1m", "both"), default=None,
@@ -324,6 +376,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", default=None,
                     help="afterwards, profile one more launch of this system (e.g. zero2) on rank 0")
     ap.add_argument("--profile-kind", default="cprofile", choices=("cprofile", "torch"))
+    ap.add_argument("--compile", action="store_true",
+                    help="after the rows above, the compile rows: shardwise eager vs torch.compile'd")
+    ap.add_argument("--compile-only", action="store_true", help="only the compile rows")
+    ap.add_argument("--compile-stages", type=int, nargs="+", default=[0, 2, 3], choices=(0, 1, 2, 3))
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compile rows")
+    ap.add_argument("--compile-timeout", type=float, default=1800.0,
+                    help="hang guard of the compile launch, seconds (inductor compiles slowly on CPU)")
     ap.add_argument("--out", default=str(_ROOT / "benchmarks" / "results.json"))
     args = ap.parse_args(argv)
     args.bucket = [int(b) for b in args.bucket]
@@ -347,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
             results["failures"].append({"model": None, "what": f"DeepSpeed preparation ({' '.join(ds)} skipped)",
                                         "error": prep["error"], "detail": prep.get("error_detail", "")})
             args.systems = [s for s in args.systems if s not in peers.DS_SYSTEMS]
+    if args.compile_only:
+        args.systems = []
     for m in models:
         if not args.systems:
             break
@@ -357,7 +418,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{m}] FAILED: {type(e).__name__}: {e}; skipping this model", flush=True)
             results["failures"].append({"model": m, "what": "benchmark", "error": f"{type(e).__name__}: {e}",
                                         "detail": traceback.format_exc()})
-    results["measured"] = any(r["status"] == "ok" for res in results["models"].values() for r in res["rows"])
+    if args.compile or args.compile_only:
+        results["compile"] = {}
+        for m in models:
+            try:
+                results["compile"][m] = bench_compile(m, args)
+            except Exception as e:  # noqa: BLE001 - keep what was measured
+                traceback.print_exc()
+                results["failures"].append({"model": m, "what": "compile rows", "error": f"{type(e).__name__}: {e}",
+                                            "detail": traceback.format_exc()})
+    results["measured"] = any(r["status"] == "ok" for res in results["models"].values() for r in res["rows"]) \
+        or bool(results.get("compile"))
     results["elapsed_s"] = time.perf_counter() - t0
     print(f"\n[compare.py ran in {results['elapsed_s']:.0f} s; torch {torch.__version__}; "
           f"{results['cpu']}, {results['cores']} cores]")

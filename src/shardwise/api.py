@@ -127,13 +127,19 @@ def compose(model: nn.Module, groups: ParamGroups, plan, ctx, make_optimizer):
     2. ``apply_activation_checkpointing`` (``shardwise/checkpointing.py``): wraps the chosen
        modules' ``forward``; names, parameters and modules are unchanged, so what follows
        sees the same structure (stage 3 still finds its fetch units).
-    3. the ZeRO strategy (``create_strategy``, ``shardwise/strategy.py``) over ``ctx.dp``: moves
+    3. ``apply_compile`` (``shardwise/compile.py``, with ``compile.enabled``): each repeated
+       block's ``forward`` becomes a ``torch.compile`` of it (of the checkpointed forward, so
+       the recomputation is compiled too). Tracing is lazy (at the first forward, after the
+       strategy below), the module structure is unchanged, and ZeRO's module hooks run
+       around each compiled block ([Note: what is compiled]).
+    4. the ZeRO strategy (``create_strategy``, ``shardwise/strategy.py``) over ``ctx.dp``: moves
        the model to the device and dtype, broadcasts the starting state over dp, lays
        parameters into flat buckets or stage-3 shards and builds the optimizer over them. It
        owns the storage, so it comes after every step that changes parameters.
-    4. ``build_pipeline`` (``shardwise/pipe``): the torch ``PipelineStage`` and schedule over the
+    5. ``build_pipeline`` (``shardwise/pipe``): the torch ``PipelineStage`` and schedule over the
        stage the strategy now holds (None unless the model is a ``PipelineModule``).
     """
+    from shardwise.compile import apply_compile
     from shardwise.pipe import build_pipeline
     from shardwise.tensor_parallel import apply_tensor_parallel
 
@@ -142,6 +148,7 @@ def compose(model: nn.Module, groups: ParamGroups, plan, ctx, make_optimizer):
     after = dict(model.named_parameters(remove_duplicate=False))
     groups = groups.remapped({id(p): after[n] for n, p in before.items() if n in after and after[n] is not p})
     apply_activation_checkpointing(model, plan.activation_checkpointing, ctx)
+    apply_compile(model, plan.compile, plan, ctx)
     strategy = create_strategy(model, groups, plan, ctx, make_optimizer)
     return strategy, build_pipeline(model, strategy, plan, ctx)
 

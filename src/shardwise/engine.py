@@ -221,6 +221,10 @@ class Engine:
             skipped_steps=self.skipped_steps, train_batch_size=self.train_batch_size(),
             memory_report=self.memory_report))
         self._report()
+        if self.global_steps == 1 and self.ctx.rank == 0:
+            from shardwise.compile import log_first_step
+
+            log_first_step(self.module)
         self._autosave()
 
     def _nonfinite_ranks(self) -> str:
@@ -255,6 +259,46 @@ class Engine:
         if self.strategy.scaler.scale != 1.0:
             msg += f" loss_scale={self.loss_scale():g}"
         log.info(msg)
+
+    # -- torch.compile (shardwise/compile.py) -------------------------------------------------
+    def compile(self, backend: Any = None, compile_kwargs: dict | None = None, schedule: Any = None,
+                compiled_autograd_enabled: bool = False) -> None:
+        """DeepSpeed's call: torch.compile the model's repeated blocks (or the whole model when
+        it has none), with the ZeRO hooks running around each ([Note: what is compiled]).
+        ``backend`` (default: the config's ``compile.backend``): a backend name, a
+        ``"module:function"`` or a callable; ``compile_kwargs``: torch.compile's ``fullgraph``,
+        ``dynamic``, ``mode``, ``options``, ``disable`` (default: the config's ``compile.kwargs``
+        and ``compile.mode``). DeepSpeed's DeepCompile ``schedule`` and compiled autograd are
+        refused. Once per engine; tracing happens at the next forward."""
+        if schedule is not None:
+            raise UsageError("engine.compile(schedule=...) is DeepSpeed's DeepCompile pass schedule, which "
+                             "shardwise does not implement; call engine.compile() without it")
+        if compiled_autograd_enabled:
+            raise UsageError("engine.compile(compiled_autograd_enabled=True): compiled autograd is not supported "
+                             "in shardwise yet (ZeRO's gradient hooks run in the eager autograd engine); "
+                             "leave it False")
+        from shardwise.compile import compile_engine_model, policy_arguments
+
+        cfg_backend, mode, kwargs = policy_arguments(self.plan.compile)
+        if compile_kwargs is not None:
+            kwargs, mode = dict(compile_kwargs), None
+        compile_engine_model(self.module, self.plan, cfg_backend if backend is None else backend, mode, kwargs)
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the model's blocks were compiled (``engine.compile()`` or ``compile.enabled``)."""
+        from shardwise.compile import compile_state
+
+        return compile_state(self.module) is not None
+
+    def compile_report(self) -> dict | None:
+        """What was compiled and what dynamo made of it so far: per region (block) its calls, the
+        runs of compiled graphs, graphs compiled and graph breaks; each break's reason and place;
+        at stage 3 what runs eagerly between the regions. None if not compiled."""
+        from shardwise.compile import compile_state
+
+        state = compile_state(self.module)
+        return None if state is None else state.report.as_dict()
 
     # -- state ------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "Engine":

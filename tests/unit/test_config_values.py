@@ -184,6 +184,8 @@ def test_no_section_of_the_schema_is_open():
                 stack.append(sub)
             elif name == "params":  # optimizer/scheduler params: shardwise.optim checks them
                 assert model.__name__ in ("OptimizerSection", "SchedulerSection")
+            elif name == "kwargs":  # torch.compile's arguments: every key checked (resolve_compile.py)
+                assert model.__name__ == "CompileSection"
             elif name == "tp_plan":  # {pattern: style}: every entry checked (schema_parallel.py)
                 assert model.__name__ == "TensorParallelSection"
             elif "dict" in str(field.annotation):  # an opaque payload: refused unless null

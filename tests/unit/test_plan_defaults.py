@@ -16,6 +16,9 @@ PLAN_CLASSES = [c for c in vars(plan_module).values()
 
 # plan field (dotted) -> schema key whose default it carries (None: the plan's value is given below)
 FROM_SCHEMA = {
+    "compile.enabled": "compile.enabled",
+    "compile.backend": "compile.backend",
+    "compile.mode": "compile.mode",
     "zero.stage": "zero_optimization.stage",
     "zero.reduce_bucket_size": "zero_optimization.reduce_bucket_size",
     "zero.allgather_bucket_size": "zero_optimization.allgather_bucket_size",
@@ -57,6 +60,7 @@ FROM_SCHEMA = {
 }
 # resolved rules, not copies of one key's default
 RESOLVED = {
+    "compile.kwargs": (),
     "zero.grad_predivide": None,  # prescale_gradients false, gradient_predivide_factor 1.0: 1/dp before
     "zero.stage3.prefetch_bucket_size": None,  # unset: the next unit only (DeepSpeed's 5e7 is not used)
     "zero.stage3.max_pending_reductions": STAGE3_MAX_PENDING_REDUCTIONS,  # not a config key

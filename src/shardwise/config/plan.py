@@ -266,6 +266,16 @@ class TensorParallelPlan:
 
 
 @dataclass(frozen=True)
+class CompilePolicy:
+    """The config's ``compile`` section (``shardwise/compile.py``; checked in ``resolve.py``)."""
+
+    enabled: bool  # compile at initialize (engine.compile() works either way)
+    backend: str  # a torch.compile backend name, or "package.module:function"
+    mode: str | None  # torch.compile's mode (inductor only); None: torch's default
+    kwargs: tuple[tuple[str, Any], ...]  # torch.compile's other arguments, sorted (key, value) pairs; no "mode"
+
+
+@dataclass(frozen=True)
 class ParallelPlan:
     """The mesh one model replica spans: world = pp * dp * tp ([Note: parallel context])."""
 
@@ -295,3 +305,4 @@ class Plan:
     offload: OffloadPlan  # zero_optimization.offload_* / sub_group_size, aio, offload
     observe: ObservePlan  # monitors, flops_profiler, comms_logger, peak_tflops
     parallel: ParallelPlan  # pipeline / tensor parallel sizes and policies; dp = world_size
+    compile: CompilePolicy  # torch.compile of the blocks

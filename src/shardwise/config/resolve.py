@@ -27,10 +27,11 @@ from shardwise.config.plan import (ActivationCheckpointingPlan, AioPolicy, Batch
                                    LossScalePlan, OffloadPlan, OptimizerOffloadPolicy, OptimizerPlan,
                                    ParamOffloadPolicy, Plan, PrecisionPlan, SchedulerPlan, Stage3Policy,
                                    ZeroPlan)
-from shardwise.config.schema import (NOT_IMPLEMENTED, STAGE3_MAX_PENDING_REDUCTIONS, AioSection,
+from shardwise.config.schema import (STAGE3_MAX_PENDING_REDUCTIONS, AioSection,
                                      CheckpointSection, ConfigWarning, OffloadOptimizerSection,
                                      OffloadParamSection, OffloadSection, emit_warnings, parse_document,
                                      sorted_problems, with_note)
+from shardwise.config.resolve_compile import resolve_compile
 from shardwise.config.resolve_observe import resolve_observe
 from shardwise.config.resolve_parallel import resolve_parallel
 from shardwise.errors import ConfigError, ConfigProblem, UsageError
@@ -119,6 +120,7 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str],
         "checkpoint": _checkpoint(cfg.checkpoint, problems, broken),
         "offload": _offload(cfg, problems, broken),
         "observe": resolve_observe(cfg, problems),
+        "compile": resolve_compile(cfg.compile, problems),
     }
     if problems or broken or any(results[k] is None for k in ("batch", "precision", "zero", "parallel")):
         return None, problems
@@ -129,7 +131,7 @@ def _resolve(cfg: Any, world_size: int, broken: frozenset[str],
                 wall_clock_breakdown=cfg.wall_clock_breakdown,
                 checkpoint=results["checkpoint"], comms_timeout_s=cfg.comms_timeout,
                 activation_checkpointing=_activation_checkpointing(cfg.activation_checkpointing),
-                offload=results["offload"], observe=results["observe"])
+                offload=results["offload"], observe=results["observe"], compile=results["compile"])
     return plan, problems
 
 
@@ -151,7 +153,7 @@ def _checkpoint(ck: Any, problems: list[ConfigProblem], broken: frozenset[str]
         ck = CheckpointSection()
     for key in ("auto_resume", "save_interval"):
         if getattr(ck, key) and not ck.dir and not _hit(broken, "checkpoint.dir"):
-            problems.append(ConfigProblem(f"checkpoint.{key}", f"needs checkpoint.dir (where "
+            problems.append(ConfigProblem(f"checkpoint.{key}", "needs checkpoint.dir (where "
                                           "checkpoints are saved and resumed from)",
                                           'add "dir": "path/to/checkpoints"'))
     return CheckpointPlan(keep_last=ck.keep_last, dir=ck.dir, auto_resume=ck.auto_resume,

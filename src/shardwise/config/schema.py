@@ -30,6 +30,7 @@ from pydantic import BeforeValidator, Field, ValidationError, create_model
 from shardwise.config import ranges as R
 from shardwise.config import schema_keys as K
 from shardwise.config import schema_observe as O
+from shardwise.config.schema_compile import CompileSection
 from shardwise.config import schema_parallel as PAR
 from shardwise.config.load import join as _join
 from shardwise.config.load import load as _load
@@ -259,6 +260,7 @@ class _TopLevel(_Model):
     comet: O.CometSection = Field(default_factory=O.CometSection)
     flops_profiler: O.FlopsProfilerSection = Field(default_factory=O.FlopsProfilerSection)
     comms_logger: O.CommsLoggerSection = Field(default_factory=O.CommsLoggerSection)
+    compile: CompileSection = Field(default_factory=CompileSection)  # schema_compile.py
     # shardwise: one device's peak dense TFLOPS in the compute dtype, for the monitors' MFU;
     # null: looked up for known CUDA devices, else MFU is not reported
     peak_tflops: typed("float", R.TFLOPS, nullable=True) = None

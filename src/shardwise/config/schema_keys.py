@@ -213,17 +213,7 @@ TOP_LEVEL: dict[str, tuple] = {
         max_out_tokens=("int", 512), inference_tp_size=("int", 1),
         release_inference_cache=("bool", False), pin_parameters=("bool", True),
         tp_gather_partition_size=("int", 8), enable_cuda_graph=("bool", False)), None),
-    "compile": (Section({
-        "deepcompile": ("bool", False), "free_activation": ("bool", False),
-        "free_activation_threshold": ("int", 10 * 1024 * 1024),
-        "offload_activation": ("bool", False),
-        "offload_activation_pin_memory": ("bool", True), "offload_opt_states": ("bool", False),
-        "double_buffer": ("bool", True), "symmetric_memory": ("bool", False),
-        "debug_log": ("bool", False), "offload_parameters": ("bool", False),
-        "sync_before_reduce": ("bool", False), "sync_after_reduce": ("bool", False),
-        "sync_before_allgather": ("bool", False), "sync_after_allgather": ("bool", False),
-        "keep_int_input_tensors": ("bool", True), "keep_all_input_tensors": ("bool", False),
-        "passes": ("list?", None)}, gate="deepcompile"), None),
+    # compile: hand-written in schema_compile.py (its DeepCompile keys: DEEPCOMPILE below)
     # training-recipe features
     "sparse_attention": (Section({
         "mode": ("str", "fixed"), "block": ("int", 16),
@@ -269,6 +259,26 @@ TOP_LEVEL: dict[str, tuple] = {
         load_path=("str?", None)), None),
     "datastates_ckpt": _OPAQUE,  # options of the DataStates library (see [Note: opaque...])
 }
+
+# --- inside "compile": DeepSpeed's DeepCompile keys (deepspeed/compile/config.py). The section's
+# own keys (enabled, backend, kwargs, mode) live in schema_compile.py; these are refused while
+# "deepcompile" is on and have no effect while it is off --------------------------------------
+
+DEEPCOMPILE: dict[str, tuple] = {
+    "deepcompile": ("bool", False), "free_activation": ("bool", False),
+    "free_activation_threshold": ("int", 10 * 1024 * 1024),
+    "offload_activation": ("bool", False),
+    "offload_activation_pin_memory": ("bool", True), "offload_opt_states": ("bool", False),
+    "double_buffer": ("bool", True), "symmetric_memory": ("bool", False),
+    "debug_log": ("bool", False), "offload_parameters": ("bool", False),
+    "sync_before_reduce": ("bool", False), "sync_after_reduce": ("bool", False),
+    "sync_before_allgather": ("bool", False), "sync_after_allgather": ("bool", False),
+    "keep_int_input_tensors": ("bool", True), "keep_all_input_tensors": ("bool", False),
+    "passes": ("list?", None)}
+DEEPCOMPILE_WHY = (
+    "DeepCompile is DeepSpeed's own compiler pass pipeline for ZeRO-3 (gathers and releases "
+    "scheduled inside the graph); shardwise compiles with plain torch.compile, block by block, "
+    'with ZeRO\'s hooks around each compiled block: use "compile": {"enabled": true}')
 
 # --- inside "checkpoint" (implemented keys live in schema.CheckpointSection) ----------
 
