@@ -167,7 +167,9 @@ def _refusals(args: TrainingArguments) -> list[str]:
         no("fsdp", "shardwise shards with ZeRO from the config; remove fsdp/fsdp_config (stage 3 is FSDP's "
                    "full sharding)")
     if getattr(args, "torch_compile", False):
-        no("torch_compile", "not supported with shardwise yet; set torch_compile=False")
+        no("torch_compile", 'set torch_compile=False and use the config\'s "compile": {"enabled": true} section '
+           "(it compiles each block with ZeRO's hooks in place; torch_compile_backend/mode are its "
+           "backend/mode keys)")
     if getattr(args, "auto_find_batch_size", False):
         no("auto_find_batch_size", "shardwise fixes the batch at initialize(); set per_device_train_batch_size")
     for flag in ("gradient_checkpointing", "activation_checkpointing"):
