@@ -35,6 +35,7 @@ log = logging.getLogger("shardwise")
 
 HEARTBEAT_S = 1.0
 SUSPECT_WAIT_S = 3.0  # how long a heartbeat may stand still before a rank is "not responding"
+HEARTBEAT_OP_S = 3.0  # timeout of the heartbeat's own store calls (bounds the join at exit)
 
 
 def _proc_stat(pid: int) -> tuple[str, str] | None:
@@ -77,6 +78,7 @@ class RankHealth:
         self.coords: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.beating = False  # every rank makes the same choice (init_distributed)
 
     # -- start-up -----------------------------------------------------------------------
     def join(self) -> None:
@@ -101,32 +103,55 @@ class RankHealth:
         self.peers = {r: json.loads(self._store.get(k)) for r, k in enumerate(keys)}
 
     def start_heartbeat(self) -> None:
+        """Bump ``hb/<rank>`` every ``HEARTBEAT_S`` on a thread with its own store client; see
+        [Note: heartbeat shutdown]."""
         try:
-            store = dist.PrefixStore(self._prefix, self._raw.clone())
+            raw = self._raw.clone()
+            raw.set_timeout(timedelta(seconds=HEARTBEAT_OP_S))
+            store = dist.PrefixStore(self._prefix, raw)
         except Exception:  # noqa: BLE001 - a store without clone(): no heartbeats, pids still work
             return
         key = f"hb/{self.rank}"
+        stop = self._stop
 
         def beat() -> None:
-            while not self._stop.wait(HEARTBEAT_S):
+            while not stop.wait(HEARTBEAT_S):
                 try:
                     store.add(key, 1)
-                except Exception:  # noqa: BLE001 - the store is gone: the job is ending
+                except Exception:  # noqa: BLE001 - the store is gone or slow: the job is ending
                     return
 
         self._thread = threading.Thread(target=beat, name="shardwise-heartbeat", daemon=True)
         self._thread.start()
-        # [Note: heartbeat shutdown] the thread owns a cloned TCPStore client; if interpreter
-        # shutdown freezes the thread while that client is alive, its C++ destructor can abort
-        # the process ("terminate called without an active exception", exit -6) after a run
-        # that succeeded. Stop and join it before shutdown begins.
+        self.beating = True
         atexit.register(self.close)
+
+    # [Note: heartbeat shutdown]
+    # The heartbeat thread spends most of its life in ``store.add`` with the GIL released. If
+    # it were still there when interpreter shutdown began, returning from the call would try
+    # to take the GIL, CPython would end the thread with pthread_exit, and the forced unwind
+    # through torch's C++ frames would abort a rank that had finished ("terminate called
+    # without an active exception", exit -6). So an exit hook stops and joins it before
+    # shutdown; its store client has a short timeout (HEARTBEAT_OP_S) so that the join is
+    # bounded even when the store's host is gone or frozen (a call blocked on the job's
+    # timeout would outlive the join). The thread is the only user of its client, which is
+    # freed on the thread when it ends.
+    # Evidence (torch 2.13): the exit aborts once blamed on the heartbeat come from gloo's
+    # worker threads freeing Python tensors during shutdown ([Note: tensors outlive gloo's
+    # works] in collectives.py): the core dumps of aborted ranks show the aborting thread in
+    # ProcessGroupGloo::runLoop -> ~AsyncWork -> decref_pyobject -> take_gil -> pthread_exit
+    # -> std::terminate, the main thread in Py_FinalizeEx, and no heartbeat thread (joined).
+    # With collectives.py's fix, jobs with the heartbeat running exit cleanly
+    # (tests/faults/test_heartbeat_exit.py, heartbeat_scripts/hb_stress.sh).
 
     def stop(self) -> None:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=HEARTBEAT_S + 2)
+            thread.join(timeout=HEARTBEAT_S + HEARTBEAT_OP_S + 1)
+            if thread.is_alive():
+                log.warning("shardwise: the heartbeat thread did not stop within %g s",
+                            HEARTBEAT_S + HEARTBEAT_OP_S + 1)
 
     def close(self) -> None:
         """At exit: stop the heartbeat and drop our store clients while the interpreter is whole."""
@@ -144,8 +169,8 @@ class RankHealth:
                 why = _describe_local(info)
                 if why:
                     out[r] = why
-        if out:
-            return out
+        if out or not self.beating:
+            return out  # without heartbeats a quiet counter says nothing about a rank
         try:
             store = dist.PrefixStore(self._prefix, self._raw.clone())
             store.set_timeout(timedelta(seconds=2))
